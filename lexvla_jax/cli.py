@@ -1,0 +1,45 @@
+"""`lexvla <command>`: one entry point, one module per command.
+
+Each command is `module:function` taking the remaining argv; modules are imported only when their
+command runs, so `lexvla --help` is instant and needs no JAX.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lexvla_jax.configlib import ConfigError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "vocab": ("lexvla_jax.vocab:main", "report the filtered vocabulary of a tokenizer (count, examples)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: lexvla <command> [args]  (lexvla <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in sorted(COMMANDS.items())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lexvla: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name = COMMANDS[name][0].split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    try:
+        return int(function(rest) or 0)
+    except ConfigError as e:
+        print(f"lexvla {name}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Building blocks shared by both towers and the adapter.
+
+Parameters carry logical axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`, `layers`, ...); the rules
+table in the config maps them to mesh axes (see `lexvla_jax.sharding`). Layers are created stacked
+(`stack_layers`) and run with `scan_layers`, so an N-layer tower compiles once per layer shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lexvla_jax import sharding
+
+# Logical names stay names: shardings are decided by the rules table when arrays are placed.
+nnx.use_eager_sharding(False)
+
+Names = tuple[str | None, ...]
+
+
+class LoRAParam(nnx.Param):
+    """Low-rank adapter weights: a separate variable type the optimiser and checkpoints can select."""
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, dtype=jnp.float32, kind=nnx.Param):
+    """A parameter of `shape` initialised by `init`, annotated with logical axis `names`."""
+    return kind(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names))
+
+
+class Linear(nnx.Module):
+    """`y = x @ W (+ b)` with logical axis names and an optional LoRA branch `(alpha/r) · x A B`.
+
+    `W` is `[in, out]`. The LoRA branch starts at zero (`B = 0`), so adding it leaves outputs unchanged.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        names: Names,
+        *,
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.lecun_normal(),
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.kernel = param(rngs, kernel_init, (in_features, out_features), names, param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (out_features,), names[1:], param_dtype) if use_bias else None
+        self.lora_rank = lora_rank
+        if lora_rank:
+            self.lora_scale = lora_alpha / lora_rank
+            self.lora_a = param(
+                rngs, nnx.initializers.he_uniform(), (in_features, lora_rank), (names[0], None), param_dtype, LoRAParam
+            )
+            self.lora_b = param(
+                rngs, nnx.initializers.zeros, (lora_rank, out_features), (None, names[1]), param_dtype, LoRAParam
+            )
+            self.lora_dropout = nnx.Dropout(lora_dropout, rngs=rngs) if lora_dropout > 0 else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.lora_rank:
+            h = self.lora_dropout(x) if self.lora_dropout is not None else x
+            y = y + (h @ self.lora_a[...].astype(self.dtype)) @ (self.lora_b[...] * self.lora_scale).astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+    def merge_lora(self) -> None:
+        """Folds the LoRA branch into `W` and removes it (inference export)."""
+        if not self.lora_rank:
+            return
+        delta = self.lora_a[...] @ self.lora_b[...] * self.lora_scale
+        self.kernel[...] = (self.kernel[...] + delta).astype(self.kernel[...].dtype)
+        self.lora_rank = 0
+        del self.lora_a, self.lora_b, self.lora_dropout
+
+
+def merge_lora(module: nnx.Module) -> None:
+    """Merges every LoRA branch below `module` into its base weight (works on stacked layers too)."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Linear):
+            node.merge_lora()
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Multi-head / grouped-query attention.
+
+    q: `[B,T,H,D]`; k, v: `[B,S,K,D]` with `H % K == 0` (K < H is grouped-query attention).
+    mask: boolean, broadcastable to `[B,1,T,S]`, True where attention is allowed.
+    Scores and softmax are computed in float32; the output has q's dtype.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # [B,1,1,T,S]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Creates `num_layers` copies of a layer with parameters stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(layer_rngs):
+        return make_layer(layer_rngs)
+
+    return make(rngs)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_all": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def scan_layers(
+    layers: nnx.Module,
+    body: Callable,
+    carry,
+    per_layer=None,
+    *,
+    remat: str = "none",
+    collect: bool = False,
+):
+    """Runs stacked `layers` in order with `jax.lax.scan`.
+
+    `body(layer, carry, per_layer_slice) -> carry` sees one merged layer. `per_layer` is a pytree with a
+    leading layer axis (e.g. dropout keys) or None. With `collect=True` every layer's output carry is
+    also returned, stacked (for `hidden_states`). `remat` names a policy in `REMAT_POLICIES`; "none"
+    stores all activations, "full" recomputes the whole layer in the backward pass.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {remat!r} unknown; choose one of {sorted(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(layers)
+
+    def step(c, xs):
+        layer_state, extra = xs
+        layer = nnx.merge(graphdef, layer_state)
+        out = body(layer, c, extra)
+        # Random-stream counters advance inside the body (dropout); hand them back out of the scan.
+        return out, ((out if collect else None), nnx.state(layer, nnx.RngState))
+
+    if remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    carry, (outs, rng_state) = jax.lax.scan(step, carry, (state, per_layer))
+    nnx.update(layers, rng_state)
+    return (carry, outs) if collect else carry
+
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+    """Constrains an activation's sharding by logical names (a no-op outside `sharding.use_mesh_rules`)."""
+    return sharding.constrain(x, names)

@@ -1,0 +1,47 @@
+"""lexvla_jax: LexVLA (unified lexical vision-language alignment) in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "einops==0.8.2",
+    "ml-collections==1.1.0",
+    "transformers==5.23.0",
+    "safetensors==0.8.0",
+    "sentencepiece==0.2.3",
+    "pillow==13.0.0",
+    "etils==1.15.0",
+    "tensorboardx==2.6.5",
+]
+
+EXTRAS = {
+    # CPU torch is only a reference for parity tests; libtpu compiles for TPU topologies ahead of time.
+    "test": [
+        "pytest==9.0.3",
+        "torch==2.13.0",
+        "libtpu==0.0.42",
+        "ruff==0.17.5",
+    ],
+    # On a TPU VM: pip install -e '.[tpu]'
+    "tpu": ["jax[tpu]==0.10.2"],
+    # On a CUDA 12 host: pip install -e '.[gpu]'
+    "gpu": ["jax[cuda12]==0.10.2"],
+}
+
+setup(
+    name="lexvla_jax",
+    version="0.1.0",
+    description="LexVLA in JAX/Flax NNX: interpretable vision-language alignment via a shared lexical vocabulary",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["lexvla_jax", "lexvla_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["lexvla=lexvla_jax.cli:main"]},
+)

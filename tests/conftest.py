@@ -1,0 +1,35 @@
+"""Test environment: 8 fake CPU devices, no network, grain-ready absl flags."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu is installed for ahead-of-time TPU compiles; keep it from probing for TPU metadata.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_WORKER_ID", "0")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# grain's worker processes read absl flags; they must count as parsed.
+flags.FLAGS.mark_as_parsed()
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+LLAMA2_TOKENIZER = SHARED_DATA / "llama2_tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_path():
+    """Llama 2's real tokenizer from ../shared/data; tests using it skip when it is absent."""
+    if not LLAMA2_TOKENIZER.is_file():
+        pytest.skip(f"{LLAMA2_TOKENIZER} not present")
+    return str(LLAMA2_TOKENIZER)
