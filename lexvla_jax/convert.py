@@ -157,6 +157,19 @@ class Source:
         return np.asarray(part.transpose(perm), dtype=dtype)
 
 
+def read_sharded(ckpt: HFCheckpoint, source: Source, target: jax.sharding.Sharding, dtype) -> jax.Array:
+    """One parameter as a global array: each addressable device's shard is read on its own."""
+    shape = source.model_shape(ckpt)
+    return jax.make_array_from_callback(shape, target, lambda index: source.read(ckpt, index, dtype))
+
+
+def load_tensor(ckpt: HFCheckpoint, source: Source, mesh: Mesh, names, rules=sharding.DEFAULT_RULES, dtype=None):
+    """One checkpoint tensor (model layout) placed on `mesh` by logical axis `names`."""
+    shape = source.model_shape(ckpt)
+    dtype = dtype or ckpt.array(source.keys()[0]).dtype
+    return read_sharded(ckpt, source, sharding.named_sharding(mesh, names, rules, shape), dtype)
+
+
 def single_device_mesh() -> Mesh:
     """A `('data','fsdp','tensor')` mesh of one device, for loading without a mesh."""
     return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
@@ -218,15 +231,82 @@ def load_model(
         variable = flat_abstract[path]
         value = variable.get_value()
         source = sources[_path_str(path)]
-        target_sharding = flat_shardings[path].get_value()
-        param_dtype = dtype if jnp.issubdtype(value.dtype, jnp.floating) else value.dtype
         found, expected = source.model_shape(ckpt), tuple(value.shape)
         if found != expected:
             raise CheckpointError(f"{_path_str(path)}: checkpoint gives shape {found}, model expects {expected}")
-        array = jax.make_array_from_callback(
-            expected, target_sharding, lambda index, s=source, d=param_dtype: s.read(ckpt, index, d)
-        )
-        flat_values[path] = variable.replace(array)
+        param_dtype = dtype if jnp.issubdtype(value.dtype, jnp.floating) else value.dtype
+        flat_values[path] = variable.replace(read_sharded(ckpt, source, flat_shardings[path].get_value(), param_dtype))
     flat_values.update(fresh_values)
     state = nnx.from_flat_state([(p, flat_values[p]) for p in flat_abstract])
     return nnx.merge(graphdef, state)
+
+
+def load_hf_llama(
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    *,
+    mesh: Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+    with_lm_head: bool = True,
+    compute_dtype=None,
+    seed: int = 0,
+    **runtime,
+):
+    """A `LlamaModel` from a local `LlamaForCausalLM` checkpoint, streamed into its sharded layout.
+
+    dtype: storage dtype of the parameters; compute_dtype: matmul dtype (default `dtype`). `runtime`
+    sets the other `LlamaConfig` runtime fields (remat, lora_*). LoRA weights are initialised from
+    `seed` (`B = 0`, so outputs equal the checkpoint's). Without an lm_head, `lm_head.weight` is skipped.
+    """
+    from lexvla_jax.models import layers, llama
+
+    ckpt = HFCheckpoint(path)
+    if ckpt.config.get("model_type") != "llama":
+        raise CheckpointError(
+            f"{ckpt.path!r} holds a {ckpt.config.get('model_type')!r} model, not 'llama'; pass a Llama checkpoint"
+        )
+    config = llama.LlamaConfig.from_hf(ckpt.config, dtype=compute_dtype or dtype, param_dtype=dtype, **runtime)
+    skip_lm_head = not with_lm_head or config.tie_word_embeddings
+    return load_model(
+        lambda: llama.LlamaModel(config, with_lm_head=with_lm_head, rngs=nnx.Rngs(seed)),
+        ckpt,
+        llama.hf_sources(config),
+        mesh=mesh,
+        rules=rules,
+        dtype=dtype,
+        fresh=(layers.LoRAParam,),
+        ignore=lambda key: key.endswith("rotary_emb.inv_freq") or (skip_lm_head and key == "lm_head.weight"),
+    )
+
+
+def load_hf_dinov2(
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    *,
+    mesh: Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+    compute_dtype=None,
+    remat: str = "none",
+    seed: int = 0,
+):
+    """A `Dinov2Model` from a local `Dinov2Model` / `Dinov2WithRegistersModel` checkpoint, streamed into its shards.
+
+    dtype: storage dtype of the parameters; compute_dtype: matmul dtype (default `dtype`); remat: a policy in
+    `layers.REMAT_POLICIES`; seed: the drop-path random stream (used only when `deterministic=False`).
+    """
+    from lexvla_jax.models import dinov2
+
+    ckpt = HFCheckpoint(path)
+    try:
+        config = dinov2.Dinov2Config.from_hf(ckpt.config, dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.path!r}: {e}; pass a DINOv2 checkpoint") from None
+    return load_model(
+        lambda: dinov2.Dinov2Model(config, rngs=nnx.Rngs(seed)),
+        ckpt,
+        dinov2.hf_sources(config),
+        mesh=mesh,
+        rules=rules,
+        dtype=dtype,
+        ignore=lambda key: key in dinov2.HF_IGNORED,
+    )

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -122,3 +123,115 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, rules, x.shape))
+
+
+class MeshError(ValueError):
+    """A mesh or batch layout that cannot work on these devices; the message is one line."""
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fills one `-1` in `shape` so the product equals `num_devices`; raises `MeshError` otherwise."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise MeshError(f"mesh shape {shape} needs {len(MESH_AXES)} sizes for axes {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise MeshError(f"mesh shape {shape}: sizes must be positive, with at most one -1 to infer")
+    known = 1
+    for s in shape:
+        known *= s if s != -1 else 1
+    if -1 in shape:
+        if num_devices % known:
+            raise MeshError(
+                f"mesh shape {shape}: {known} does not divide the {num_devices} devices; change --config.mesh.shape"
+            )
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    elif known != num_devices:
+        raise MeshError(f"mesh shape {shape} has {known} devices but {num_devices} are available; use -1 for one axis")
+    return shape
+
+
+def make_mesh(
+    shape: Sequence[int] = (-1, 1, 1), dcn_shape: Sequence[int] = (1, 1, 1), devices: Sequence | None = None
+) -> Mesh:
+    """A `('data','fsdp','tensor')` mesh with Auto axis types.
+
+    shape: per-slice (ICI) sizes, one may be -1. dcn_shape: how many slices each axis spans (multi-slice
+    TPU or multi-node GPU); the full mesh is `shape * dcn_shape` elementwise.
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    dcn_shape = tuple(int(s) for s in dcn_shape)
+    num_slices = 1
+    for s in dcn_shape:
+        num_slices *= s
+    if len(devices) % num_slices:
+        raise MeshError(f"dcn shape {dcn_shape} needs a multiple of {num_slices} devices, have {len(devices)}")
+    ici_shape = resolve_mesh_shape(shape, len(devices) // num_slices)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if num_slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
+    try:
+        grid = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(ici_shape)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def mesh_from_config(mesh_config, devices: Sequence | None = None) -> Mesh:
+    """Mesh from `config.mesh` (`shape`, `dcn_shape`)."""
+    return make_mesh(tuple(mesh_config.shape), tuple(mesh_config.get("dcn_shape", (1, 1, 1))), devices)
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the `batch` logical axis is split on `mesh`."""
+    size = 1
+    for axis in _as_tuple(dict((n, a) for n, a in reversed(list(rules))).get("batch")):
+        size *= mesh.shape.get(axis, 1)
+    return size
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, rules: Rules, num_micro_batches: int = 1) -> None:
+    """Fails with one line when the global batch cannot be split over data parallelism and micro-batches."""
+    dp = data_parallel_size(mesh, rules)
+    per_step = dp * num_micro_batches
+    if global_batch % per_step:
+        raise MeshError(
+            f"global batch {global_batch} is not divisible by data-parallel size {dp} × {num_micro_batches} "
+            f"micro-batches; use a multiple of {per_step}"
+        )
+    if global_batch % jax.process_count():
+        raise MeshError(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
+
+
+def initialize_distributed(dist_config) -> None:
+    """Starts multi-process JAX when `config.dist` asks for it.
+
+    `dist_config.mode`: "none" (one process), "auto" (TPU pods, SLURM and other clusters JAX detects),
+    or "explicit" (`coordinator_address`, `num_processes`, `process_id`; e.g. a local CPU cluster).
+    Each of the explicit fields falls back to the environment variables LEXVLA_COORDINATOR,
+    LEXVLA_NUM_PROCESSES and LEXVLA_PROCESS_ID.
+    """
+    import os
+
+    mode = dist_config.get("mode", "none")
+    if mode == "none":
+        return
+    if mode == "auto":
+        jax.distributed.initialize()
+        return
+    if mode != "explicit":
+        raise MeshError(f"config.dist.mode={mode!r}: choose none, auto or explicit")
+    coordinator = dist_config.get("coordinator_address") or os.environ.get("LEXVLA_COORDINATOR")
+    num = dist_config.get("num_processes") or os.environ.get("LEXVLA_NUM_PROCESSES")
+    pid = dist_config.get("process_id")
+    pid = os.environ.get("LEXVLA_PROCESS_ID") if pid is None or pid < 0 else pid
+    if not coordinator or num is None or pid is None:
+        raise MeshError("config.dist.mode=explicit needs coordinator_address, num_processes and process_id")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=int(num), process_id=int(pid))
+
+
+def is_main_process() -> bool:
+    """True on the process that logs and writes metrics."""
+    return jax.process_index() == 0

@@ -92,6 +92,32 @@ def merge_lora(module: nnx.Module) -> None:
             node.merge_lora()
 
 
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with learned `scale` and `bias`; statistics in float32, output in `dtype`."""
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float = 1e-6,
+        names: Names = ("embed",),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = param(rngs, nnx.initializers.ones, (features,), names, param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (features,), names, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Multi-head / grouped-query attention.
 

@@ -1,0 +1,127 @@
+"""Every data setting with its default, and shard lists resolved from globs.
+
+Config files do `config.data = default_data_config()` and override fields. `train_shards` and
+`eval_shards` accept a glob, a comma-separated string of globs, a directory, a webdataset brace range
+(`cc12m/{00000..01242}.tar`) or a list of any of these; local paths and any path `etils.epath` opens.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from collections.abc import Sequence
+
+import ml_collections
+from etils import epath
+
+FORMATS = ("webdataset", "array_record")
+EVAL_FORMATS = ("webdataset", "karpathy")
+SHARD_SUFFIX = {"webdataset": ".tar", "array_record": ".array_record"}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """All data fields with defaults; `train_shards`/`eval_shards` must be set by the experiment config."""
+    from lexvla_jax.vocab import DEFAULT_PROMPT
+
+    return ml_collections.ConfigDict(
+        {
+            # Sources.
+            "train_shards": None,  # glob | "a,b" | dir | brace range | list
+            "eval_shards": None,
+            "format": "webdataset",  # webdataset | array_record
+            "num_epochs": None,  # None: repeat forever (training)
+            "seed": 0,
+            # Reading: grain worker processes (mp_prefetch) and their buffers.
+            "num_workers": 2,
+            "prefetch_buffer": 4,  # elements buffered per worker
+            "read_threads": 1,  # threads per worker reading an array_record MapDataset
+            "interleave_shards": 4,  # webdataset shards each worker reads round-robin
+            "shuffle_buffer": 1000,  # webdataset: window shuffle per worker; resumable exactly
+            # Bad samples.
+            "min_image_size": 16,  # shorter side, pixels
+            "max_image_pixels": 64_000_000,  # decompression-bomb guard (header only, before decoding)
+            "max_consecutive_skips": 10_000,  # more bad samples in a row than this is an error
+            # Images: uint8 on the host, normalised on the device.
+            "image_size": 224,
+            "crop_scale": (0.9, 1.0),  # random-resized-crop area range (open_clip's default)
+            "crop_ratio": (3 / 4, 4 / 3),
+            "random_flip": True,  # a flipped image gets "left" and "right" swapped in its caption
+            # Text.
+            "tokenizer": "",  # sentencepiece model path
+            "prompt_template": DEFAULT_PROMPT,
+            "max_caption_tokens": 32,
+            "max_length": None,  # None: template length + max_caption_tokens
+            # Evaluation.
+            "eval_format": "webdataset",  # webdataset | karpathy
+            "eval_captions_per_image": 5,
+            "karpathy_json": "",  # dataset_coco.json / dataset_flickr30k.json
+            "karpathy_image_root": "",  # folder the json's filepath/filename are relative to
+            "karpathy_split": "test",
+        }
+    )
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work; the message names the field and the fix."""
+
+
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    first, last = match.group(1), match.group(2)
+    width = len(first)
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    out = []
+    for i in range(int(first), int(last) + 1):
+        out.extend(_expand_braces(f"{head}{i:0{width}d}{tail}"))
+    return out
+
+
+def _glob(pattern: str) -> list[str]:
+    if "://" not in pattern:
+        return sorted(glob.glob(pattern))
+    magic = _GLOB_CHARS.search(pattern)
+    root, _, rest = pattern[: magic.start()].rpartition("/")
+    rest = rest + pattern[magic.start() :]
+    return sorted(str(p) for p in epath.Path(root).glob(rest))
+
+
+def resolve_shards(spec: str | Sequence[str] | None, field: str, suffix: str = ".tar") -> list[str]:
+    """Expands a shard spec into a sorted list of files; nothing matched is an error naming `field`."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        raise DataConfigError(f"{field} is not set; set it to a glob such as 'data/train/*{suffix}'")
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
+    paths: list[str] = []
+    for item in items:
+        for pattern in _expand_braces(item):
+            if _GLOB_CHARS.search(pattern):
+                paths.extend(_glob(pattern))
+            elif epath.Path(pattern).is_dir():
+                paths.extend(_glob(str(epath.Path(pattern) / f"*{suffix}")))
+            elif epath.Path(pattern).exists():
+                paths.append(pattern)
+            else:
+                raise DataConfigError(f"{field}: {pattern!r} does not exist; check the path or glob")
+    if not paths:
+        raise DataConfigError(f"{field}={spec!r} matches no {suffix} files; check the glob or directory")
+    return paths
+
+
+def check_data_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, with the field named, on settings the pipeline cannot use."""
+    if config.format not in FORMATS:
+        raise DataConfigError(f"config.data.format={config.format!r}: use one of {', '.join(FORMATS)}")
+    if config.eval_format not in EVAL_FORMATS:
+        raise DataConfigError(f"config.data.eval_format={config.eval_format!r}: use one of {', '.join(EVAL_FORMATS)}")
+    if config.num_workers < 0:
+        raise DataConfigError(f"config.data.num_workers={config.num_workers}: must be >= 0 (0 reads in-process)")
+    low, high = config.crop_scale
+    if not 0 < low <= high <= 1:
+        raise DataConfigError(f"config.data.crop_scale={tuple(config.crop_scale)}: need 0 < low <= high <= 1")
+    if config.image_size < 1 or config.min_image_size < 1:
+        raise DataConfigError("config.data.image_size and min_image_size must be positive")

@@ -1,0 +1,235 @@
+"""From `config.data` to per-process batches and global `jax.Array`s.
+
+    raw samples (webdataset stream + window shuffle | ArrayRecord global shuffle), this process's share
+      → decode, crop, tokenise (SampleDecoder)       ─┐ inside `num_workers` grain worker processes
+      → mp_prefetch                                   ─┘ (bad samples travel as skip markers)
+      → count skip markers, batch good samples        (main process; counts are iterator state)
+      → make_global_batch: sharded over the mesh's batch axes; normalize_images on the device
+
+Each batch is `{"image": uint8 [B,S,S,3], "input_ids": int32 [B,L], "attention_mask": int32 [B,L],
+"skipped": int64 [len(SKIP_REASONS)]}` where `skipped` counts the samples skipped since the previous
+batch (`records.skip_counts_dict` names them) and B = global batch // process count. The iterator is a
+grain `DatasetIterator`: save it next to the train state with orbax
+(`grain.checkpoint.CheckpointSave(iterator)` in an `ocp.args.Composite`) and restore it with
+`grain.checkpoint.CheckpointRestore`; a restored iterator continues exactly where the saved one was,
+for the same `num_workers`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+import grain
+from lexvla_jax import sharding
+from lexvla_jax.data.array_record import SUFFIX, array_record_dataset
+from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
+from lexvla_jax.data.records import SKIP_REASONS, skip_counts_dict
+from lexvla_jax.data.transforms import SampleDecoder
+from lexvla_jax.data.webdataset import WebDatasetSource
+
+HOST_KEYS = ("skipped", "key")  # batch entries that stay on the host
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def prompt_encoder_from_config(config):
+    """The `vocab.PromptEncoder` named by `config.data`, or None when `config.data.tokenizer` is empty."""
+    from lexvla_jax.vocab import PromptEncoder, load_tokenizer
+
+    if not config.tokenizer:
+        return None
+    return PromptEncoder(
+        load_tokenizer(config.tokenizer),
+        template=config.prompt_template,
+        max_caption_tokens=config.max_caption_tokens,
+        max_length=config.max_length,
+    )
+
+
+def raw_dataset(config, process_index: int, process_count: int) -> grain.IterDataset | grain.MapDataset:
+    """This process's raw training samples in `config.format`."""
+    if config.format == "array_record":
+        paths = resolve_shards(config.train_shards, "config.data.train_shards", SUFFIX)
+        return array_record_dataset(
+            paths,
+            seed=config.seed,
+            num_epochs=config.num_epochs,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    paths = resolve_shards(config.train_shards, "config.data.train_shards", ".tar")
+    ds = WebDatasetSource(
+        paths,
+        process_index=process_index,
+        process_count=process_count,
+        seed=config.seed,
+        num_epochs=config.num_epochs,
+        cycle_length=config.interleave_shards,
+    )
+    if config.shuffle_buffer > 1:
+        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=config.shuffle_buffer, seed=config.seed)
+    return ds
+
+
+def make_train_dataset(
+    config,
+    global_batch_size: int,
+    prompt_encoder=None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+    keep_keys: bool = False,
+) -> grain.IterDataset:
+    """The training batches of one process (`iter()` it); see the module docstring.
+
+    `config` is `config.data`. Process index/count default to JAX's; tests pass them to simulate
+    several processes in one. `keep_keys=True` adds the sample keys (`"key"`, host only).
+    """
+    check_data_config(config)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise DataConfigError(
+            f"global batch size {global_batch_size} is not divisible by {process_count} processes; change "
+            "config.train.global_batch_size"
+        )
+    decoder = SampleDecoder.from_config(config, train=True, prompt_encoder=prompt_encoder)
+    ds = raw_dataset(config, process_index, process_count).map(decoder)
+    if isinstance(ds, grain.MapDataset):
+        read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer)
+        ds = ds.to_iter_dataset(read)
+    if config.num_workers > 0:
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+        options = grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer
+        )
+        ds = ds.mp_prefetch(options)
+    return SkipCountingBatchDataset(
+        ds,
+        batch_size=global_batch_size // process_count,
+        drop_remainder=drop_remainder,
+        keep_keys=keep_keys,
+        max_consecutive_skips=config.max_consecutive_skips,
+    )
+
+
+class SkipCountingBatchDataset(grain.IterDataset):
+    """Counts skip markers by reason and stacks good elements into batches."""
+
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        *,
+        batch_size: int,
+        drop_remainder: bool = True,
+        keep_keys: bool = False,
+        max_consecutive_skips: int = 10_000,
+    ):
+        super().__init__(parent)
+        self.batch_size, self.drop_remainder = batch_size, drop_remainder
+        self.keep_keys, self.max_consecutive_skips = keep_keys, max_consecutive_skips
+
+    def __iter__(self) -> SkipCountingBatchIterator:
+        return SkipCountingBatchIterator(self._parent.__iter__(), self)
+
+    def __str__(self) -> str:
+        return f"SkipCountingBatchDataset(batch_size={self.batch_size})"
+
+
+class SkipCountingBatchIterator(grain.DatasetIterator):
+    """State: the parent's state, samples delivered, skips by reason (total and already reported)."""
+
+    def __init__(self, parent: grain.DatasetIterator, spec: SkipCountingBatchDataset):
+        super().__init__(parent)
+        self._spec = spec
+        self.samples = 0  # good samples delivered in batches
+        self.skipped = np.zeros(len(SKIP_REASONS), np.int64)  # total, by reason
+        self._reported = np.zeros(len(SKIP_REASONS), np.int64)
+        self._skip_run = 0
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        return skip_counts_dict(self.skipped)
+
+    def __next__(self) -> dict:
+        spec, elements = self._spec, []
+        while len(elements) < spec.batch_size:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                break
+            if "skip" in element:
+                self.skipped[element["skip"]] += 1
+                self._skip_run += 1
+                if self._skip_run > spec.max_consecutive_skips:
+                    raise DataConfigError(
+                        f"{self._skip_run} bad samples in a row ({self.skip_counts}); inspect the data with "
+                        "`lexvla inspect-data`"
+                    )
+                continue
+            self._skip_run = 0
+            elements.append(element)
+        if not elements or (spec.drop_remainder and len(elements) < spec.batch_size):
+            if self.samples == 0 and not self.skipped.any() and not elements:
+                raise DataConfigError("the training data yielded no samples at all; check config.data.train_shards")
+            raise StopIteration
+        batch = {name: np.stack([e[name] for e in elements]) for name in elements[0] if name != "key"}
+        if spec.keep_keys:
+            batch["key"] = np.array([e["key"] for e in elements])
+        batch["skipped"] = self.skipped - self._reported
+        self._reported = self.skipped.copy()
+        self.samples += len(elements)
+        return batch
+
+    def get_state(self) -> dict:
+        return {
+            "parent": self._parent.get_state(),
+            "samples": int(self.samples),
+            "skipped": self.skipped.tolist(),
+            "reported": self._reported.tolist(),
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self.samples = state["samples"]
+        self.skipped = np.asarray(state["skipped"], np.int64)
+        self._reported = np.asarray(state["reported"], np.int64)
+        self._skip_run = 0
+
+
+def normalize_images(images: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """uint8 [..., 3] → (x/255 - mean) / std with DINOv2's (ImageNet) mean and std, on the device."""
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+    std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
+    return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES) -> dict:
+    """Per-process numpy batch → global `jax.Array`s split over the mesh axes of logical `batch`.
+
+    Every process passes its own rows; the global batch is their concatenation in process order.
+    Host-only entries (`HOST_KEYS`) are left out.
+    """
+    out = {}
+    for name, value in local_batch.items():
+        if name in HOST_KEYS:
+            continue
+        value = np.asarray(value)
+        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        spec = sharding.logical_to_spec(("batch",) + (None,) * (value.ndim - 1), rules, mesh)
+        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+        shards = int(np.prod([mesh.shape[a] for a in axes]))
+        if global_shape[0] % shards:
+            raise DataConfigError(
+                f"global batch {global_shape[0]} is not divisible by the {shards} devices of mesh axes {axes}; "
+                "change config.train.global_batch_size"
+            )
+        out[name] = jax.make_array_from_process_local_data(
+            jax.sharding.NamedSharding(mesh, spec), value, global_shape
+        )
+    return out

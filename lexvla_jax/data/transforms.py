@@ -1,0 +1,247 @@
+"""Raw sample → `{"image": uint8 [S,S,3], "input_ids", "attention_mask"}` or a skip marker (PIL + numpy).
+
+This runs inside grain workers, so it imports no JAX. Images stay uint8 on the host (4× less
+host→device traffic than float32); `pipeline.normalize_images` applies DINOv2's mean/std on the
+device. Checks run cheapest first: container error, missing members, caption, image header (pixel
+limit, minimum size), then decoding. The first failing check names the reason.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lexvla_jax.data.records import (
+    CAPTION_EXTENSION,
+    EMPTY_CAPTION,
+    IMAGE_EXTENSIONS,
+    IMAGE_TOO_LARGE,
+    IMAGE_TOO_SMALL,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    NON_UTF8_CAPTION,
+    REASON_INDEX,
+    TRUNCATED_IMAGE,
+    UNDECODABLE_IMAGE,
+    BadSample,
+)
+
+# Our own pixel limit is checked from the header; PIL's warning between its limits is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def decode_caption(data: bytes) -> str:
+    """UTF-8 caption without surrounding whitespace; raises `BadSample` if not UTF-8 or empty."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadSample(NON_UTF8_CAPTION) from None
+    text = text.lstrip("\ufeff").strip()
+    if not text:
+        raise BadSample(EMPTY_CAPTION)
+    return text
+
+
+def _bad_image(error: Exception) -> BadSample:
+    reason = TRUNCATED_IMAGE if "truncat" in str(error).lower() else UNDECODABLE_IMAGE
+    return BadSample(reason, f"{type(error).__name__}: {error}")
+
+
+def open_image(data: bytes, *, max_pixels: int, min_size: int) -> Image.Image:
+    """Parses the header only (no pixels decoded) and applies the pixel limit and minimum size."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadSample(IMAGE_TOO_LARGE, str(e)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise _bad_image(e) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadSample(IMAGE_TOO_LARGE, f"{width}x{height} > {max_pixels} pixels")
+    if min(width, height) < min_size:
+        raise BadSample(IMAGE_TOO_SMALL, f"{width}x{height}, shorter side < {min_size}")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as RGB: alpha composited on white, 16-bit scaled to 8-bit, CMYK/P/L/... converted."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in _HIGH_BIT_MODES or mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        values = values / 257.0 if mode != "F" else values
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+        return image.convert("RGB")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB")
+
+
+Box = tuple[float, float, float, float]
+
+
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> Box:
+    """torchvision's RandomResizedCrop box: area fraction in `scale`, aspect ratio (log-uniform) in `ratio`."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x0 = int(rng.integers(0, width - w + 1))
+            y0 = int(rng.integers(0, height - h + 1))
+            return (x0, y0, x0 + w, y0 + h)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    x0, y0 = (width - w) // 2, (height - h) // 2
+    return (x0, y0, x0 + w, y0 + h)
+
+
+def center_crop_box(width: int, height: int) -> Box:
+    """The centred square: resizing it equals resize-shorter-side then centre crop."""
+    side = min(width, height)
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
+    """Decodes `image` (JPEG draft mode when the crop is ≥ 2× the output), crops `box`, resizes to `size`²."""
+    width, height = image.size
+    shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
+    try:
+        if image.format == "JPEG" and shrink >= 2:
+            image.draft(image.mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
+            sx, sy = image.size[0] / width, image.size[1] / height
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        image = to_rgb(image)
+        out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise _bad_image(e) from None
+    return np.asarray(out, dtype=np.uint8)
+
+
+def load_image(
+    data: bytes,
+    size: int,
+    *,
+    max_pixels: int,
+    min_size: int,
+    rng: np.random.Generator | None = None,
+    scale=(0.9, 1.0),
+    ratio=(3 / 4, 4 / 3),
+) -> np.ndarray:
+    """uint8 [size, size, 3]: a random-resized crop with `rng`, else the centre crop."""
+    image = open_image(data, max_pixels=max_pixels, min_size=min_size)
+    if rng is None:
+        box = center_crop_box(*image.size)
+    else:
+        box = random_resized_crop_box(*image.size, rng, scale, ratio)
+    return crop_resize(image, box, size)
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
+_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def swap_left_right(caption: str) -> str:
+    """The caption of the mirrored image."""
+    return _LEFT_RIGHT.sub(lambda m: _SWAP[m.group(0)], caption)
+
+
+def image_member(files: dict) -> bytes:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in files:
+            return files[ext]
+    raise BadSample(MISSING_IMAGE)
+
+
+class SampleDecoder:
+    """Raw sample → model inputs, or `{"skip": reason index, "key": key}` for a bad sample.
+
+    Training (`train=True`): random-resized crop and a horizontal flip (with "left"/"right" swapped in
+    the caption) drawn from the sample's own seed, so augmentation is reproducible after a resume.
+    Evaluation: centre crop. `prompt_encoder=None` leaves the caption untokenised (images only).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        train: bool,
+        min_image_size: int,
+        max_image_pixels: int,
+        crop_scale=(0.9, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        random_flip: bool = True,
+        prompt_encoder=None,
+    ):
+        self.image_size, self.train = image_size, train
+        self.min_image_size, self.max_image_pixels = min_image_size, max_image_pixels
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+        self.random_flip, self.prompt_encoder = random_flip, prompt_encoder
+
+    @classmethod
+    def from_config(cls, config, *, train: bool, prompt_encoder=None) -> SampleDecoder:
+        return cls(
+            image_size=config.image_size,
+            train=train,
+            min_image_size=config.min_image_size,
+            max_image_pixels=config.max_image_pixels,
+            crop_scale=config.crop_scale,
+            crop_ratio=config.crop_ratio,
+            random_flip=config.random_flip,
+            prompt_encoder=prompt_encoder,
+        )
+
+    def __call__(self, sample: dict) -> dict:
+        try:
+            return self.decode(sample)
+        except BadSample as e:
+            return {"skip": REASON_INDEX[e.reason], "key": sample["key"]}
+
+    def decode(self, sample: dict) -> dict:
+        if sample["error"] is not None:
+            raise BadSample(sample["error"])
+        files = sample["files"]
+        data = image_member(files)
+        if CAPTION_EXTENSION not in files:
+            raise BadSample(MISSING_CAPTION)
+        caption = decode_caption(files[CAPTION_EXTENSION])
+        rng = np.random.default_rng(sample["seed"]) if self.train else None
+        image = load_image(
+            data,
+            self.image_size,
+            max_pixels=self.max_image_pixels,
+            min_size=self.min_image_size,
+            rng=rng,
+            scale=self.crop_scale,
+            ratio=self.crop_ratio,
+        )
+        if rng is not None and self.random_flip and rng.random() < 0.5:
+            image = np.ascontiguousarray(image[:, ::-1])
+            caption = swap_left_right(caption)
+        element = {"image": image, "key": sample["key"]}
+        if self.prompt_encoder is not None:
+            element["input_ids"], element["attention_mask"] = self.prompt_encoder(caption)
+        return element

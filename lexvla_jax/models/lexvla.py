@@ -1,0 +1,137 @@
+"""LexVLA: DINOv2 and Llama 2 mapped into one shared lexical vocabulary.
+
+```
+image ─ DINOv2 (frozen) ─ patch tokens [B,P,Dv] ─ adapter ─ [B,P,Dt] ─ · Z_imgᵀ ─ ELU1p ─ max_P ─ L2 ─ s_img [B,V']
+text  ─ prompt ─ Llama (+LoRA) ─ final-norm hidden of the last real token [B,Dt] ─ · Z_txtᵀ ─ ELU1p ─ L2 ─ s_txt [B,V']
+```
+`Z_txt` holds the rows of Llama's `lm_head` for the kept vocabulary (frozen); `Z_img` starts as a copy
+of it and trains. Which parameters train is decided by the optimiser's filter, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lexvla_jax.models import dinov2, layers, lexical, llama
+
+
+@dataclasses.dataclass(frozen=True)
+class LexVLAConfig:
+    """Sizes of the joint model.
+
+    vocab_size: V', the number of kept words (rows of both codebooks).
+    adapter_heads / adapter_mlp_dim: the adapter's attention heads and MLP width (Dv → mlp → Dt).
+    logit_scale_init / logit_scale_max: CLIP-style learnable temperature, stored as a log and clamped.
+    max_pool_chunk: vocabulary chunk of the memory-lean max-pool.
+    """
+
+    vision: dinov2.Dinov2Config
+    text: llama.LlamaConfig
+    vocab_size: int
+    adapter_heads: int = 16
+    adapter_mlp_dim: int = 4096
+    logit_scale_init: float = 1 / 0.07
+    logit_scale_max: float = 100.0
+    max_pool_chunk: int = lexical.DEFAULT_CHUNK_SIZE
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+
+class Adapter(nnx.Module):
+    """One pre-norm self-attention block on the patch tokens, then a two-layer MLP into the text width."""
+
+    def __init__(self, config: LexVLAConfig, *, rngs: nnx.Rngs):
+        dv, dt = config.vision.hidden_size, config.text.hidden_size
+        block = dataclasses.replace(
+            config.vision,
+            num_attention_heads=config.adapter_heads,
+            qkv_bias=True,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+        )
+        norm = dict(eps=config.vision.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        linear = dict(use_bias=True, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+        self.norm1 = layers.LayerNorm(dv, **norm)
+        self.attention = dinov2.Attention(block, rngs=rngs)
+        self.norm2 = layers.LayerNorm(dv, **norm)
+        self.fc1 = layers.Linear(dv, config.adapter_mlp_dim, ("embed", "mlp"), **linear)
+        self.fc2 = layers.Linear(config.adapter_mlp_dim, dt, ("mlp", "embed"), **linear)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attention(self.norm1(x))
+        h = layers.constrain(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False), ("batch", "patches", "act_mlp"))
+        return layers.constrain(self.fc2(h), ("batch", "patches", "act_embed"))
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of each row's last real token `[B]` (works for left and right padding)."""
+    positions = jnp.arange(attention_mask.shape[1])
+    return jnp.max(jnp.where(attention_mask.astype(bool), positions, -1), axis=1)
+
+
+class LexVLA(nnx.Module):
+    """The two towers, the adapter, both codebooks and the logit scale.
+
+    vision / text / text_codebook: pre-built (e.g. loaded) parts; each is created randomly when None.
+    The visual codebook starts as a copy of the text codebook.
+    """
+
+    def __init__(
+        self,
+        config: LexVLAConfig,
+        *,
+        rngs: nnx.Rngs,
+        vision: dinov2.Dinov2Model | None = None,
+        text: llama.LlamaModel | None = None,
+        text_codebook: jax.Array | None = None,
+    ):
+        self.config = config
+        shape = (config.vocab_size, config.text.hidden_size)
+        self.vision = vision if vision is not None else dinov2.Dinov2Model(config.vision, rngs=rngs)
+        self.text = text if text is not None else llama.LlamaModel(config.text, with_lm_head=False, rngs=rngs)
+        if text_codebook is None:
+            text_codebook = nnx.initializers.normal(0.02)(rngs.params(), shape, config.param_dtype)
+        if text_codebook.shape != shape:
+            raise ValueError(f"text codebook has shape {text_codebook.shape}, expected [V', Dt] = {shape}")
+        self.text_codebook = nnx.Param(text_codebook, sharding_names=("vocab", "embed"))
+        self.visual_codebook = nnx.Param(
+            jnp.array(text_codebook, config.param_dtype), sharding_names=("vocab", "embed")
+        )
+        self.adapter = Adapter(config, rngs=rngs)
+        self.logit_scale = nnx.Param(jnp.asarray(math.log(config.logit_scale_init), jnp.float32))
+
+    def logit_scale_value(self) -> jax.Array:
+        """`exp(logit_scale)` clamped to `logit_scale_max` (float32)."""
+        return jnp.minimum(jnp.exp(self.logit_scale[...]), self.config.logit_scale_max)
+
+    def patch_features(self, pixels: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Adapter output on the patch tokens only (CLS and registers dropped) → `[B,P,Dt]`."""
+        tokens = self.vision(pixels, deterministic=deterministic).last_hidden_state
+        patches = layers.constrain(tokens[:, self.vision.num_prefix_tokens :], ("batch", "patches", "act_embed"))
+        return self.adapter(patches)
+
+    def encode_image(self, pixels: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Normalised image lexical vectors `[B,V']` (float32)."""
+        h = self.patch_features(pixels, deterministic=deterministic)
+        codebook = self.visual_codebook[...].astype(self.config.dtype)
+        return lexical.image_lexical(h, codebook, chunk_size=self.config.max_pool_chunk)
+
+    def patch_lexical(self, pixels: jax.Array, *, normalize: bool = True) -> jax.Array:
+        """Per-patch lexical vectors `[B,P,V']` (no max-pool), for PatchDis and word maps."""
+        h = self.patch_features(pixels)
+        return lexical.patch_lexical(h, self.visual_codebook[...].astype(self.config.dtype), normalize=normalize)
+
+    def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Normalised text lexical vectors `[B,V']` read at each row's last real token (float32)."""
+        hidden = self.text(input_ids, attention_mask, deterministic=deterministic).last_hidden_state
+        last = hidden[jnp.arange(hidden.shape[0]), last_token_index(attention_mask)]
+        codebook = self.text_codebook[...].astype(self.config.dtype)
+        scores = jnp.einsum("bd,vd->bv", last, codebook, preferred_element_type=jnp.float32)
+        scores = layers.constrain(scores, ("batch", "act_vocab"))
+        return lexical.l2_normalize(lexical.elu1p(scores))

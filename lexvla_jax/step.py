@@ -1,0 +1,209 @@
+"""The train step: loss, gradients and the optax update as one pure function of (state, batch).
+
+The model is split three ways: trainable parameters (in `TrainState`, updated by the optimiser), frozen
+parameters (an argument of the step, wrapped in `stop_gradient`, never in the optimiser) and the rest
+(random-stream state, reseeded from `TrainState.rng` every step so a resumed run draws the same numbers).
+
+Gradient accumulation is GradCache-style: the lexical vectors of all micro-batches are computed first
+without gradients, the loss and its gradient with respect to those vectors are taken over the **whole**
+global batch, then each micro-batch is re-run with `jax.vjp` and its parameter gradient accumulated. The
+contrastive negatives and the overuse statistics therefore cover the global batch whatever the number of
+micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lexvla_jax import losses
+from lexvla_jax.models import layers
+
+
+def trainable_filter(groups: Sequence[str]):
+    """An NNX filter selecting the trainable parameters.
+
+    groups: attribute names of the model (e.g. "adapter", "visual_codebook", "logit_scale", "vision",
+    "text") plus "lora" for every `LoRAParam`.
+    """
+    parts = [layers.LoRAParam] if "lora" in groups else []
+    parts += [nnx.PathContains(name) for name in groups if name != "lora"]
+    if not parts:
+        raise ValueError("config.train.trainable is empty: name at least one group, e.g. ('adapter', 'lora')")
+    return nnx.All(nnx.Param, nnx.Any(*parts))
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (and is checkpointed)."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array
+    skipped_updates: jax.Array  # total steps whose update was dropped for a non-finite loss/gradient
+    consecutive_skips: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Weights of the loss terms (see `losses.lexvla_loss`)."""
+
+    lambda_img: float = 1e-3
+    lambda_txt: float = 1e-3
+    penalty: str = "overuse"
+    warmup_steps: int = 0
+
+
+def _decay_mask(params: nnx.State):
+    """Weight decay on matrices only: no decay on norms, biases or the logit scale."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(opt_config, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with warm-up + cosine decay and global-norm clipping, from `config.optim`."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=opt_config.learning_rate,
+        warmup_steps=opt_config.warmup_steps,
+        decay_steps=max(num_steps, opt_config.warmup_steps + 1),
+        end_value=opt_config.learning_rate * opt_config.end_lr_fraction,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt_config.grad_clip_norm),
+        optax.adamw(
+            schedule, b1=opt_config.b1, b2=opt_config.b2, weight_decay=opt_config.weight_decay, mask=_decay_mask
+        ),
+    )
+    return tx, schedule
+
+
+def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state at step 0."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero,
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        skipped_updates=zero,
+        consecutive_skips=zero,
+    )
+
+
+class Encoder:
+    """Runs the model's two towers from split state; shared by training and evaluation."""
+
+    def __init__(self, graphdef: nnx.GraphDef, normalize_images):
+        self.graphdef = graphdef
+        self.normalize_images = normalize_images
+
+    def merge(self, params, frozen, rest, rng=None):
+        model = nnx.merge(self.graphdef, params, jax.lax.stop_gradient(frozen), rest)
+        if rng is not None:
+            nnx.reseed(model, dropout=rng)
+        return model
+
+    def __call__(self, params, frozen, rest, batch, rng, deterministic: bool):
+        model = self.merge(params, frozen, rest, rng)
+        s_img = model.encode_image(self.normalize_images(batch["image"]), deterministic=deterministic)
+        s_txt = model.encode_text(batch["input_ids"], batch["attention_mask"], deterministic=deterministic)
+        return s_img, s_txt
+
+    def logit_scale(self, params, frozen, rest):
+        return self.merge(params, frozen, rest).logit_scale_value()
+
+
+def _split_micro(batch, num_micro: int):
+    return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+
+
+def loss_and_grads(encoder: Encoder, loss_config: LossConfig, num_micro: int, params, frozen, rest, batch, rng, step):
+    """(loss, metrics), grads of the LexVLA loss over the whole batch, accumulated over micro-batches."""
+    loss_fn = functools.partial(
+        losses.lexvla_loss,
+        lambda_img=loss_config.lambda_img,
+        lambda_txt=loss_config.lambda_txt,
+        penalty=loss_config.penalty,
+        step=step,
+        warmup_steps=loss_config.warmup_steps,
+    )
+    micro_rngs = jax.random.split(rng, num_micro)
+    micro = _split_micro(batch, num_micro)
+
+    def encode(p, mb, r):
+        return encoder(p, frozen, rest, mb, r, deterministic=False)
+
+    if num_micro == 1:
+        single = jax.tree.map(lambda x: x[0], micro)
+
+        def total(p):
+            s_img, s_txt = encode(p, single, micro_rngs[0])
+            return loss_fn(s_img, s_txt, encoder.logit_scale(p, frozen, rest))
+
+        (loss, metrics), grads = jax.value_and_grad(total, has_aux=True)(params)
+        return (loss, metrics), grads
+
+    # Pass 1: lexical vectors of every micro-batch, no gradients kept.
+    def forward(_, xs):
+        mb, r = xs
+        return None, encode(params, mb, r)
+
+    _, (s_img, s_txt) = jax.lax.scan(forward, None, (micro, micro_rngs))
+    s_img = s_img.reshape(-1, s_img.shape[-1])
+    s_txt = s_txt.reshape(-1, s_txt.shape[-1])
+    scale, scale_vjp = jax.vjp(lambda p: encoder.logit_scale(p, frozen, rest), params)
+    (loss, metrics), (g_img, g_txt, g_scale) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(
+        s_img, s_txt, scale
+    )
+    (grads,) = scale_vjp(g_scale)
+
+    # Pass 2: re-run each micro-batch and pull its slice of the vector gradient back to the parameters.
+    def backward(acc, xs):
+        mb, r, gi, gt = xs
+        _, vjp = jax.vjp(lambda p: encode(p, mb, r), params)
+        (g,) = vjp((gi, gt))
+        return jax.tree.map(jnp.add, acc, g), None
+
+    cotangents = (g_img.reshape(num_micro, -1, g_img.shape[-1]), g_txt.reshape(num_micro, -1, g_txt.shape[-1]))
+    grads, _ = jax.lax.scan(backward, grads, (micro, micro_rngs, *cotangents))
+    return (loss, metrics), grads
+
+
+def train_step(
+    encoder: Encoder,
+    tx: optax.GradientTransformation,
+    schedule,
+    loss_config: LossConfig,
+    num_micro: int,
+    frozen,
+    rest,
+    state: TrainState,
+    batch,
+):
+    """One optimiser step. A non-finite loss or gradient leaves params and optimiser state unchanged."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, metrics), grads = loss_and_grads(
+        encoder, loss_config, num_micro, state.params, frozen, rest, batch, rng, state.step
+    )
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        skipped_updates=state.skipped_updates + (~ok).astype(jnp.int32),
+        consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
+    )
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step), update_ok=ok)
+    return new_state, metrics

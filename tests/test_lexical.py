@@ -1,0 +1,111 @@
+"""The chunked, custom-VJP lexical max-pool equals the naive `[B,P,V]` form in values and gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lexvla_jax.models import lexical
+
+# (batch, patches, dim, vocab, chunk_size): vocab not a multiple of the chunk; B=1 with vocab a multiple;
+# P=1 with the chunk larger than the vocabulary.
+SHAPES = [(3, 7, 16, 50, 16), (1, 5, 8, 32, 8), (2, 1, 8, 20, 64)]
+
+
+def inputs(b, p, d, v, dtype=jnp.float32, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    h = jax.random.normal(k1, (b, p, d)).astype(dtype)
+    codebook = (jax.random.normal(k2, (v, d)) / np.sqrt(d)).astype(dtype)
+    probe = jax.random.normal(k3, (b, v))
+    return h, codebook, probe
+
+
+def probed(pool, probe):
+    """A random linear functional of the normalised image vector, as a function of (h, codebook)."""
+    return lambda h, codebook: jnp.sum(probe * lexical.l2_normalize(pool(h, codebook)))
+
+
+def grads(pool, h, codebook, probe):
+    return jax.jit(jax.grad(probed(pool, probe), argnums=(0, 1)))(h, codebook)
+
+
+def assert_close(actual, expected, rel):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("b,p,d,v,chunk", SHAPES)
+def test_lean_max_pool_matches_naive_values_and_gradients(b, p, d, v, chunk):
+    h, codebook, probe = inputs(b, p, d, v)
+    lean = functools.partial(lexical.lexical_max_pool, chunk_size=chunk)
+    pooled = jax.jit(lean)(h, codebook)
+    assert pooled.shape == (b, v) and pooled.dtype == jnp.float32
+    assert_close(pooled, lexical.lexical_max_pool_naive(h, codebook), 1e-6)
+    for got, want in zip(grads(lean, h, codebook, probe), grads(lexical.lexical_max_pool_naive, h, codebook, probe)):
+        assert got.shape == want.shape
+        assert_close(got, want, 1e-5)
+
+
+def test_lean_max_pool_bfloat16_inputs():
+    h, codebook, probe = inputs(4, 9, 32, 70, dtype=jnp.bfloat16, seed=1)
+    lean = functools.partial(lexical.lexical_max_pool, chunk_size=32)
+    pooled = lean(h, codebook)
+    assert pooled.dtype == jnp.float32
+    # Reference: the naive form in float32 on the same (bf16-rounded) numbers.
+    h32, codebook32 = h.astype(jnp.float32), codebook.astype(jnp.float32)
+    assert_close(pooled, lexical.lexical_max_pool_naive(h32, codebook32), 1e-5)
+    lean_grads = grads(lean, h, codebook, probe)
+    assert [g.dtype for g in lean_grads] == [jnp.bfloat16, jnp.bfloat16]
+    for got, want in zip(lean_grads, grads(lexical.lexical_max_pool_naive, h32, codebook32, probe)):
+        assert_close(got, want, 2e-2)
+
+
+def test_tied_patches_get_the_whole_gradient_at_the_first_one():
+    h, codebook, probe = inputs(2, 4, 8, 30)
+    h = h.at[:, 2].set(h[:, 0])  # patches 0 and 2 tie for every word
+    lean = functools.partial(lexical.lexical_max_pool, chunk_size=8)
+    dh_lean, dz_lean = grads(lean, h, codebook, probe)
+    dh_naive, dz_naive = grads(lexical.lexical_max_pool_naive, h, codebook, probe)
+    assert not np.asarray(dh_lean[:, 2]).any() and np.asarray(dh_naive[:, 2]).any()
+    assert_close(dh_lean[:, 0] + dh_lean[:, 2], dh_naive[:, 0] + dh_naive[:, 2], 1e-5)
+    assert_close(dz_lean, dz_naive, 1e-5)
+
+
+def test_lean_backward_never_builds_a_batch_patch_vocab_array():
+    b, p, d, v = 2, 3, 8, 40  # distinct sizes, so the shape pattern is unambiguous
+    h, codebook, probe = inputs(b, p, d, v)
+
+    def hlo(pool):
+        return jax.jit(jax.grad(probed(pool, probe), argnums=(0, 1))).lower(h, codebook).compile().as_text()
+
+    pattern = f"[{b},{p},{v}]"
+    assert pattern in hlo(lexical.lexical_max_pool_naive)
+    assert pattern not in hlo(functools.partial(lexical.lexical_max_pool, chunk_size=8))
+
+
+def test_image_and_patch_lexical():
+    h, codebook, _ = inputs(2, 5, 8, 26)
+    image = lexical.image_lexical(h, codebook, chunk_size=8)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(image), axis=-1), 1.0, rtol=1e-6)
+    patches = lexical.patch_lexical(h, codebook, normalize=False)
+    assert patches.shape == (2, 5, 26) and float(patches.min()) > 0
+    assert_close(patches.max(axis=1), lexical.lexical_max_pool(h, codebook, chunk_size=8), 1e-6)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(lexical.patch_lexical(h, codebook)), axis=-1), 1.0, rtol=1e-6)
+
+
+def test_elu1p_and_l2_normalize():
+    x = jnp.array([-30.0, -1.0, 0.0, 2.0])
+    np.testing.assert_allclose(np.asarray(lexical.elu1p(x)), [np.exp(-30.0), np.exp(-1.0), 1.0, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(lexical.elu1p))(x)), [np.exp(-30.0), np.exp(-1.0), 1, 1])
+    zero = jnp.zeros((1, 4))
+    value, grad = jax.value_and_grad(lambda z: jnp.sum(lexical.l2_normalize(z)))(zero)
+    assert not np.asarray(value).any() and np.isfinite(np.asarray(grad)).all()
+
+
+def test_bad_shapes_and_chunk_size_are_rejected():
+    with pytest.raises(ValueError, match=r"\[B,P,D\] and a codebook \[V,D\]"):
+        lexical.lexical_max_pool(jnp.ones((2, 3, 4)), jnp.ones((10, 5)))
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        lexical.lexical_max_pool(jnp.ones((2, 3, 4)), jnp.ones((10, 4)), chunk_size=0)

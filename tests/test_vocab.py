@@ -1,0 +1,412 @@
+"""Tokenizer parity with transformers' Llama tokenizer, the in-context prompt, and the vocabulary filter."""
+
+import contextlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lexvla_jax import vocab
+
+CAPTIONS = [
+    "The man is riding a white horse.",
+    "A brown dog runs on the sandy beach at sunset.",
+    "Two cats sleep on a red sofa near 3 windows.",
+    "A photo of a horse in a green field, with 12 sheep.",
+    "A café in Paris serves croissants; naïve tourists queue.",
+    "Children play football in the park (Saturday morning).",
+    "A city street at night: cars, lights and people.",
+    "Город ночью. 山 と 人 の 写真.",
+    "An old woman reads a book by the window!",
+    "Boats float on the calm blue lake - 2024.",
+]
+
+# Strings on which tokenizers tend to disagree. Whitespace runs before a word (" x", "a  b") are where an HF BPE
+# whose merges are ranked by id rather than by SentencePiece's piece scores differs from Llama 2's own tokenizer.
+TRICKY = [
+    "",
+    "Hello world",
+    "The man is riding a white horse.",
+    " leading space",
+    "  two leading spaces",
+    " ",
+    "   ",
+    "\n",
+    "line one\nline two\n\nline four",
+    "\ttabbed\tcolumns",
+    "trailing spaces  ",
+    "a  b   c",
+    "digits 1234567890 and 3.14159",
+    "ünïcödé Ωμέγα город café",
+    "emoji 🦙🐎 ok",
+    "日本語のテキスト 山",
+    "quotes \"inside\" and 'single'",
+]
+CONTROL_STRINGS = "<s> is text here, not a control token </s>"
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    vocab.train_tokenizer(CAPTIONS * 20, vocab_size=520, out_path=str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    return vocab.load_tokenizer(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def llama(llama2_tokenizer_path):
+    return vocab.load_tokenizer(llama2_tokenizer_path)
+
+
+@pytest.fixture(scope="session", params=["tiny", "llama2"])
+def any_tokenizer(request):
+    return request.getfixturevalue("tiny" if request.param == "tiny" else "llama")
+
+
+def _meta_layout_transformers_tokenizer(model_path):
+    """transformers' LlamaTokenizer laid out like Meta's Llama 2 `tokenizer.json`.
+
+    BPE merges ranked by SentencePiece piece score, byte fallback, a `Prepend("▁") + Replace(" ", "▁")` normaliser
+    and no pre-tokenizer. Built from the .model file alone (offline).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import normalizers
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    pieces = {p.piece: i for i, p in enumerate(proto.pieces)}
+    merges = generate_merges(pieces, {p.piece: p.score for p in proto.pieces})
+    reference = LlamaTokenizer(vocab=pieces, merges=merges, legacy=True, add_bos_token=True)
+    backend = reference.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    return reference
+
+
+@pytest.fixture(scope="session", params=["tiny", "llama2"])
+def model_and_reference(request, tiny_path):
+    path = tiny_path if request.param == "tiny" else request.getfixturevalue("llama2_tokenizer_path")
+    return path, _meta_layout_transformers_tokenizer(path)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_encode_matches_transformers_llama_tokenizer(model_and_reference):
+    path, reference = model_and_reference
+    tokenizer = vocab.load_tokenizer(path)
+    for text in TRICKY:
+        expected = reference.encode(text, add_special_tokens=False)
+        assert tokenizer.encode(text) == expected, text
+        assert tokenizer.encode(text, add_bos=True) == reference.encode(text) == [tokenizer.bos_id, *expected], text
+    # Special-token strings are text (as in SentencePiece): transformers' `split_special_tokens=True` behaviour.
+    expected = reference.encode(CONTROL_STRINGS, add_special_tokens=False, split_special_tokens=True)
+    assert tokenizer.encode(CONTROL_STRINGS) == expected
+    assert tokenizer.bos_id not in expected and tokenizer.eos_id not in expected
+
+
+def test_encode_matches_transformers_from_pretrained_outside_whitespace_runs(model_and_reference, tmp_path):
+    """`LlamaTokenizer.from_pretrained` on a dir with only tokenizer.model: agrees except on leading/repeated spaces."""
+    from transformers import LlamaTokenizer
+
+    path, _ = model_and_reference
+    os.symlink(path, tmp_path / "tokenizer.model")
+    reference = LlamaTokenizer.from_pretrained(str(tmp_path), legacy=True)
+    tokenizer = vocab.load_tokenizer(path)
+    for text in TRICKY:
+        if text.startswith(" ") or "  " in text.strip(" ") or text.strip() == "":
+            continue
+        assert tokenizer.encode(text) == reference.encode(text, add_special_tokens=False), text
+
+
+def test_llama2_known_ids(llama):
+    """Llama 2's ids for a few strings (dummy prefix, byte fallback, split digits, lone spaces)."""
+    assert llama.encode("Hello world", add_bos=True) == [1, 15043, 3186]
+    assert llama.encode(" x") == [29871, 921]  # "▁" + "▁x", not "▁▁" + "x"
+    assert llama.encode("🦙") == [29871, 243, 162, 169, 156]
+    assert llama.encode("12") == [29871, 29896, 29906]
+    assert llama.encode("\n") == [29871, 13]
+    assert llama.encode("") == [] and llama.encode("", add_bos=True) == [1]
+    assert (llama.vocab_size, llama.bos_id, llama.eos_id, llama.pad_id, llama.unk_id) == (32000, 1, 2, 0, 0)
+
+
+def test_json_backend_equals_sentencepiece(model_and_reference, tmp_path):
+    path, reference = model_and_reference
+    reference.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    from_json = vocab.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    from_model = vocab.load_tokenizer(path)
+    assert isinstance(from_json, vocab.HFTokenizer) and isinstance(from_model, vocab.SentencePieceTokenizer)
+    assert (from_json.vocab_size, from_json.bos_id, from_json.eos_id, from_json.pad_id) == (
+        from_model.vocab_size,
+        from_model.bos_id,
+        from_model.eos_id,
+        from_model.pad_id,
+    )
+    for text in [*TRICKY, CONTROL_STRINGS]:
+        assert from_json.encode(text, add_bos=True) == from_model.encode(text, add_bos=True), text
+        assert from_json.decode(from_json.encode(text)) == from_model.decode(from_model.encode(text)), text
+    np.testing.assert_array_equal(vocab.filter_vocabulary(from_json), vocab.filter_vocabulary(from_model))
+
+
+def test_decode_round_trip_and_offsets(any_tokenizer):
+    for text in TRICKY:
+        ids = any_tokenizer.encode(text, add_bos=True)
+        assert any_tokenizer.decode(np.asarray(ids)) == text, text
+        ids, starts, ends = any_tokenizer.encode_with_offsets(text)
+        assert ids == any_tokenizer.encode(text)
+        assert all(0 <= s <= e <= len(text) for s, e in zip(starts, ends, strict=True))
+        if ids:
+            assert max(ends) == len(text)
+    _, starts, ends = any_tokenizer.encode_with_offsets("é 🦙")
+    assert starts[-4:] == [2, 2, 2, 2] and ends[-4:] == [3, 3, 3, 3]  # four byte pieces, one character
+
+
+def test_load_tokenizer_paths_and_errors(tiny_path, tmp_path):
+    assert vocab.load_tokenizer(os.path.dirname(tiny_path)).encode("a horse") == vocab.load_tokenizer(tiny_path).encode(
+        "a horse"
+    )
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        vocab.load_tokenizer(str(tmp_path / "missing.model"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer.model or tokenizer.json"):
+        vocab.load_tokenizer(str(tmp_path))
+    (tmp_path / "garbage.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="is not a SentencePiece model"):
+        vocab.load_tokenizer(str(tmp_path / "garbage.model"))
+
+
+def test_train_tokenizer_is_llama_style_and_deterministic(tiny_path, tmp_path):
+    again = vocab.train_tokenizer(CAPTIONS * 20, vocab_size=520, out_path=str(tmp_path / "again.model"))
+    with open(tiny_path, "rb") as a, open(tmp_path / "again.model", "rb") as b:
+        assert a.read() == b.read()
+    assert (again.vocab_size, again.unk_id, again.bos_id, again.eos_id, again.pad_id) == (520, 0, 1, 2, 0)
+    assert [again.id_to_piece(i) for i in (0, 1, 2, 3, 258)] == ["<unk>", "<s>", "</s>", "<0x00>", "<0xFF>"]
+    assert again.encode("🐴")[-4:] == [3 + b for b in "🐴".encode()]  # unseen character: byte fallback
+    assert again.id_to_piece(again.encode("horse")[0]).startswith("▁")  # dummy prefix
+    with pytest.raises(ValueError, match=r"train_tokenizer\(vocab_size=100\): Vocabulary size is smaller"):
+        vocab.train_tokenizer(CAPTIONS, vocab_size=100, out_path=str(tmp_path / "small.model"))
+
+
+def test_tokenizer_pickles(tiny, tmp_path):
+    copy = pickle.loads(pickle.dumps(tiny))
+    assert copy.encode(CAPTIONS[0], add_bos=True) == tiny.encode(CAPTIONS[0], add_bos=True)
+
+
+def test_module_imports_no_jax():
+    code = "import sys, lexvla_jax.vocab; print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------------- prompt
+
+LONG_CAPTION = (
+    "A very long caption about a brown dog and two cats that run across the green field near a calm blue lake "
+    "while children play football in the park and boats float by under the city lights at night."
+)
+
+
+def test_prompt_untruncated_equals_filled_string(any_tokenizer):
+    prompt = vocab.PromptEncoder(any_tokenizer, max_caption_tokens=64)
+    for caption in [*CAPTIONS, "", ".", "ends with a dot.", '"quoted"', "  extra   spaces  ", "🦙 emoji"]:
+        filled = vocab.DEFAULT_PROMPT.replace("[TEXT]", " ".join(caption.split()))
+        assert prompt.fill(caption) == filled
+        assert prompt.encode(caption) == any_tokenizer.encode(filled, add_bos=True), caption
+
+
+def test_prompt_truncation_keeps_template_tail(any_tokenizer):
+    max_caption_tokens = 6
+    prompt = vocab.PromptEncoder(any_tokenizer, max_caption_tokens=max_caption_tokens)
+    _, suffix = vocab.DEFAULT_PROMPT.split("[TEXT]")
+    tail = any_tokenizer.encode(prompt.fill("A dog"))[-4:]  # "...important words:" after the closing quote
+    captions = [LONG_CAPTION, "🦙" * 20, "x" * 300, CAPTIONS[1], "", "ends with a dot. " * 10]
+    batch = prompt.batch(captions)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (len(captions), prompt.max_length)
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["last_index"].dtype == np.int32
+    for row, caption in enumerate(captions):
+        length = int(batch["last_index"][row]) + 1
+        ids = batch["input_ids"][row, :length].tolist()
+        assert ids[-4:] == tail, caption
+        assert any_tokenizer.decode(ids).endswith(suffix), caption
+        kept = any_tokenizer.decode(ids)[len(prompt.prefix) : -len(suffix)]
+        assert " ".join(caption.split()).startswith(kept), caption
+        assert ids == any_tokenizer.encode(prompt.fill(kept), add_bos=True), caption  # exact ids of what is kept
+        # no more caption tokens than allowed: tokens beyond the template's own
+        assert length - prompt.num_template_tokens <= max_caption_tokens, caption
+
+
+def test_prompt_truncation_keeps_the_first_caption_tokens(llama):
+    prompt = vocab.PromptEncoder(llama, max_caption_tokens=8)
+    full = llama.encode(prompt.fill(LONG_CAPTION), add_bos=True)
+    ids = prompt.encode(LONG_CAPTION)
+    assert prompt.num_template_tokens == 43  # BOS + 36 before the caption + 6 after it
+    assert len(ids) == prompt.max_length == prompt.num_template_tokens + 8
+    kept = len(llama.encode(prompt.prefix, add_bos=True)) + 8
+    assert ids[:kept] == full[:kept]
+    pieces = [llama.id_to_piece(i) for i in ids[kept - 8 :]]
+    assert pieces == ["A", "▁very", "▁long", "▁ca", "ption", "▁about", "▁a", "▁brown"] + [
+        '"',
+        "▁lies",
+        "▁on",
+        "▁important",
+        "▁words",
+        ":",
+    ]
+    assert llama.decode(ids).endswith('The focus of "A very long caption about a brown" lies on important words:')
+
+
+def test_prompt_padding_and_last_index(any_tokenizer):
+    prompt = vocab.PromptEncoder(any_tokenizer, max_caption_tokens=16)
+    captions = ["A dog.", LONG_CAPTION, "Two cats sleep on a red sofa."]
+    batch = prompt.batch(captions)
+    for row, caption in enumerate(captions):
+        ids = prompt.encode(caption)
+        input_ids, mask = prompt(caption)
+        assert int(batch["last_index"][row]) == len(ids) - 1
+        assert batch["input_ids"][row, len(ids) - 1] == ids[-1]
+        np.testing.assert_array_equal(batch["input_ids"][row], input_ids)
+        np.testing.assert_array_equal(input_ids[: len(ids)], ids)
+        assert (input_ids[len(ids) :] == any_tokenizer.pad_id).all()
+        np.testing.assert_array_equal(mask, np.arange(prompt.max_length) < len(ids))
+    assert int(batch["last_index"][1]) == prompt.max_length - 1  # the long caption fills the row
+    assert len({int(i) for i in batch["last_index"]}) == 3
+
+
+def test_prompt_max_length_and_template_errors(tiny):
+    default = vocab.PromptEncoder(tiny, max_caption_tokens=10)
+    assert default.max_length == default.num_template_tokens + 10
+    assert len(default.encode("x")) == default.num_template_tokens + 1  # "x" is one byte-fallback token here
+    tight = vocab.PromptEncoder(tiny, max_caption_tokens=10, max_length=default.num_template_tokens + 1)
+    ids = tight.encode(LONG_CAPTION)
+    assert len(ids) == tight.max_length and ids[-3:] == default.encode("A dog")[-3:]
+    with pytest.raises(ValueError, match=r"max_length=\d+ cannot hold the prompt template .* use max_length >= \d+"):
+        vocab.PromptEncoder(tiny, max_length=default.num_template_tokens)
+    for template in ["no placeholder", "[TEXT] and [TEXT]"]:
+        with pytest.raises(ValueError, match=r"must contain '\[TEXT\]' exactly once") as info:
+            vocab.PromptEncoder(tiny, template=template)
+        assert "\n" not in str(info.value)
+    custom = vocab.PromptEncoder(tiny, template="Caption: [TEXT]", add_bos=False)
+    assert custom.encode("a horse") == tiny.encode("Caption: a horse")
+
+
+# -------------------------------------------------------------------------------------------------- filter
+
+
+def test_piece_drop_reason_rules():
+    expected = {
+        "▁horse": None,
+        "▁Horse": None,
+        "▁a": None,
+        "▁über": None,
+        "▁город": None,
+        "山": None,  # CJK ideograph: a word without a word-start marker
+        "ing": "continuation",
+        "rse": "continuation",
+        "の": "continuation",  # kana: syllables, not words
+        "▁": "whitespace",
+        "▁▁▁▁": "whitespace",
+        "1": "number",
+        "▁²": "number",
+        ".": "punctuation",
+        '."': "punctuation",
+        "▁(": "punctuation",
+        "▁=": "symbol",
+        "▁$": "symbol",
+        "\u0301": "mark",
+        "▁\r": "other",
+    }
+    assert {piece: vocab.piece_drop_reason(piece) for piece in expected} == expected
+
+
+def test_filter_on_trained_tokenizer(tiny):
+    ids = {tiny.id_to_piece(i): i for i in range(tiny.vocab_size)}
+    reasons = vocab.drop_reasons(tiny)
+    expected = {
+        "<unk>": "special",
+        "<s>": "special",
+        "</s>": "special",
+        "<0x0A>": "byte",
+        "<0xF0>": "byte",
+        "▁horse": None,
+        "▁white": None,
+        "▁city": None,
+        "▁café": None,
+        "▁Город": None,
+        "山": None,
+        "▁写真": None,
+        ".": "punctuation",
+        ").": "punctuation",
+        "1": "number",
+        "▁": "whitespace",
+        "ing": "continuation",
+        "Го": "continuation",
+        "の": "continuation",
+    }
+    assert {piece: reasons[ids[piece]] for piece in expected} == expected
+    kept = vocab.filter_vocabulary(tiny)
+    assert kept.dtype == np.int32 and (np.diff(kept) > 0).all()
+    np.testing.assert_array_equal(kept, [i for i, reason in enumerate(reasons) if reason is None])
+    assert {tiny.id_to_piece(i) for i in kept if not tiny.id_to_piece(i).startswith("▁")} == {"人", "写", "山", "真"}
+    np.testing.assert_array_equal(kept, vocab.filter_vocabulary(vocab.load_tokenizer(tiny.path)))
+
+
+def test_filter_on_llama2(llama):
+    kept = vocab.filter_vocabulary(llama)
+    assert len(kept) == vocab.LLAMA2_KEPT_COUNT
+    np.testing.assert_array_equal(kept, vocab.filter_vocabulary(llama))
+    kept_pieces = {llama.id_to_piece(i) for i in kept}
+    for piece in ["▁horse", "▁ride", "▁white", "▁man", "▁dog", "▁Paris", "▁a", "▁city", "▁important"]:
+        assert piece in kept_pieces, piece
+    for piece in ["<0x0A>", "<s>", '▁"', ",", "▁(", "1", "▁", "▁▁", "ing", "iding", ".", '."']:
+        assert piece not in kept_pieces, piece
+    counts = {reason: 0 for reason in vocab.DROP_REASONS}
+    for reason in vocab.drop_reasons(llama):
+        if reason is not None:
+            counts[reason] += 1
+    assert counts["special"] == 3 and counts["byte"] == 256 and counts["whitespace"] == 16
+    assert sum(counts.values()) + len(kept) == 32000
+
+
+# ---------------------------------------------------------------------------------------------------- command
+
+
+def _run_main(argv):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = vocab.main(argv)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_vocab_command_prints_count_and_writes_ids(tiny, tmp_path):
+    out = tmp_path / "kept.npy"
+    code, stdout, _ = _run_main(["--tokenizer", tiny.path, "--examples", "5", "--out", str(out)])
+    kept = vocab.filter_vocabulary(tiny)
+    assert code == 0
+    assert f"kept: {len(kept)} of {tiny.vocab_size}" in stdout
+    assert "continuation" in stdout and "'▁horse'" not in stdout.split("dropped:")[1]
+    np.testing.assert_array_equal(np.load(out), kept)
+    code, _, stderr = _run_main(["--tokenizer", str(tmp_path / "nope.model")])
+    assert code == 2 and "does not exist" in stderr and stderr.count("\n") == 1
+
+
+def test_vocab_command_on_llama2(llama2_tokenizer_path):
+    code, stdout, _ = _run_main(["--tokenizer", llama2_tokenizer_path])
+    assert code == 0 and f"kept: {vocab.LLAMA2_KEPT_COUNT} of 32000" in stdout
+
+
+def test_cli_dispatches_vocab(tiny, capsys):
+    from lexvla_jax import cli
+
+    assert cli.main(["vocab", "--tokenizer", tiny.path, "--examples", "3"]) == 0
+    assert f"kept: {len(vocab.filter_vocabulary(tiny))} of" in capsys.readouterr().out
