@@ -10,6 +10,7 @@ train too. Usage:
 import ml_collections
 
 from lexvla_jax.data.config import default_data_config
+from lexvla_jax.sharding import DEFAULT_RULES
 
 
 def get_config(arg=None):
@@ -39,7 +40,7 @@ def get_config(arg=None):
         ),
         text=dict(
             preset="",
-            vocab_size=320,
+            vocab_size=512,
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
@@ -85,12 +86,6 @@ def get_config(arg=None):
     config.eval = dict(every_steps=300, batch_size=64)
 
     config.mesh = dict(shape=(-1, 1, 1), dcn_shape=(1, 1, 1))
-    config.sharding = dict(rules=_rules())
+    config.sharding = dict(rules=tuple(DEFAULT_RULES))
     config.dist = dict(mode="none", coordinator_address="", num_processes=0, process_id=-1)
     return config
-
-
-def _rules():
-    from lexvla_jax.sharding import DEFAULT_RULES
-
-    return tuple((name, axes) for name, axes in DEFAULT_RULES)

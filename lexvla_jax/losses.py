@@ -121,7 +121,9 @@ def recall_at_k(sim: jax.Array, k: int, positives: jax.Array) -> jax.Array:
         hits = jnp.take_along_axis(positives, top, axis=1)
     else:
         if positives.shape != sim.shape[:1]:
-            raise ValueError(f"integer positives {positives.shape} must hold one document index per query {sim.shape[:1]}")
+            raise ValueError(
+                f"integer positives {positives.shape} must hold one document index per query {sim.shape[:1]}"
+            )
         hits = top == positives[:, None]
     return jnp.mean(jnp.any(hits, axis=1))
 

@@ -235,3 +235,8 @@ def initialize_distributed(dist_config) -> None:
 def is_main_process() -> bool:
     """True on the process that logs and writes metrics."""
     return jax.process_index() == 0
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Sharding of every batch array: the leading (batch) axis split over the data-parallel mesh axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch",), rules, mesh))

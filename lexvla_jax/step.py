@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lexvla_jax import losses
+from lexvla_jax import losses, sharding
 from lexvla_jax.models import layers
 
 
@@ -121,6 +121,28 @@ class Encoder:
         return self.merge(params, frozen, rest).logit_scale_value()
 
 
+def train_state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
+    """Shardings of a train state: parameters (and their optimiser moments) by the rules, scalars replicated."""
+    param_shardings = sharding.state_shardings(abstract_state.params, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_state.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return TrainState(
+        step=replicated,
+        params=param_shardings,
+        opt_state=opt_shardings,
+        rng=replicated,
+        skipped_updates=replicated,
+        consecutive_skips=replicated,
+    )
+
+
 def _split_micro(batch, num_micro: int):
     return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
 
@@ -207,3 +229,24 @@ def train_step(
     )
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step), update_ok=ok)
     return new_state, metrics
+
+
+def jit_train_step(
+    encoder: Encoder,
+    tx: optax.GradientTransformation,
+    schedule,
+    loss_config: LossConfig,
+    num_micro: int,
+    *,
+    frozen_shardings,
+    rest_shardings,
+    state_shardings: TrainState,
+    batch_sharding,
+):
+    """`train_step` compiled with explicit shardings and the state donated: `(frozen, rest, state, batch)`."""
+    return jax.jit(
+        functools.partial(train_step, encoder, tx, schedule, loss_config, num_micro),
+        in_shardings=(frozen_shardings, rest_shardings, state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(2,),
+    )

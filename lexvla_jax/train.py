@@ -18,14 +18,12 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from lexvla_jax import build, configlib, explain, sharding, vocab
 from lexvla_jax import step as step_lib
 from lexvla_jax.checkpoints import Checkpointer
 from lexvla_jax.data import pipeline, synthetic
-from lexvla_jax.data.transforms import normalize_images
 from lexvla_jax.evaluate import retrieval
 from lexvla_jax.metric_writers import MetricWriter
 
@@ -54,27 +52,6 @@ def prepare_data(config: ml_collections.ConfigDict) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("prepare_data")
-
-
-def _train_state_shardings(abstract_state: step_lib.TrainState, tx, mesh, rules):
-    param_shardings = sharding.state_shardings(abstract_state.params, mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_state.opt_state,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return step_lib.TrainState(
-        step=replicated,
-        params=param_shardings,
-        opt_state=opt_shardings,
-        rng=replicated,
-        skipped_updates=replicated,
-        consecutive_skips=replicated,
-    )
 
 
 def _array_shardings(tree):
@@ -130,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.log(f"vocabulary {len(kept_ids)} words; parameters: trainable {_count(params):,}, frozen {_count(frozen):,}")
     tx, schedule = step_lib.make_optimizer(config.optim, tc.num_steps)
     abstract_state = jax.eval_shape(functools.partial(step_lib.init_train_state, tx=tx, seed=tc.seed), params)
-    state_shardings = _train_state_shardings(abstract_state, tx, mesh, rules)
+    state_shardings = step_lib.train_state_shardings(abstract_state, tx, mesh, rules)
     state = jax.jit(functools.partial(step_lib.init_train_state, tx=tx, seed=tc.seed), out_shardings=state_shardings)(
         params
     )
@@ -146,14 +123,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.log(f"resumed from step {latest}")
 
     # The compiled step.
-    encoder = step_lib.Encoder(graphdef, normalize_images)
+    encoder = step_lib.Encoder(graphdef, pipeline.normalize_images)
     loss_config = step_lib.LossConfig(**config.loss.to_dict())
-    batch_sharding = pipeline.batch_sharding(mesh, rules)
-    train_step = jax.jit(
-        functools.partial(step_lib.train_step, encoder, tx, schedule, loss_config, tc.micro_batches),
-        in_shardings=(_array_shardings(frozen), _array_shardings(rest), state_shardings, batch_sharding),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(2,),
+    train_step = step_lib.jit_train_step(
+        encoder,
+        tx,
+        schedule,
+        loss_config,
+        tc.micro_batches,
+        frozen_shardings=_array_shardings(frozen),
+        rest_shardings=_array_shardings(rest),
+        state_shardings=state_shardings,
+        batch_sharding=sharding.batch_sharding(mesh, rules),
     )
     evaluator = _Evaluator(config, encoder, prompt, mesh, rules, frozen, rest)
 
@@ -230,7 +211,7 @@ class _Evaluator:
 
         def image_fn(params, frozen, rest, batch):
             model = encoder.merge(params, frozen, rest)
-            return model.encode_image(normalize_images(batch["image"]))
+            return model.encode_image(pipeline.normalize_images(batch["image"]))
 
         def text_fn(params, frozen, rest, batch):
             model = encoder.merge(params, frozen, rest)

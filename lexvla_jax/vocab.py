@@ -107,21 +107,18 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int], list[int]]:
         pieces = self._sp.encode(text, return_type="proto").pieces
-        # SentencePiece reports byte offsets into the UTF-8 input; map them to character offsets.
-        byte_to_char = np.zeros(len(text.encode("utf-8")) + 1, dtype=np.int64)
-        position = 0
-        for index, char in enumerate(text):
-            width = len(char.encode("utf-8"))
-            byte_to_char[position : position + width] = index
-            position += width
-        byte_to_char[position] = len(text)
         ids = [p.id for p in pieces]
-        starts = [int(byte_to_char[p.begin]) for p in pieces]
-        ends = [int(byte_to_char[p.end]) for p in pieces]
-        # Leading bytes of a multi-byte character are empty pieces at its start: give them the whole character.
-        for k in range(len(pieces) - 2, -1, -1):
-            if self._sp.is_byte(ids[k]) and starts[k] == ends[k] and starts[k + 1] == starts[k]:
-                ends[k] = ends[k + 1]
+        starts = [p.begin for p in pieces]
+        ends = [p.end for p in pieces]
+        if not text.isascii():  # SentencePiece reports UTF-8 byte offsets: map them to character offsets.
+            data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+            byte_to_char = np.concatenate([[0], np.cumsum((data & 0xC0) != 0x80)]).tolist()
+            starts = [byte_to_char[s] for s in starts]
+            ends = [byte_to_char[e] for e in ends]
+            # Leading bytes of a multi-byte character are empty pieces at its start: give them the whole character.
+            for k in range(len(ids) - 2, -1, -1):
+                if starts[k] == ends[k] == starts[k + 1] and self._sp.is_byte(ids[k]):
+                    ends[k] = ends[k + 1]
         return ids, starts, ends
 
     def decode(self, ids) -> str:
@@ -373,8 +370,8 @@ def piece_drop_reason(piece: str) -> str | None:
     - whitespace: the body is empty ("▁", "▁▁", …): runs of spaces, no word.
     - number / punctuation / symbol / mark / other: the body has a character that is not a letter (Unicode
       category L*). Named by the first such character's category: N* (digits; Llama splits every digit into its
-      own piece), P* (",", "▁(", '."'), S* ("▁=", "▁$"), M* (combining marks: vowel signs that are fragments of
-      a syllable), anything else (control characters, no-break space). Letters are what words are made of;
+      own piece), P* (",", "▁(", '."'), S* ("▁=", "▁$"), M* (combining accents and vowel signs: fragments of a
+      character or syllable), anything else (control characters, no-break space). Letters are what words are made of;
       pieces are never mixed letters-and-punctuation because SentencePiece does not merge across those classes.
     - continuation: letters without a leading "▁", i.e. the inside or end of a longer word ("ing", "rse"). A
       lone CJK ideograph is the exception and kept: Chinese and Japanese put no spaces between words, so
@@ -414,9 +411,10 @@ def drop_reasons(tokenizer: Tokenizer) -> list[str | None]:
 def filter_vocabulary(tokenizer: Tokenizer) -> np.ndarray:
     """Sorted int32 ids of the kept "word" pieces: the lexical vocabulary V' (rules in `piece_drop_reason`).
 
-    The LexVLA paper keeps 17,149 of Llama 2's 32,000 pieces without publishing its rule; this rule keeps
-    `LLAMA2_KEPT_COUNT` = 16,754. Its 16,054 word-start letter pieces are all word starts there are (16,409
-    pieces start with "▁" at all), plus 700 CJK ideographs.
+    The LexVLA paper keeps 17,149 of Llama 2's 32,000 pieces; its public material does not state the rule. This
+    rule keeps `LLAMA2_KEPT_COUNT` = 16,754: the 16,054 pieces that are "▁" + letters and 700 CJK ideographs. Only
+    16,409 pieces start with "▁" at all, so no rule that drops sub-word continuations can reach 17,149; narrower
+    variants move further away ("▁" + ASCII letters only: 13,864; "▁" + at least two letters: 15,898).
     """
     return np.array([i for i, reason in enumerate(drop_reasons(tokenizer)) if reason is None], dtype=np.int32)
 

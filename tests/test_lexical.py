@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from lexvla_jax.models import lexical
 
@@ -15,11 +16,14 @@ SHAPES = [(3, 7, 16, 50, 16), (1, 5, 8, 32, 8), (2, 1, 8, 20, 64)]
 
 
 def inputs(b, p, d, v, dtype=jnp.float32, seed=0):
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    h = jax.random.normal(k1, (b, p, d)).astype(dtype)
-    codebook = (jax.random.normal(k2, (v, d)) / np.sqrt(d)).astype(dtype)
-    probe = jax.random.normal(k3, (b, v))
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.standard_normal((b, p, d)), dtype)
+    codebook = jnp.asarray(rng.standard_normal((v, d)) / np.sqrt(d), dtype)
+    probe = jnp.asarray(rng.standard_normal((b, v)), jnp.float32)
     return h, codebook, probe
+
+
+naive = jax.jit(lexical.lexical_max_pool_naive)
 
 
 def probed(pool, probe):
@@ -42,8 +46,9 @@ def test_lean_max_pool_matches_naive_values_and_gradients(b, p, d, v, chunk):
     lean = functools.partial(lexical.lexical_max_pool, chunk_size=chunk)
     pooled = jax.jit(lean)(h, codebook)
     assert pooled.shape == (b, v) and pooled.dtype == jnp.float32
-    assert_close(pooled, lexical.lexical_max_pool_naive(h, codebook), 1e-6)
-    for got, want in zip(grads(lean, h, codebook, probe), grads(lexical.lexical_max_pool_naive, h, codebook, probe)):
+    assert_close(pooled, naive(h, codebook), 1e-6)
+    expected = grads(lexical.lexical_max_pool_naive, h, codebook, probe)
+    for got, want in zip(grads(lean, h, codebook, probe), expected, strict=True):
         assert got.shape == want.shape
         assert_close(got, want, 1e-5)
 
@@ -51,14 +56,14 @@ def test_lean_max_pool_matches_naive_values_and_gradients(b, p, d, v, chunk):
 def test_lean_max_pool_bfloat16_inputs():
     h, codebook, probe = inputs(4, 9, 32, 70, dtype=jnp.bfloat16, seed=1)
     lean = functools.partial(lexical.lexical_max_pool, chunk_size=32)
-    pooled = lean(h, codebook)
+    pooled = jax.jit(lean)(h, codebook)
     assert pooled.dtype == jnp.float32
     # Reference: the naive form in float32 on the same (bf16-rounded) numbers.
     h32, codebook32 = h.astype(jnp.float32), codebook.astype(jnp.float32)
-    assert_close(pooled, lexical.lexical_max_pool_naive(h32, codebook32), 1e-5)
+    assert_close(pooled, naive(h32, codebook32), 1e-5)
     lean_grads = grads(lean, h, codebook, probe)
     assert [g.dtype for g in lean_grads] == [jnp.bfloat16, jnp.bfloat16]
-    for got, want in zip(lean_grads, grads(lexical.lexical_max_pool_naive, h32, codebook32, probe)):
+    for got, want in zip(lean_grads, grads(lexical.lexical_max_pool_naive, h32, codebook32, probe), strict=True):
         assert_close(got, want, 2e-2)
 
 
@@ -85,22 +90,45 @@ def test_lean_backward_never_builds_a_batch_patch_vocab_array():
     assert pattern not in hlo(functools.partial(lexical.lexical_max_pool, chunk_size=8))
 
 
+def test_lean_max_pool_under_sharding_matches_single_device():
+    h, codebook, probe = inputs(8, 5, 16, 44)
+    lean = functools.partial(lexical.lexical_max_pool, chunk_size=16)
+    expected = grads(lean, h, codebook, probe)
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    place = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    # Batch over every data axis; the codebook's vocabulary split over `fsdp` as the parameter rules do.
+    sharded = grads(lean, place(h, ("data", "fsdp")), place(codebook, "fsdp"), place(probe, ("data", "fsdp")))
+    for got, want in zip(sharded, expected, strict=True):
+        assert_close(got, want, 1e-6)
+
+
 def test_image_and_patch_lexical():
     h, codebook, _ = inputs(2, 5, 8, 26)
-    image = lexical.image_lexical(h, codebook, chunk_size=8)
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(image), axis=-1), 1.0, rtol=1e-6)
-    patches = lexical.patch_lexical(h, codebook, normalize=False)
-    assert patches.shape == (2, 5, 26) and float(patches.min()) > 0
-    assert_close(patches.max(axis=1), lexical.lexical_max_pool(h, codebook, chunk_size=8), 1e-6)
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(lexical.patch_lexical(h, codebook)), axis=-1), 1.0, rtol=1e-6)
+
+    @jax.jit
+    def outputs(h, codebook):
+        return (
+            lexical.image_lexical(h, codebook, chunk_size=8),
+            lexical.lexical_max_pool(h, codebook, chunk_size=8),
+            lexical.patch_lexical(h, codebook, normalize=False),
+            lexical.patch_lexical(h, codebook),
+        )
+
+    image, pooled, patches, unit_patches = (np.asarray(x) for x in outputs(h, codebook))
+    np.testing.assert_allclose(np.linalg.norm(image, axis=-1), 1.0, rtol=1e-6)
+    assert_close(image, pooled / np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-6)
+    assert patches.shape == (2, 5, 26) and patches.min() > 0
+    assert_close(patches.max(axis=1), pooled, 1e-6)
+    assert_close(unit_patches, patches / np.linalg.norm(patches, axis=-1, keepdims=True), 1e-6)
 
 
 def test_elu1p_and_l2_normalize():
     x = jnp.array([-30.0, -1.0, 0.0, 2.0])
-    np.testing.assert_allclose(np.asarray(lexical.elu1p(x)), [np.exp(-30.0), np.exp(-1.0), 1.0, 3.0], rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(lexical.elu1p))(x)), [np.exp(-30.0), np.exp(-1.0), 1, 1])
+    value, slope = jax.jit(lambda x: (lexical.elu1p(x), jax.vmap(jax.grad(lexical.elu1p))(x)))(x)
+    np.testing.assert_allclose(np.asarray(value), [np.exp(-30.0), np.exp(-1.0), 1.0, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(slope), [np.exp(-30.0), np.exp(-1.0), 1.0, 1.0], rtol=1e-6)
     zero = jnp.zeros((1, 4))
-    value, grad = jax.value_and_grad(lambda z: jnp.sum(lexical.l2_normalize(z)))(zero)
+    value, grad = jax.jit(jax.value_and_grad(lambda z: jnp.sum(lexical.l2_normalize(z))))(zero)
     assert not np.asarray(value).any() and np.isfinite(np.asarray(grad)).all()
 
 

@@ -157,6 +157,11 @@ def test_json_backend_equals_sentencepiece(model_and_reference, tmp_path):
         assert from_json.encode(text, add_bos=True) == from_model.encode(text, add_bos=True), text
         assert from_json.decode(from_json.encode(text)) == from_model.decode(from_model.encode(text)), text
     np.testing.assert_array_equal(vocab.filter_vocabulary(from_json), vocab.filter_vocabulary(from_model))
+    captions = [*CAPTIONS, LONG_CAPTION, "🦙" * 20, "é" * 40, '"quoted".']
+    batch_json = vocab.PromptEncoder(from_json, max_caption_tokens=8).batch(captions)
+    batch_model = vocab.PromptEncoder(from_model, max_caption_tokens=8).batch(captions)
+    for key in ("input_ids", "attention_mask", "last_index"):
+        np.testing.assert_array_equal(batch_json[key], batch_model[key])
 
 
 def test_decode_round_trip_and_offsets(any_tokenizer):

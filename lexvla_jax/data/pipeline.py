@@ -17,32 +17,37 @@ for the same `num_workers`.
 
 from __future__ import annotations
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-import grain
 from lexvla_jax import sharding
 from lexvla_jax.data.array_record import SUFFIX, array_record_dataset
 from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
+from lexvla_jax.data.eval_set import load_eval_set  # noqa: F401  (re-exported: the eval half of the pipeline)
 from lexvla_jax.data.records import SKIP_REASONS, skip_counts_dict
 from lexvla_jax.data.transforms import SampleDecoder
 from lexvla_jax.data.webdataset import WebDatasetSource
 
+MIN_SHM_BYTES = 64 * 1024
 HOST_KEYS = ("skipped", "key")  # batch entries that stay on the host
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def prompt_encoder_from_config(config):
-    """The `vocab.PromptEncoder` named by `config.data`, or None when `config.data.tokenizer` is empty."""
+def prompt_encoder(config, tokenizer=None):
+    """`vocab.PromptEncoder` with `config.data`'s template and lengths; the tokenizer defaults to
+    `config.data.tokenizer` (None when that is empty too: batches then hold images only)."""
     from lexvla_jax.vocab import PromptEncoder, load_tokenizer
 
-    if not config.tokenizer:
-        return None
+    if tokenizer is None:
+        if not config.tokenizer:
+            return None
+        tokenizer = load_tokenizer(config.tokenizer)
     return PromptEncoder(
-        load_tokenizer(config.tokenizer),
+        tokenizer,
         template=config.prompt_template,
         max_caption_tokens=config.max_caption_tokens,
         max_length=config.max_length,
@@ -108,6 +113,10 @@ def make_train_dataset(
         options = grain.MultiprocessingOptions(
             num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer
         )
+        # Arrays under MIN_SHM_BYTES travel pickled: a shared-memory block per token row costs more than it saves.
+        ds = grain.experimental.WithOptionsIterDataset(
+            ds, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES)
+        )
         ds = ds.mp_prefetch(options)
     return SkipCountingBatchDataset(
         ds,
@@ -116,6 +125,21 @@ def make_train_dataset(
         keep_keys=keep_keys,
         max_consecutive_skips=config.max_consecutive_skips,
     )
+
+
+def train_iterator(
+    config, global_batch_size: int, process_index=None, process_count=None, prompt_encoder=None, **kwargs
+) -> SkipCountingBatchIterator:
+    """`iter(make_train_dataset(...))`: the checkpointable iterator of this process's training batches."""
+    dataset = make_train_dataset(
+        config, global_batch_size, prompt_encoder, process_index=process_index, process_count=process_count, **kwargs
+    )
+    return iter(dataset)
+
+
+def skip_counts(batch: dict) -> dict[str, int]:
+    """`{reason: count}` of the samples skipped since the previous batch."""
+    return skip_counts_dict(batch["skipped"])
 
 
 class SkipCountingBatchDataset(grain.IterDataset):
@@ -229,7 +253,5 @@ def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh, rules=sharding
                 f"global batch {global_shape[0]} is not divisible by the {shards} devices of mesh axes {axes}; "
                 "change config.train.global_batch_size"
             )
-        out[name] = jax.make_array_from_process_local_data(
-            jax.sharding.NamedSharding(mesh, spec), value, global_shape
-        )
+        out[name] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), value, global_shape)
     return out

@@ -31,13 +31,13 @@ ACTIVATIONS = {
     "swish": jax.nn.silu,
 }
 
-# HF model types → their config defaults that differ from `Dinov2Config`'s (HF omits defaults in config.json).
+# HF model types → the `Dinov2Config` values they imply where config.json is silent (HF omits its defaults).
 MODEL_TYPES: dict[str, dict[str, Any]] = {
     "dinov2": {},
     "dinov2_with_registers": {"patch_size": 16, "num_register_tokens": 4, "pos_embed_antialias": True},
 }
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "pos_embed_antialias")
+_NON_HF_FIELDS = ("dtype", "param_dtype", "remat", "pos_embed_antialias")
 ACT = ("batch", "length", "act_embed")
 
 
@@ -106,7 +106,7 @@ class Dinov2Config:
         model_type = hf.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"config model_type {model_type!r} is not DINOv2; expected one of {sorted(MODEL_TYPES)}")
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in _RUNTIME_FIELDS]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in _NON_HF_FIELDS]
         if model_type == "dinov2":
             names.remove("num_register_tokens")
         values = {**MODEL_TYPES[model_type], **{name: hf[name] for name in names if name in hf}}

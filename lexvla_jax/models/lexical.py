@@ -1,8 +1,8 @@
 """The image tower's lexical mapper: patch features → word activations → max over patches → L2-normalise.
 
 For patch features `H [B,P,D]` and a visual codebook `Z [V,D]`, `s = normalize(max_p elu1p(H Zᵀ))`.
-Written directly, `H Zᵀ` is a `[B,P,V]` array (B=64, P=256, V=17,149 is 1.1 GB in float32, and its
-gradient as much again). `lexical_max_pool` never builds it: it walks the vocabulary in chunks, keeps
+Written directly, `H Zᵀ` is a `[B,P,V]` array (B=64, P=256, V=17,149 is 1.1 GB in float32; its forward
+and backward need several such buffers, see `benchmarks/maxpool_memory.py`). `lexical_max_pool` never builds it: it walks the vocabulary in chunks, keeps
 only each word's largest pre-activation and the patch it came from (`[B,V]` each), and its custom
 backward pass sends each word's gradient to that one patch, again chunk by chunk. Peak memory is
 `O(B·V + B·P·chunk)` plus the inputs and their gradients.
@@ -62,33 +62,27 @@ def lexical_max_pool_naive(h: jax.Array, codebook: jax.Array) -> jax.Array:
     return jnp.max(elu1p(patch_logits(h, codebook)), axis=1)
 
 
-def _vocab_chunks(codebook: jax.Array, chunk_size: int) -> jax.Array:
-    """`[V,D]` → `[V'/C, C, D]`, zero-padded to `V' = ceil(V/C)·C` rows."""
-    vocab, dim = codebook.shape
-    num_chunks = -(-vocab // chunk_size)
-    padded = jnp.pad(codebook, ((0, num_chunks * chunk_size - vocab), (0, 0)))
-    return padded.reshape(num_chunks, chunk_size, dim)
-
-
-def _per_chunk(x: jax.Array, chunk_size: int) -> jax.Array:
-    """`[B,V]` → `[V'/C, B, C]`, zero-padded like `_vocab_chunks`."""
-    batch, vocab = x.shape
-    num_chunks = -(-vocab // chunk_size)
-    x = jnp.pad(x, ((0, 0), (0, num_chunks * chunk_size - vocab)))
-    return jnp.moveaxis(x.reshape(batch, num_chunks, chunk_size), 1, 0)
+def _chunk_start(i: jax.Array, vocab: int, chunk_size: int) -> jax.Array:
+    """First word of chunk i. Chunks tile the vocabulary; the last is moved back to end at word V,
+    overlapping its predecessor, so every chunk is a full `chunk_size` slice of the unpadded codebook."""
+    return jnp.minimum(i * chunk_size, vocab - chunk_size)
 
 
 def _max_logits(h: jax.Array, codebook: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
     """`max_p` and `argmax_p` (first on ties) of `H Zᵀ`, one vocabulary chunk at a time → `[B,V]` each."""
     batch, vocab = h.shape[0], codebook.shape[0]
 
-    def one_chunk(z):
+    def one_chunk(i, carry):
+        maxima, argmaxes = carry
+        start = _chunk_start(i, vocab, chunk_size)
+        z = jax.lax.dynamic_slice_in_dim(codebook, start, chunk_size)
         x = jnp.einsum("bpd,cd->bpc", h, z, preferred_element_type=jnp.float32)
-        return jnp.max(x, axis=1), jnp.argmax(x, axis=1).astype(jnp.int32)
+        maxima = jax.lax.dynamic_update_slice_in_dim(maxima, jnp.max(x, axis=1), start, axis=1)
+        argmaxes = jax.lax.dynamic_update_slice_in_dim(argmaxes, jnp.argmax(x, axis=1).astype(jnp.int32), start, axis=1)
+        return maxima, argmaxes
 
-    maxima, argmaxes = jax.lax.map(one_chunk, _vocab_chunks(codebook, chunk_size))  # [V'/C, B, C]
-    unchunk = lambda y: jnp.moveaxis(y, 0, 1).reshape(batch, -1)[:, :vocab]
-    return unchunk(maxima), unchunk(argmaxes)
+    init = (jnp.zeros((batch, vocab), jnp.float32), jnp.zeros((batch, vocab), jnp.int32))
+    return jax.lax.fori_loop(0, -(-vocab // chunk_size), one_chunk, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -105,23 +99,33 @@ def _lean_max_pool_bwd(chunk_size, residuals, grad):
     """dH[b,p] = Σ_j w[b,j]·[p = a_bj]·Z[j] and dZ[j] = Σ_b w[b,j]·H[b,a_bj], with w = g·elu1p'(max).
 
     Per chunk, the one-hot-weighted `[B,P,C]` matrix `w[b,j]·[p = a_bj]` turns both sums into matmuls.
+    dZ rows are complete within their chunk and written in place; dH accumulates in float32. Words the
+    overlapping last chunk shares with its predecessor are masked out so they count once.
     """
     h, codebook, maxima, argmaxes = residuals
-    vocab, dim = codebook.shape
+    vocab = codebook.shape[0]
     slope = jnp.where(maxima > 0, 1.0, elu1p(maxima))  # elu1p'(x): 1 above 0, exp(x) = elu1p(x) below
     weights = grad.astype(jnp.float32) * slope
     patches = jnp.arange(h.shape[1], dtype=jnp.int32)
 
-    def one_chunk(dh, chunk):
-        z, w, a = chunk  # [C,D], [B,C], [B,C]
+    def one_chunk(i, carry):
+        dh, dz = carry
+        start = _chunk_start(i, vocab, chunk_size)
+        z = jax.lax.dynamic_slice_in_dim(codebook, start, chunk_size)
+        w = jax.lax.dynamic_slice_in_dim(weights, start, chunk_size, axis=1)  # [B,C]
+        a = jax.lax.dynamic_slice_in_dim(argmaxes, start, chunk_size, axis=1)  # [B,C]
+        new = start + jnp.arange(chunk_size) >= i * chunk_size  # words no earlier chunk handled
+        w = jnp.where(new, w, 0.0)
         routed = jnp.where(a[:, None, :] == patches[None, :, None], w[:, None, :], 0.0).astype(h.dtype)
-        dz = jnp.einsum("bpc,bpd->cd", routed, h, preferred_element_type=jnp.float32)
+        dz_chunk = jnp.einsum("bpc,bpd->cd", routed, h, preferred_element_type=jnp.float32).astype(dz.dtype)
+        dz_chunk = jnp.where(new[:, None], dz_chunk, jax.lax.dynamic_slice_in_dim(dz, start, chunk_size))
+        dz = jax.lax.dynamic_update_slice_in_dim(dz, dz_chunk, start, axis=0)
         dh = dh + jnp.einsum("bpc,cd->bpd", routed, z, preferred_element_type=jnp.float32)
-        return dh, dz.astype(codebook.dtype)
+        return dh, dz
 
-    chunks = (_vocab_chunks(codebook, chunk_size), _per_chunk(weights, chunk_size), _per_chunk(argmaxes, chunk_size))
-    dh, dz = jax.lax.scan(one_chunk, jnp.zeros(h.shape, jnp.float32), chunks)
-    return dh.astype(h.dtype), dz.reshape(-1, dim)[:vocab]
+    init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros_like(codebook))
+    dh, dz = jax.lax.fori_loop(0, -(-vocab // chunk_size), one_chunk, init)
+    return dh.astype(h.dtype), dz
 
 
 _lean_max_pool.defvjp(_lean_max_pool_fwd, _lean_max_pool_bwd)
@@ -131,8 +135,9 @@ def lexical_max_pool(h: jax.Array, codebook: jax.Array, *, chunk_size: int = DEF
     """`max_p elu1p(H Zᵀ)` → `[B,V]` float32 (before normalisation), without a `[B,P,V]` array.
 
     h: patch features `[B,P,D]`; codebook: `[V,D]`; bfloat16 inputs are multiplied with float32
-    accumulation. The vocabulary is processed `chunk_size` words at a time (padded to a multiple of it);
-    the backward pass is a custom VJP routing each word's gradient to its arg-max patch.
+    accumulation. The vocabulary is processed `chunk_size` words at a time (the last chunk overlaps its
+    predecessor when V is not a multiple of it); the backward pass is a custom VJP that routes each
+    word's gradient to its arg-max patch.
     """
     _check(h, codebook)
     if chunk_size < 1:

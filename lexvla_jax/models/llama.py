@@ -11,8 +11,9 @@ final-norm hidden states without materialising `[B, T, vocab]` logits.
 
 Positions: when `positions` is not given they are `arange(T)` for every row whatever the padding, as in
 transformers' `LlamaForCausalLM` without `position_ids`. Right padding then changes nothing for the real
-tokens; for left-padded batches pass `positions=padded_positions(attention_mask)` to give each row the
-positions it would have unpadded.
+tokens. Left padding shifts a row's positions by its pad count; RoPE attention depends only on position
+differences, so that changes the real tokens' outputs by rounding only. Pass
+`positions=padded_positions(attention_mask)` to give every row exactly its unpadded positions.
 """
 
 from __future__ import annotations

@@ -1,0 +1,188 @@
+"""`lexvla compile`: compile the real train step for a TPU topology on this machine, without a TPU.
+
+libtpu (the `test` extra) compiles for a named topology (`v5p:2x2x1`, `v4:2x2x1`, `v5e:4x4`, `v6e:2x2x1`,
+...) through `jax.experimental.topologies`. Everything is shapes: no weights, no data. The report gives
+per-chip argument / temporary / output bytes from XLA's memory analysis, the chip's HBM, the fraction
+used and the step's FLOPs; the last line is `fits` or `does not fit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+
+# libtpu probes cloud metadata unless told where it is; these keep a TPU-less host quiet and fast.
+for _name, _value in (
+    ("TPU_SKIP_MDS_QUERY", "1"),
+    ("TPU_WORKER_HOSTNAMES", "localhost"),
+    ("TPU_WORKER_ID", "0"),
+    ("TPU_ACCELERATOR_TYPE", "v5p-8"),
+    ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),  # several compiles (or tests) may load libtpu at once
+):
+    os.environ.setdefault(_name, _value)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lexvla_jax import build, configlib, sharding, vocab  # noqa: E402
+from lexvla_jax import step as step_lib  # noqa: E402
+
+GIB = 1024**3
+# HBM per chip by `device_kind`.
+HBM_BYTES = {
+    "TPU v4": 32 * GIB,
+    "TPU v5": 95 * GIB,  # v5p
+    "TPU v5p": 95 * GIB,
+    "TPU v5 lite": 16 * GIB,  # v5e
+    "TPU v5e": 16 * GIB,
+    "TPU v6 lite": 32 * GIB,  # v6e (Trillium)
+    "TPU v6e": 32 * GIB,
+}
+
+
+@dataclasses.dataclass
+class CompileReport:
+    topology: str
+    device_kind: str
+    num_chips: int
+    global_batch: int
+    argument_bytes: int
+    temp_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    hbm_bytes: int
+    flops: float
+
+    @property
+    def used_bytes(self) -> int:
+        """Peak per chip: live arguments + temporaries + outputs not aliased to (donated) arguments."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.used_bytes <= self.hbm_bytes
+
+    def lines(self) -> list[str]:
+        gib = lambda b: f"{b / GIB:.2f} GiB"
+        return [
+            f"topology      {self.topology} ({self.num_chips} × {self.device_kind})",
+            f"global batch  {self.global_batch}",
+            f"arguments     {gib(self.argument_bytes)} per chip",
+            f"temporaries   {gib(self.temp_bytes)} per chip",
+            f"outputs       {gib(self.output_bytes)} per chip ({gib(self.alias_bytes)} aliased to donated inputs)",
+            f"HBM           {gib(self.hbm_bytes)} per chip; {self.used_bytes / self.hbm_bytes:.1%} used",
+            f"FLOPs/step    {self.flops:.3e} per chip",
+            "fits" if self.fits else "does not fit",
+        ]
+
+
+def topology_devices(name: str):
+    """The devices of a named TPU topology (compile-only)."""
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+    except Exception as e:  # libtpu's errors are long; keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"lexvla compile: topology {name!r} unavailable ({first}); try e.g. v5p:2x2x1") from None
+
+
+def _vocab_and_length(config) -> tuple[int, int]:
+    """V' and the prompt length, from the tokenizer when there is one, else from config fields."""
+    data = config.data
+    if data.tokenizer and os.path.exists(data.tokenizer):
+        tokenizer = vocab.load_tokenizer(data.tokenizer)
+        prompt = vocab.PromptEncoder(tokenizer, data.prompt_template, data.max_caption_tokens, data.max_length)
+        return len(vocab.filter_vocabulary(tokenizer)), prompt.max_length
+    if not config.model.vocab_size or not data.max_length:
+        raise SystemExit(
+            "lexvla compile: without a tokenizer file, set config.model.vocab_size and config.data.max_length"
+        )
+    return config.model.vocab_size, data.max_length
+
+
+def compile_train_step(config, devices, topology: str = "") -> CompileReport:
+    """Lowers and compiles the train step of `config` for `devices`; nothing is allocated."""
+    mesh = sharding.mesh_from_config(config.mesh, devices)
+    rules = tuple(tuple(r) for r in config.sharding.rules)
+    tc = config.train
+    sharding.check_batch_size(tc.global_batch_size, mesh, rules, tc.micro_batches)
+    num_words, length = _vocab_and_length(config)
+    with sharding.use_mesh_rules(mesh, rules):
+        model = build.abstract_model(config, num_words)
+        graphdef, params, frozen, rest = nnx.split(model, step_lib.trainable_filter(tc.trainable), nnx.Param, ...)
+        tx, schedule = step_lib.make_optimizer(config.optim, tc.num_steps)
+        abstract_state = jax.eval_shape(functools.partial(step_lib.init_train_state, tx=tx, seed=tc.seed), params)
+        state_shardings = step_lib.train_state_shardings(abstract_state, tx, mesh, rules)
+        frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
+        rest_shardings = sharding.state_shardings(rest, mesh, rules)
+        from lexvla_jax.data.pipeline import normalize_images
+
+        train_step = step_lib.jit_train_step(
+            step_lib.Encoder(graphdef, normalize_images),
+            tx,
+            schedule,
+            step_lib.LossConfig(**config.loss.to_dict()),
+            tc.micro_batches,
+            frozen_shardings=frozen_shardings,
+            rest_shardings=rest_shardings,
+            state_shardings=state_shardings,
+            batch_sharding=sharding.batch_sharding(mesh, rules),
+        )
+        batch_spec = sharding.batch_sharding(mesh, rules)
+        b, size = tc.global_batch_size, config.data.image_size
+        batch = {
+            "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=batch_spec),
+            "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch_spec),
+            "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch_spec),
+        }
+        with_sharding = lambda tree, shardings: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+        )
+        compiled = train_step.lower(
+            with_sharding(frozen, frozen_shardings),
+            with_sharding(rest, rest_shardings),
+            with_sharding(abstract_state, state_shardings),
+            batch,
+        ).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    kind = devices[0].device_kind
+    return CompileReport(
+        topology=topology,
+        device_kind=kind,
+        num_chips=len(devices),
+        global_batch=b,
+        argument_bytes=int(memory.argument_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        hbm_bytes=HBM_BYTES.get(kind, 0) or _unknown_hbm(kind),
+        flops=float(cost.get("flops", float("nan"))) if cost else float("nan"),
+    )
+
+
+def _unknown_hbm(kind: str) -> int:
+    raise SystemExit(f"lexvla compile: HBM size of {kind!r} unknown; add it to lexvla_jax.aot.HBM_BYTES")
+
+
+def main(argv: list[str]) -> int:
+    spec, overrides, rest = configlib.split_config_args(argv)
+    parser = argparse.ArgumentParser(prog="lexvla compile", description=__doc__.splitlines()[0])
+    parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
+    args = parser.parse_args(rest)
+    if spec is None:
+        parser.error("--config is required")
+    config = configlib.load_config(spec, overrides)
+    report = compile_train_step(config, topology_devices(args.topology), args.topology)
+    print("\n".join(report.lines()))
+    return 0 if report.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,464 @@
+"""The embedded dataset: procedurally drawn shapes with captions that describe them.
+
+`lexvla make-synthetic --out DIR --train N --eval M --seed S` writes img2dataset-style webdataset
+shards: `DIR/train/shard-00000.tar`, ..., `DIR/eval/shard-00000.tar`, ... with `KEY.jpg`, `KEY.txt`
+(the caption) and `KEY.json` (key, caption, width, height, status, the objects with their boxes; eval
+samples also hold 5 paraphrases in `captions`), plus `DIR/manifest.json`. An image holds one object at
+a position ("a large red circle at the top") or two in a spatial relation ("a small red circle above a
+large blue square"): 6 shapes × 8 colours × 2 sizes, 4 relations, 4 backgrounds, so two eval captions
+rarely collide. Every sample is a pure function of `(seed, split, index)`, and tars are byte-identical
+for a seed (fixed member metadata).
+
+`write_corrupt_shards` writes shards holding every kind of bad sample the pipeline must skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import multiprocessing
+import os
+import tarfile
+import time
+from collections.abc import Iterable, Sequence
+from concurrent import futures
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 30),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+BACKGROUNDS = {"gray": (128, 128, 128), "beige": (225, 210, 170), "brown": (110, 70, 40), "teal": (40, 130, 130)}
+SIZES = {"small": 0.22, "large": 0.40}  # object extent as a fraction of the image side
+RELATIONS = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+POSITIONS = {
+    "in the center": (0.5, 0.5),
+    "at the top": (0.5, 0.27),
+    "at the bottom": (0.5, 0.73),
+    "on the left": (0.27, 0.5),
+    "on the right": (0.73, 0.5),
+}
+TWO_OBJECT_FRACTION = 0.85
+SPLITS = {"train": 0, "eval": 1}
+SUPERSAMPLE = 2
+MANIFEST = "manifest.json"
+
+
+def _describe(obj: dict) -> str:
+    return f"{obj['size']} {obj['color']} {obj['shape']}"
+
+
+def _short_names(a: dict, b: dict) -> tuple[str, str]:
+    """How a caption refers back to each object: the shortest description that tells them apart."""
+    for fields in (("shape",), ("color", "shape"), ("size", "shape"), ("size", "color", "shape")):
+        na, nb = (" ".join(o[f] for f in fields) for o in (a, b))
+        if na != nb:
+            return na, nb
+    return _describe(a), _describe(b)
+
+
+def captions_for(scene: dict) -> list[str]:
+    """Five paraphrases of a scene; the first is the canonical caption."""
+    bg, objects = scene["background"], scene["objects"]
+    if len(objects) == 1:
+        a, pos = _describe(objects[0]), scene["position"]
+        return [
+            f"a {a} {pos}",
+            f"a {a} {pos} on a {bg} background",
+            f"a {bg} background with a {a} {pos}",
+            f"there is a {a} {pos}",
+            f"a picture of a {a} {pos}",
+        ]
+    a, b = (_describe(o) for o in objects)
+    rel = scene["relation"]
+    inv = RELATIONS[rel]
+    sa, sb = _short_names(*objects)
+    return [
+        f"a {a} {rel} a {b}",
+        f"a {b} {inv} a {a}",
+        f"a {a} {rel} a {b} on a {bg} background",
+        f"there is a {a} and a {b}; the {sa} is {rel} the {sb}",
+        f"a {bg} picture with a {b} {inv} a {a}",
+    ]
+
+
+def _random_object(rng: np.random.Generator, background: str) -> dict:
+    colors = [c for c in COLORS if COLORS[c] != BACKGROUNDS[background]]
+    return {
+        "shape": SHAPES[rng.integers(len(SHAPES))],
+        "color": colors[rng.integers(len(colors))],
+        "size": ("small", "large")[rng.integers(2)],
+    }
+
+
+def random_scene(rng: np.random.Generator) -> dict:
+    """Background, one or two objects with centres (fractions of the side), position or relation."""
+    background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    jitter = lambda: rng.uniform(-0.04, 0.04)
+    if rng.random() >= TWO_OBJECT_FRACTION:
+        obj = _random_object(rng, background)
+        position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+        cx, cy = POSITIONS[position]
+        obj["center"] = (cx + jitter(), cy + jitter())
+        return {"background": background, "objects": [obj], "position": position}
+    a = _random_object(rng, background)
+    b = _random_object(rng, background)
+    while _describe(a) == _describe(b):
+        b = _random_object(rng, background)
+    relation = list(RELATIONS)[rng.integers(len(RELATIONS))]
+    near, far = 0.27 + jitter(), 0.73 + jitter()
+    free_a, free_b = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7)
+    first, second = (near, far) if relation in ("above", "left of") else (far, near)
+    if relation in ("above", "below"):
+        a["center"], b["center"] = (free_a, first), (free_b, second)
+    else:
+        a["center"], b["center"] = (first, free_a), (second, free_b)
+    return {"background": background, "objects": [a, b], "relation": relation}
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
+    if shape == "star":
+        return [
+            (cx + rad * math.cos(math.pi * (i / 5 - 0.5)), cy + rad * math.sin(math.pi * (i / 5 - 0.5)))
+            for i, rad in ((i, r if i % 2 == 0 else 0.45 * r) for i in range(10))
+        ]
+    w = 0.36 * r  # cross: half the arm width
+    return [
+        (cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx + w, cy + w),
+        (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w),
+    ]  # fmt: skip
+
+
+def render(scene: dict, size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [size, size, 3]: shapes drawn at 2× and box-downsampled, plus faint noise."""
+    big = size * SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), BACKGROUNDS[scene["background"]])
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene["objects"]:
+        r = SIZES[obj["size"]] * big / 2
+        cx, cy = obj["center"][0] * big, obj["center"][1] * big
+        color = COLORS[obj["color"]]
+        if obj["shape"] == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
+        elif obj["shape"] == "square":
+            s = 0.85 * r
+            draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=color)
+        else:
+            draw.polygon(_shape_points(obj["shape"], cx, cy, r), fill=color)
+    pixels = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.int16)
+    pixels = pixels + rng.integers(-6, 7, size=(size, size, 1), dtype=np.int16)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def make_sample(seed: int, split: str, index: int, key: str, image_size: int) -> dict[str, bytes]:
+    """`{"jpg", "txt", "json"}` of one sample; eval samples carry all five captions in the json."""
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    scene = random_scene(rng)
+    captions = captions_for(scene)
+    caption = captions[0] if split == "eval" else captions[rng.integers(len(captions))]
+    pixels = render(scene, image_size, rng)
+    objects = []
+    for obj in scene["objects"]:
+        half = SIZES[obj["size"]] * image_size / 2
+        cx, cy = obj["center"][0] * image_size, obj["center"][1] * image_size
+        box = [round(cx - half, 1), round(cy - half, 1), round(cx + half, 1), round(cy + half, 1)]
+        objects.append({"shape": obj["shape"], "color": obj["color"], "size": obj["size"], "bbox": box})
+    meta = {
+        "key": key,
+        "caption": caption,
+        "url": None,
+        "status": "success",
+        "error_message": None,
+        "width": image_size,
+        "height": image_size,
+        "original_width": image_size,
+        "original_height": image_size,
+        "background": scene["background"],
+        "objects": objects,
+    }
+    if split == "eval":
+        meta["captions"] = captions
+    return {"jpg": encode_jpeg(pixels), "txt": caption.encode(), "json": json.dumps(meta).encode()}
+
+
+def tar_bytes(members: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[int]]:
+    """A tar with fixed metadata (byte-identical for the same members) and each member's header offset."""
+    out, offsets = io.BytesIO(), []
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            offsets.append(tar.offset)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue(), offsets
+
+
+def sample_members(key: str, files: dict[str, bytes]) -> list[tuple[str, bytes]]:
+    return [(f"{key}.{ext}", data) for ext, data in files.items()]
+
+
+def write_shard(path: str, split: str, shard: int, start: int, stop: int, seed: int, image_size: int) -> str:
+    """Writes samples `start..stop-1` of `split` as shard number `shard`."""
+    members = []
+    for i in range(start, stop):
+        key = f"{shard:05d}{i - start:04d}"
+        members += sample_members(key, make_sample(seed, split, i, key, image_size))
+    with open(path, "wb") as f:
+        f.write(tar_bytes(members)[0])
+    return path
+
+
+def make_synthetic(
+    out_dir: str,
+    num_train: int,
+    num_eval: int,
+    seed: int = 0,
+    image_size: int = 64,
+    shard_size: int = 1000,
+    workers: int | None = None,
+) -> dict:
+    """Writes the train and eval splits and `manifest.json` (shards in parallel processes); returns the manifest."""
+    if not 0 < shard_size <= 10_000:
+        raise ValueError(f"--shard-size {shard_size}: use 1..10000 (keys hold 4 digits for the index in a shard)")
+    tasks = []
+    counts = {"train": num_train, "eval": num_eval}
+    for split, count in counts.items():
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        for shard in range(math.ceil(count / shard_size)):
+            path = os.path.join(out_dir, split, f"shard-{shard:05d}.tar")
+            start, stop = shard * shard_size, min(count, (shard + 1) * shard_size)
+            tasks.append((path, split, shard, start, stop, seed, image_size))
+    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    if workers > 1 and num_train + num_eval >= 4000:
+        context = multiprocessing.get_context("spawn")  # safe when the caller has started threads (JAX)
+        with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            paths = list(pool.map(write_shard, *zip(*tasks, strict=True)))
+    else:
+        paths = [write_shard(*task) for task in tasks]
+    manifest = {
+        "format": "img2dataset webdataset (KEY.jpg, KEY.txt, KEY.json)",
+        "seed": seed,
+        "image_size": image_size,
+        "shard_size": shard_size,
+        "shapes": list(SHAPES),
+        "colors": list(COLORS),
+        "backgrounds": list(BACKGROUNDS),
+        "captions_per_eval_image": 5,
+    }
+    for split, count in counts.items():
+        shards = [os.path.relpath(p, out_dir) for p, task in zip(paths, tasks, strict=True) if task[1] == split]
+        manifest[split] = {"samples": count, "shards": shards}
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
+
+
+def exists(out_dir: str) -> bool:
+    """Whether `out_dir` holds a complete synthetic set (its manifest and every shard it lists)."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        manifest = json.load(f)
+    shards = [s for split in SPLITS for s in manifest.get(split, {}).get("shards", [])]
+    return all(os.path.isfile(os.path.join(out_dir, s)) for s in shards)
+
+
+def all_captions(out_dir: str) -> list[str]:
+    """Every caption of the set (train captions, all eval paraphrases), in shard order: tokenizer training text."""
+    from lexvla_jax.data.tar_reader import iter_samples
+
+    with open(os.path.join(out_dir, MANIFEST)) as f:
+        manifest = json.load(f)
+    captions = []
+    for split in SPLITS:
+        for shard in manifest[split]["shards"]:
+            with open(os.path.join(out_dir, shard), "rb") as f:
+                for sample in iter_samples(f):
+                    meta = json.loads(sample.files["json"])
+                    captions += meta.get("captions", [meta["caption"]])
+    return captions
+
+
+# --- Shards with every kind of bad sample -------------------------------------------------------------
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A tiny PNG whose header claims `width`×`height` pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+def mode_variants(pixels: np.ndarray) -> dict[str, tuple[str, bytes]]:
+    """The same picture in modes the decoder must turn into RGB: name → (extension, bytes)."""
+    rgb = Image.fromarray(pixels)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(255)
+    cmyk = io.BytesIO()
+    rgb.convert("CMYK").save(cmyk, "JPEG", quality=95)
+    gray = io.BytesIO()
+    rgb.convert("L").save(gray, "JPEG", quality=95)
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    palette.info["transparency"] = 0
+    wide = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    webp = io.BytesIO()
+    rgba.save(webp, "WEBP", lossless=True)
+    return {
+        "cmyk": ("jpg", cmyk.getvalue()),
+        "gray": ("jpg", gray.getvalue()),
+        "palette": ("png", _png(palette)),
+        "la": ("png", _png(rgb.convert("LA"))),
+        "rgba": ("png", _png(rgba)),
+        "i16": ("png", _png(Image.fromarray(wide))),
+        "webp": ("webp", webp.getvalue()),
+    }
+
+
+CORRUPT_LIMITS = {"min_image_size": 16, "max_image_pixels": 150 * 150}
+
+
+def write_corrupt_shards(out_dir: str, seed: int = 0, image_size: int = 64) -> dict:
+    """Shards mixing good samples with every kind of bad one; returns what a reader must report.
+
+    Returns `{"shards", "good_keys", "skipped": {reason: count}, "limits"}`; `limits` are the
+    `min_image_size`/`max_image_pixels` the expectations assume.
+    """
+    from lexvla_jax.data import records as r
+
+    os.makedirs(out_dir, exist_ok=True)
+    counter = iter(range(10**6))
+
+    def good(tag: str) -> tuple[str, dict[str, bytes]]:
+        i = next(counter)
+        key = f"{tag}{i:05d}"
+        return key, make_sample(seed, "train", i, key, image_size)
+
+    expected = {reason: 0 for reason in r.SKIP_REASONS}
+    good_keys: list[str] = []
+    shards = []
+
+    def write(name: str, data: bytes) -> None:
+        path = os.path.join(out_dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        shards.append(path)
+
+    # Shard 0: bad samples between good ones, plus good samples in every image mode.
+    members: list[tuple[str, bytes]] = []
+
+    def add_good(tag: str = "good") -> dict[str, bytes]:
+        key, files = good(tag)
+        members.extend(sample_members(key, files))
+        good_keys.append(key)
+        return files
+
+    def add_bad(reason: str, key: str, files: dict[str, bytes]) -> None:
+        add_good()
+        members.extend(sample_members(key, files))
+        expected[reason] += 1
+
+    base = make_sample(seed, "train", 10**5, "base", image_size)
+    caption, meta = base["txt"], base["json"]
+    small = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+    large = encode_jpeg(np.full((200, 200, 3), 90, np.uint8))
+    add_bad(r.UNDECODABLE_IMAGE, "bad_undecodable", {"jpg": b"this is not an image" * 20, "txt": caption})
+    add_bad(r.TRUNCATED_IMAGE, "bad_truncated", {"jpg": base["jpg"][: len(base["jpg"]) // 2], "txt": caption})
+    add_bad(r.MISSING_IMAGE, "bad_noimage", {"txt": caption, "json": meta})
+    add_bad(r.MISSING_CAPTION, "bad_nocaption", {"jpg": base["jpg"], "json": meta})
+    add_bad(r.EMPTY_CAPTION, "bad_emptycaption", {"jpg": base["jpg"], "txt": b" \n\t "})
+    add_bad(r.NON_UTF8_CAPTION, "bad_latin1", {"jpg": base["jpg"], "txt": "caf\xe9 au lait".encode("latin-1")})
+    add_bad(r.IMAGE_TOO_LARGE, "bad_bomb", {"png": _png_bomb(), "txt": caption})
+    add_bad(r.IMAGE_TOO_LARGE, "bad_large", {"jpg": large, "txt": caption})
+    add_bad(r.IMAGE_TOO_SMALL, "bad_small", {"jpg": small, "txt": caption})
+    pixels = np.asarray(Image.open(io.BytesIO(base["jpg"])).convert("RGB"))
+    for name, (ext, data) in mode_variants(pixels).items():
+        members.extend(sample_members(f"mode_{name}", {ext: data, "txt": caption, "json": meta}))
+        good_keys.append(f"mode_{name}")
+    add_good()
+    write("corrupt-00000.tar", tar_bytes(members)[0])
+
+    # Shards 1-3: good samples, then the tar ends inside a member / inside a header / at a bad header.
+    for index, reason in enumerate((r.TRUNCATED_MEMBER, r.TRUNCATED_TAR, r.CORRUPT_TAR), start=1):
+        members = []
+        for _ in range(3):
+            add_good(f"s{index}_")
+        cut_key, cut_files = good(f"s{index}_")
+        members.extend(sample_members(cut_key, cut_files))  # its second member (txt) gets damaged
+        members.extend(sample_members(f"s{index}_after", make_sample(seed, "train", 10**5 + index, "x", image_size)))
+        data, offsets = tar_bytes(members)
+        txt_header = offsets[3 * 3 + 1]
+        if reason == r.TRUNCATED_MEMBER:
+            data = data[: txt_header + 512 + 5]
+        elif reason == r.TRUNCATED_TAR:
+            data = data[: txt_header + 100]
+        else:
+            data = data[:txt_header] + b"X" + data[txt_header + 1 :]
+        expected[reason] += 1
+        write(f"corrupt-{index:05d}.tar", data)
+
+    # Shard 4: all good.
+    members = []
+    for _ in range(4):
+        add_good("tail")
+    write("corrupt-00004.tar", tar_bytes(members)[0])
+    return {"shards": shards, "good_keys": sorted(good_keys), "skipped": expected, "limits": dict(CORRUPT_LIMITS)}
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lexvla make-synthetic", description="Write the synthetic captioned-shapes dataset (webdataset)."
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--train", type=int, default=20_000, help="training samples")
+    parser.add_argument("--eval", type=int, default=500, help="eval images (5 captions each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    manifest = make_synthetic(
+        args.out, args.train, args.eval, args.seed, args.image_size, args.shard_size, args.workers
+    )
+    seconds = time.perf_counter() - start
+    print(
+        f"wrote {args.train} train ({len(manifest['train']['shards'])} shards) and {args.eval} eval samples "
+        f"({len(manifest['eval']['shards'])} shards) to {args.out} in {seconds:.1f}s"
+    )
+    return 0
