@@ -5,16 +5,19 @@ grain, about photo-sized files) with captions into webdataset tars, then measure
 1. per core: `SampleDecoder` on in-memory raw samples in this process, as CPU time per sample (robust to
    other load on the machine), split into image (decode + crop + resize) and text (prompt + tokenise);
 2. the whole training pipeline (`pipeline.train_iterator`) with `num_workers` = 0, 1, 2: samples/s of
-   wall time after the first batch (worker start-up and shuffle-buffer fill excluded).
+   wall time after the first batch (worker start-up and shuffle-buffer fill excluded), and the CPU time
+   per sample spent in the workers and in the consuming process (from /proc: meaningful on a shared
+   machine, where wall-clock rates depend on everyone else's load).
 
 Tokenisation uses Llama 2's tokenizer from ../shared/data when present, else a small trained one.
 
-    JAX_PLATFORMS=cpu python benchmarks/data_throughput.py [--samples 512] [--workers 0 1 2]
+    JAX_PLATFORMS=cpu python benchmarks/data_throughput.py [--samples 512] [--workers 0 1 2] [--resample bicubic]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import pathlib
 import tempfile
@@ -89,19 +92,36 @@ def per_core(raws: list[dict], config, prompt) -> dict[str, float]:
     return out
 
 
-def pipeline_rate(config, prompt, batch_size: int, batches: int) -> tuple[float, float]:
-    """(samples/s after the first batch, seconds to the first batch) of the training iterator."""
+def children_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process's live child processes (grain workers)."""
+    total = 0
+    for child in multiprocessing.active_children():
+        with open(f"/proc/{child.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def pipeline_rate(config, prompt, batch_size: int, batches: int) -> dict[str, float]:
+    """Wall samples/s after the first batch, seconds to the first batch, and CPU ms per sample in the
+    workers and in this (consuming) process, over the timed batches."""
     from lexvla_jax.data import pipeline
 
     start = time.perf_counter()
     iterator = pipeline.train_iterator(config, batch_size, 0, 1, prompt)
     next(iterator)
-    first = time.perf_counter()
+    first, workers_cpu, main_cpu = time.perf_counter(), children_cpu_seconds(), time.process_time()
     for _ in range(batches):
         next(iterator)
-    rate = batches * batch_size / (time.perf_counter() - first)
+    samples = batches * batch_size
+    out = {
+        "rate": samples / (time.perf_counter() - first),
+        "first": first - start,
+        "worker_ms": (children_cpu_seconds() - workers_cpu) / samples * 1e3,
+        "main_ms": (time.process_time() - main_cpu) / samples * 1e3,
+    }
     iterator.close()
-    return rate, first - start
+    return out
 
 
 def main() -> None:
@@ -111,6 +131,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=24, help="batches timed per worker count")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--resample", choices=("bilinear", "bicubic"), default="bilinear")
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()
 
@@ -123,10 +144,12 @@ def main() -> None:
         tok, tok_name = tokenizer(raws, tmp)
         prompt = PromptEncoder(tok, max_caption_tokens=32)
         config = default_data_config()
-        config.update(dict(train_shards=paths, image_size=args.image_size, shuffle_buffer=256, seed=0))
+        config.update(
+            dict(train_shards=paths, image_size=args.image_size, resample=args.resample, shuffle_buffer=256, seed=0)
+        )
         print(
             f"{len(raws)} JPEGs 500x375 q90, mean {np.mean(sizes) / 1024:.0f} KiB; crop scale "
-            f"{tuple(config.crop_scale)} -> {args.image_size}px bicubic; tokenizer {tok_name}, "
+            f"{tuple(config.crop_scale)} -> {args.image_size}px {config.resample}; tokenizer {tok_name}, "
             f"prompt length {prompt.max_length}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
         )
         cost = per_core(raws, config, prompt)
@@ -134,13 +157,15 @@ def main() -> None:
             f"per core (CPU time): image {cost['image'] * 1e3:.2f} ms, text {cost['text'] * 1e3:.2f} ms, "
             f"both {cost['both'] * 1e3:.2f} ms -> {1 / cost['both']:.0f} samples/s per core"
         )
-        print("| workers | samples/s | per worker | first batch s | load avg |")
-        print("|--------:|----------:|-----------:|--------------:|---------:|")
+        print("| workers | samples/s | per worker | worker CPU ms/sample | main CPU ms/sample | first batch s | load |")
+        print("|--:|--:|--:|--:|--:|--:|--:|")
         for workers in args.workers:
             config.num_workers = workers
-            rate, first = pipeline_rate(config, prompt, args.batch_size, args.batches)
-            per_worker = rate / max(workers, 1)
-            print(f"| {workers} | {rate:.0f} | {per_worker:.0f} | {first:.1f} | {os.getloadavg()[0]:.1f} |")
+            r = pipeline_rate(config, prompt, args.batch_size, args.batches)
+            print(
+                f"| {workers} | {r['rate']:.0f} | {r['rate'] / max(workers, 1):.0f} | {r['worker_ms']:.2f} | "
+                f"{r['main_ms']:.2f} | {r['first']:.1f} | {os.getloadavg()[0]:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def recall_at_k(sim: jax.Array, k: int, positives: jax.Array) -> jax.Array:
     document is retrieved. A query with no relevant document counts as a miss.
     """
     top = _top_indices(sim, k)
+    positives = jnp.asarray(positives)
     if positives.dtype == jnp.bool_:
         if positives.shape != sim.shape:
             raise ValueError(f"boolean positives {positives.shape} must match sim {sim.shape}")
@@ -140,6 +141,7 @@ def retrieval_metrics(
     """
     _check_lexical(s_img, "s_img")
     _check_lexical(s_txt, "s_txt")
+    image_of_text = jnp.asarray(image_of_text)
     if image_of_text.shape != s_txt.shape[:1]:
         raise ValueError(f"image_of_text {image_of_text.shape} must give one image index per caption {s_txt.shape[:1]}")
     sim = _float(s_img) @ _float(s_txt).T  # [I, T]

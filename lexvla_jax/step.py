@@ -87,14 +87,14 @@ def make_optimizer(opt_config, num_steps: int) -> tuple[optax.GradientTransforma
 
 def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """A fresh state at step 0."""
-    zero = jnp.zeros((), jnp.int32)
+    zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated to the step
     return TrainState(
-        step=zero,
+        step=zero(),
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
-        skipped_updates=zero,
-        consecutive_skips=zero,
+        skipped_updates=zero(),
+        consecutive_skips=zero(),
     )
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from lexvla_jax import vocab
 from lexvla_jax.data import array_record, eval_set, pipeline, records, synthetic, tar_reader, transforms
 from lexvla_jax.data.config import DataConfigError, default_data_config, resolve_shards
+from lexvla_jax.data.shuffle import WindowShuffleDataset
 from lexvla_jax.data.webdataset import shards_for_process
 from lexvla_jax.sharding import DEFAULT_RULES
 
@@ -228,6 +229,40 @@ def test_resume_from_orbax_checkpoint_is_exact(corrupt, prompt, tmp_path, num_wo
     keys = Counter(k for b in before + after for k in b["key"])
     assert sorted(keys) == corrupt["good_keys"] and set(keys.values()) == {2}  # each good sample once per epoch
     assert totals == {reason: 2 * n for reason, n in corrupt["skipped"].items()}
+    images = {}
+    for batch in before + after:
+        for key, image in zip(batch["key"], batch["image"], strict=True):
+            images.setdefault(key, []).append(image)
+    differ = sum(not np.array_equal(*pair) for pair in images.values())
+    assert differ >= 0.8 * len(images)  # each epoch crops and flips afresh
+
+
+def test_window_shuffle_permutes_windows_and_resumes_anywhere():
+    source = grain.MapDataset.range(23).to_iter_dataset()
+    shuffled = WindowShuffleDataset(source, window=5, seed=1)
+    iterator = iter(shuffled)
+    out, states = [], []
+    for element in iterator:
+        states.append(iterator.get_state())
+        out.append(element)
+    assert out != list(range(23))
+    assert [sorted(out[i : i + 5]) for i in range(0, 23, 5)] == [
+        list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)
+    ]
+    assert out[:5] != [e for e in WindowShuffleDataset(source, window=5, seed=2)][:5]
+    for k, state in enumerate(states):
+        resumed = iter(shuffled)
+        resumed.set_state(json.loads(json.dumps(state)))
+        assert list(resumed) == out[k + 1 :], k
+
+
+def test_shard_specs_expand_braces_lists_and_directories(synthetic_dir):
+    train = os.path.join(synthetic_dir, "train")
+    expected = [os.path.join(train, f"shard-{i:05d}.tar") for i in range(4)]
+    assert resolve_shards(train, "f") == expected
+    assert resolve_shards(os.path.join(train, "shard-{00001..00002}.tar"), "f") == expected[1:3]
+    assert resolve_shards(f"{expected[3]},{train}/*0.tar", "f") == [expected[3], expected[0]]
+    assert resolve_shards(expected[:2], "f") == expected[:2]
 
 
 def test_epochs_reshuffle_shards_and_split_them_across_processes():

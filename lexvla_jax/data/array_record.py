@@ -3,8 +3,7 @@
 Conversion keeps every raw sample, damaged ones included (a truncated tar becomes an error record), one
 `.array_record` file per input tar, so reading converted data skips and counts exactly what reading the
 tars would. Reading: shuffle the whole dataset with `(seed, epoch)`, repeat, then give process `i` of
-`n` the elements `i::n` — a true global shuffle, resumable by element index, and (because no element
-is dropped before the consumer) in the same order for any number of grain workers.
+`n` the elements `i::n` — a true global shuffle, resumable by element index.
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ class _DecodeEvalImage:
 
     def __init__(self, config):
         self.size, self.min_size, self.max_pixels = config.image_size, config.min_image_size, config.max_image_pixels
+        self.resample = config.resample
 
     def __call__(self, record: dict) -> dict:
         try:
@@ -87,7 +88,10 @@ class _DecodeEvalImage:
             if data is None:
                 with epath.Path(record["path"]).open("rb") as f:
                     data = f.read()
-            return {"image": load_image(data, self.size, max_pixels=self.max_pixels, min_size=self.min_size)}
+            image = load_image(
+                data, self.size, max_pixels=self.max_pixels, min_size=self.min_size, resample=self.resample
+            )
+            return {"image": image}
         except BadSample as e:
             return {"skip": REASON_INDEX[e.reason]}
 

@@ -1,9 +1,10 @@
 """From `config.data` to per-process batches and global `jax.Array`s.
 
     raw samples (webdataset stream + window shuffle | ArrayRecord global shuffle), this process's share
-      → decode, crop, tokenise (SampleDecoder)       ─┐ inside `num_workers` grain worker processes
-      → mp_prefetch                                   ─┘ (bad samples travel as skip markers)
-      → count skip markers, batch good samples        (main process; counts are iterator state)
+      → decode, crop, tokenise (SampleDecoder; a bad sample → skip marker)  ─┐ in each of `num_workers`
+      → batch good samples, count markers by reason (batching.py)           ─┘ grain worker processes
+      → mp_prefetch (image batches through shared memory)
+      → total the counts, drop short batches (batching.py; totals are iterator state)
       → make_global_batch: sharded over the mesh's batch axes; normalize_images on the device
 
 Each batch is `{"image": uint8 [B,S,S,3], "input_ids": int32 [B,L], "attention_mask": int32 [B,L],
@@ -11,8 +12,9 @@ Each batch is `{"image": uint8 [B,S,S,3], "input_ids": int32 [B,L], "attention_m
 batch (`records.skip_counts_dict` names them) and B = global batch // process count. The iterator is a
 grain `DatasetIterator`: save it next to the train state with orbax
 (`grain.checkpoint.CheckpointSave(iterator)` in an `ocp.args.Composite`) and restore it with
-`grain.checkpoint.CheckpointRestore`; a restored iterator continues exactly where the saved one was,
-for the same `num_workers`.
+`grain.checkpoint.CheckpointRestore`; a restored iterator continues exactly where the saved one was.
+Workers take turns delivering whole batches, so the order depends on `num_workers` (deterministic for
+a given count; restore with the count that saved).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from absl import flags
 
 from lexvla_jax import sharding
 from lexvla_jax.data.array_record import SUFFIX, array_record_dataset
+from lexvla_jax.data.batching import SkipCountingBatchDataset, SkipTotalsDataset, SkipTotalsIterator
 from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
 from lexvla_jax.data.eval_set import load_eval_set  # noqa: F401  (re-exported: the eval half of the pipeline)
-from lexvla_jax.data.records import SKIP_REASONS, skip_counts_dict
+from lexvla_jax.data.records import skip_counts_dict
+from lexvla_jax.data.shuffle import WindowShuffleDataset
 from lexvla_jax.data.transforms import SampleDecoder
 from lexvla_jax.data.webdataset import WebDatasetSource
 
@@ -75,7 +79,7 @@ def raw_dataset(config, process_index: int, process_count: int) -> grain.IterDat
         cycle_length=config.interleave_shards,
     )
     if config.shuffle_buffer > 1:
-        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=config.shuffle_buffer, seed=config.seed)
+        ds = WindowShuffleDataset(ds, window=config.shuffle_buffer, seed=config.seed)
     return ds
 
 
@@ -102,34 +106,30 @@ def make_train_dataset(
             f"global batch size {global_batch_size} is not divisible by {process_count} processes; change "
             "config.train.global_batch_size"
         )
+    batch_size = global_batch_size // process_count
     decoder = SampleDecoder.from_config(config, train=True, prompt_encoder=prompt_encoder)
     ds = raw_dataset(config, process_index, process_count).map(decoder)
     if isinstance(ds, grain.MapDataset):
-        read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer)
+        read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=batch_size)
         ds = ds.to_iter_dataset(read)
+    ds = SkipCountingBatchDataset(
+        ds, batch_size=batch_size, keep_keys=keep_keys, max_consecutive_skips=config.max_consecutive_skips
+    )
     if config.num_workers > 0:
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
-        options = grain.MultiprocessingOptions(
-            num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer
+        # Arrays under MIN_SHM_BYTES travel pickled; the image batch goes through shared memory.
+        options = grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES)
+        ds = grain.experimental.WithOptionsIterDataset(ds, options)
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer)
         )
-        # Arrays under MIN_SHM_BYTES travel pickled: a shared-memory block per token row costs more than it saves.
-        ds = grain.experimental.WithOptionsIterDataset(
-            ds, grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES)
-        )
-        ds = ds.mp_prefetch(options)
-    return SkipCountingBatchDataset(
-        ds,
-        batch_size=global_batch_size // process_count,
-        drop_remainder=drop_remainder,
-        keep_keys=keep_keys,
-        max_consecutive_skips=config.max_consecutive_skips,
-    )
+    return SkipTotalsDataset(ds, batch_size=batch_size, drop_remainder=drop_remainder)
 
 
 def train_iterator(
     config, global_batch_size: int, process_index=None, process_count=None, prompt_encoder=None, **kwargs
-) -> SkipCountingBatchIterator:
+) -> SkipTotalsIterator:
     """`iter(make_train_dataset(...))`: the checkpointable iterator of this process's training batches."""
     dataset = make_train_dataset(
         config, global_batch_size, prompt_encoder, process_index=process_index, process_count=process_count, **kwargs
@@ -140,90 +140,6 @@ def train_iterator(
 def skip_counts(batch: dict) -> dict[str, int]:
     """`{reason: count}` of the samples skipped since the previous batch."""
     return skip_counts_dict(batch["skipped"])
-
-
-class SkipCountingBatchDataset(grain.IterDataset):
-    """Counts skip markers by reason and stacks good elements into batches."""
-
-    def __init__(
-        self,
-        parent: grain.IterDataset,
-        *,
-        batch_size: int,
-        drop_remainder: bool = True,
-        keep_keys: bool = False,
-        max_consecutive_skips: int = 10_000,
-    ):
-        super().__init__(parent)
-        self.batch_size, self.drop_remainder = batch_size, drop_remainder
-        self.keep_keys, self.max_consecutive_skips = keep_keys, max_consecutive_skips
-
-    def __iter__(self) -> SkipCountingBatchIterator:
-        return SkipCountingBatchIterator(self._parent.__iter__(), self)
-
-    def __str__(self) -> str:
-        return f"SkipCountingBatchDataset(batch_size={self.batch_size})"
-
-
-class SkipCountingBatchIterator(grain.DatasetIterator):
-    """State: the parent's state, samples delivered, skips by reason (total and already reported)."""
-
-    def __init__(self, parent: grain.DatasetIterator, spec: SkipCountingBatchDataset):
-        super().__init__(parent)
-        self._spec = spec
-        self.samples = 0  # good samples delivered in batches
-        self.skipped = np.zeros(len(SKIP_REASONS), np.int64)  # total, by reason
-        self._reported = np.zeros(len(SKIP_REASONS), np.int64)
-        self._skip_run = 0
-
-    @property
-    def skip_counts(self) -> dict[str, int]:
-        return skip_counts_dict(self.skipped)
-
-    def __next__(self) -> dict:
-        spec, elements = self._spec, []
-        while len(elements) < spec.batch_size:
-            try:
-                element = next(self._parent)
-            except StopIteration:
-                break
-            if "skip" in element:
-                self.skipped[element["skip"]] += 1
-                self._skip_run += 1
-                if self._skip_run > spec.max_consecutive_skips:
-                    raise DataConfigError(
-                        f"{self._skip_run} bad samples in a row ({self.skip_counts}); inspect the data with "
-                        "`lexvla inspect-data`"
-                    )
-                continue
-            self._skip_run = 0
-            elements.append(element)
-        if not elements or (spec.drop_remainder and len(elements) < spec.batch_size):
-            if self.samples == 0 and not self.skipped.any() and not elements:
-                raise DataConfigError("the training data yielded no samples at all; check config.data.train_shards")
-            raise StopIteration
-        batch = {name: np.stack([e[name] for e in elements]) for name in elements[0] if name != "key"}
-        if spec.keep_keys:
-            batch["key"] = np.array([e["key"] for e in elements])
-        batch["skipped"] = self.skipped - self._reported
-        self._reported = self.skipped.copy()
-        self.samples += len(elements)
-        return batch
-
-    def get_state(self) -> dict:
-        return {
-            "parent": self._parent.get_state(),
-            "samples": int(self.samples),
-            "skipped": self.skipped.tolist(),
-            "reported": self._reported.tolist(),
-        }
-
-    def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["parent"])
-        self.samples = state["samples"]
-        self.skipped = np.asarray(state["skipped"], np.int64)
-        self._reported = np.asarray(state["reported"], np.int64)
-        self._skip_run = 0
 
 
 def normalize_images(images: jax.Array, dtype=jnp.float32) -> jax.Array:

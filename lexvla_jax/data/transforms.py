@@ -125,8 +125,12 @@ def center_crop_box(width: int, height: int) -> Box:
     return (x0, y0, x0 + side, y0 + side)
 
 
-def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
-    """Decodes `image` (JPEG draft mode when the crop is ≥ 2× the output), crops `box`, resizes to `size`²."""
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def crop_resize(image: Image.Image, box: Box, size: int, resample: str = "bilinear", flip: bool = False) -> np.ndarray:
+    """Decodes `image` (JPEG draft mode when the crop is ≥ 2× the output), crops `box`, resizes to `size`²
+    with antialiasing (`resample`: bilinear or bicubic), and mirrors it left-right if `flip`."""
     width, height = image.size
     shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
     try:
@@ -135,9 +139,11 @@ def crop_resize(image: Image.Image, box: Box, size: int) -> np.ndarray:
             sx, sy = image.size[0] / width, image.size[1] / height
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         image = to_rgb(image)
-        out = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+        out = image.resize((size, size), RESAMPLE[resample], box=box)
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise _bad_image(e) from None
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
 
 
@@ -150,14 +156,16 @@ def load_image(
     rng: np.random.Generator | None = None,
     scale=(0.9, 1.0),
     ratio=(3 / 4, 4 / 3),
+    resample: str = "bilinear",
+    flip: bool = False,
 ) -> np.ndarray:
-    """uint8 [size, size, 3]: a random-resized crop with `rng`, else the centre crop."""
+    """uint8 [size, size, 3]: a random-resized crop with `rng`, else the centre crop; mirrored if `flip`."""
     image = open_image(data, max_pixels=max_pixels, min_size=min_size)
     if rng is None:
         box = center_crop_box(*image.size)
     else:
         box = random_resized_crop_box(*image.size, rng, scale, ratio)
-    return crop_resize(image, box, size)
+    return crop_resize(image, box, size, resample, flip)
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
@@ -194,12 +202,13 @@ class SampleDecoder:
         crop_scale=(0.9, 1.0),
         crop_ratio=(3 / 4, 4 / 3),
         random_flip: bool = True,
+        resample: str = "bilinear",
         prompt_encoder=None,
     ):
         self.image_size, self.train = image_size, train
         self.min_image_size, self.max_image_pixels = min_image_size, max_image_pixels
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
-        self.random_flip, self.prompt_encoder = random_flip, prompt_encoder
+        self.random_flip, self.resample, self.prompt_encoder = random_flip, resample, prompt_encoder
 
     @classmethod
     def from_config(cls, config, *, train: bool, prompt_encoder=None) -> SampleDecoder:
@@ -211,6 +220,7 @@ class SampleDecoder:
             crop_scale=config.crop_scale,
             crop_ratio=config.crop_ratio,
             random_flip=config.random_flip,
+            resample=config.resample,
             prompt_encoder=prompt_encoder,
         )
 
@@ -229,6 +239,8 @@ class SampleDecoder:
             raise BadSample(MISSING_CAPTION)
         caption = decode_caption(files[CAPTION_EXTENSION])
         rng = np.random.default_rng(sample["seed"]) if self.train else None
+        coin = rng.random() if rng is not None else 1.0  # drawn either way: the crop does not depend on flipping
+        flip = self.random_flip and coin < 0.5
         image = load_image(
             data,
             self.image_size,
@@ -237,9 +249,10 @@ class SampleDecoder:
             rng=rng,
             scale=self.crop_scale,
             ratio=self.crop_ratio,
+            resample=self.resample,
+            flip=flip,
         )
-        if rng is not None and self.random_flip and rng.random() < 0.5:
-            image = np.ascontiguousarray(image[:, ::-1])
+        if flip:
             caption = swap_left_right(caption)
         element = {"image": image, "key": sample["key"]}
         if self.prompt_encoder is not None:

@@ -8,8 +8,8 @@ to the next epoch when the list is used up.
 
 Iterator state (JSON): `epoch` and `next_shard` (the next shard to open), `streams` (`[epoch, index,
 byte offset]` of each open shard) and `turn`. Restoring opens each shard at its offset, so a resumed
-run neither repeats nor skips a sample. The shuffle buffer on top (`grain`'s window shuffle) stores the
-state at the start of its window and re-reads the window on restore, so it is exact too.
+run neither repeats nor skips a sample. The shuffle buffer on top (`shuffle.WindowShuffleDataset`)
+stores this state at the start of its window and re-reads the window on restore, so it is exact too.
 """
 
 from __future__ import annotations

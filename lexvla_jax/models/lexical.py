@@ -2,10 +2,10 @@
 
 For patch features `H [B,P,D]` and a visual codebook `Z [V,D]`, `s = normalize(max_p elu1p(H Zᵀ))`.
 Written directly, `H Zᵀ` is a `[B,P,V]` array (B=64, P=256, V=17,149 is 1.1 GB in float32; its forward
-and backward need several such buffers, see `benchmarks/maxpool_memory.py`). `lexical_max_pool` never builds it: it walks the vocabulary in chunks, keeps
-only each word's largest pre-activation and the patch it came from (`[B,V]` each), and its custom
-backward pass sends each word's gradient to that one patch, again chunk by chunk. Peak memory is
-`O(B·V + B·P·chunk)` plus the inputs and their gradients.
+and backward need several such buffers, see `benchmarks/maxpool_memory.py`). `lexical_max_pool` never
+builds it: it walks the vocabulary in chunks, keeps only each word's largest pre-activation and the patch
+it came from (`[B,V]` each), and its custom backward pass sends each word's gradient to that one patch,
+again chunk by chunk. Peak memory is `O(B·V + B·P·chunk)` plus the inputs and their gradients.
 
 Ties between patches: the lean form picks the first patch with the largest value (as `jnp.argmax`) and
 gives it the whole gradient; `lexical_max_pool_naive` (via `jnp.max`'s derivative) splits the gradient

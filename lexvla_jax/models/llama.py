@@ -140,7 +140,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2-tiny": dict(
         _LLAMA2,
         hidden_size=64,
-        intermediate_size=172,
+        intermediate_size=192,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -165,7 +165,10 @@ class LlamaOutput:
 
 
 def padded_positions(attention_mask: jax.Array) -> jax.Array:
-    """Positions that count only real tokens (0, 1, ... from each row's first real token); padding gets 0."""
+    """Positions counting real tokens only (0, 1, ... from each row's first real token).
+
+    A padding slot gets the position of the last real token before it (0 before the first).
+    """
     mask = jnp.asarray(attention_mask).astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
@@ -307,7 +310,10 @@ class LlamaModel(nnx.Module):
         mask = causal if attention_mask is None else causal & attention_mask.astype(jnp.bool_)[:, None, None, :]
         cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
 
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(config.dtype)
+        # Gather the table over `embed` first (as FSDP does for every weight); the lookup is then a plain
+        # vocab-sharded gather, which the partitioner handles without replicating activations.
+        table = layers.constrain(self.embed_tokens[...], ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(config.dtype)
         x = layers.constrain(x, _HIDDEN)
         stack = nnx.view(self.layers, only=nnx.Dropout, deterministic=deterministic, raise_if_not_found=False)
         x = layers.scan_layers(stack, lambda layer, h, _: layer(h, mask, cos, sin), x, remat=config.remat)

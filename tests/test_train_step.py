@@ -1,0 +1,126 @@
+"""The train step: what trains, gradient accumulation, non-finite skipping, and sharded == single device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tiny_lexvla as tiny
+from lexvla_jax import sharding
+from lexvla_jax import step as step_lib
+
+
+@pytest.fixture(scope="module")
+def setup():
+    graphdef, params, frozen, rest = tiny.split(tiny.tiny_model())
+    tx, schedule = step_lib.make_optimizer(tiny.OPTIM, num_steps=10)
+    return graphdef, params, frozen, rest, tx, schedule
+
+
+def test_only_trainable_parameters_get_gradients(setup):
+    graphdef, params, frozen, rest, *_ = setup
+    encoder = tiny.encoder(graphdef)
+    batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(8))
+
+    def loss(p, f):
+        s_img, s_txt = encoder(p, f, rest, batch, None, deterministic=True)
+        return step_lib.losses.lexvla_loss(
+            s_img, s_txt, encoder.logit_scale(p, f, rest), lambda_img=0.1, lambda_txt=0.1
+        )[0]
+
+    grad_params, grad_frozen = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, frozen)
+    flat = dict(nnx.to_flat_state(grad_params))
+    groups = {path[0] for path in flat}
+    assert groups == {"adapter", "visual_codebook", "logit_scale", "text"}  # text: its LoRA only
+    assert all(type(v).__name__ == "LoRAParam" for p, v in flat.items() if p[0] == "text")
+    for path, value in flat.items():
+        assert np.any(np.asarray(value[...]) != 0), f"no gradient reaches {path}"
+    # The frozen towers and the text codebook sit behind stop_gradient: exactly zero.
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(grad_frozen))
+    frozen_groups = {path[0] for path in dict(nnx.to_flat_state(frozen))}
+    assert frozen_groups == {"vision", "text", "text_codebook"}
+
+
+def test_gradient_accumulation_matches_one_batch(setup):
+    graphdef, params, frozen, rest, *_ = setup
+    encoder = tiny.encoder(graphdef)
+    batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(16))
+    rng = jax.random.key(0)
+
+    def run(num_micro):
+        fn = functools.partial(step_lib.loss_and_grads, encoder, tiny.loss_config(), num_micro)
+        return jax.jit(fn)(params, frozen, rest, batch, rng, jnp.int32(0))
+
+    (loss1, metrics1), grads1 = run(1)
+    (loss4, metrics4), grads4 = run(4)
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
+    np.testing.assert_allclose(metrics4["penalty_img"], metrics1["penalty_img"], rtol=1e-6)
+    for g4, g1 in zip(jax.tree.leaves(grads4), jax.tree.leaves(grads1), strict=True):
+        np.testing.assert_allclose(g4, g1, rtol=2e-4, atol=1e-7)
+
+
+def test_non_finite_loss_skips_the_update(setup):
+    graphdef, params, frozen, rest, tx, schedule = setup
+    step = jax.jit(functools.partial(step_lib.train_step, tiny.encoder(graphdef), tx, schedule, tiny.loss_config(), 1))
+    batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(8))
+    state = step_lib.init_train_state(params, tx, seed=0)
+    bad_params = jax.tree.map(lambda x: x, params)
+    bad_params["logit_scale"][...] = jnp.float32(jnp.nan)
+    bad = state.replace(params=bad_params)
+    before = tiny.as_numpy(bad)
+    after, metrics = step(frozen, rest, bad, batch)
+    assert not bool(metrics["update_ok"]) and not np.isfinite(float(metrics["loss"]))
+    after = tiny.as_numpy(after)
+    for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # NaN stays NaN, everything else bit-identical
+    for a, b in zip(jax.tree.leaves(after.opt_state), jax.tree.leaves(before.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert (after.step, after.skipped_updates, after.consecutive_skips) == (1, 1, 1)
+    good, metrics = step(frozen, rest, state, batch)
+    assert bool(metrics["update_ok"]) and int(good.consecutive_skips) == 0 and int(good.skipped_updates) == 0
+
+
+def _run_step_on(mesh_shape, devices, params, frozen, rest, graphdef, tx, schedule, batch):
+    mesh = sharding.make_mesh(mesh_shape, devices=devices)
+    rules = sharding.DEFAULT_RULES
+    with sharding.use_mesh_rules(mesh, rules):
+        frozen_sh = sharding.state_shardings(frozen, mesh, rules)
+        rest_sh = sharding.state_shardings(rest, mesh, rules)
+        state = step_lib.init_train_state(jax.tree.map(jnp.array, params), tx, seed=0)  # copies: it is donated
+        state_sh = step_lib.train_state_shardings(jax.eval_shape(lambda: state), tx, mesh, rules)
+        batch_sh = sharding.batch_sharding(mesh, rules)
+        step = step_lib.jit_train_step(
+            tiny.encoder(graphdef),
+            tx,
+            schedule,
+            tiny.loss_config(),
+            2,
+            frozen_shardings=frozen_sh,
+            rest_shardings=rest_sh,
+            state_shardings=state_sh,
+            batch_sharding=batch_sh,
+        )
+        args = jax.device_put((frozen, rest, state, batch), (frozen_sh, rest_sh, state_sh, batch_sh))
+        new_state, metrics = step(*args)
+    return new_state, metrics
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 4, 2)], ids=["data8", "fsdp4xtensor2"])
+def test_sharded_step_equals_single_device(setup, mesh_shape):
+    graphdef, params, frozen, rest, tx, schedule = setup
+    batch = tiny.tiny_batch(16, seed=3)
+    args = (params, frozen, rest, graphdef, tx, schedule, batch)
+    ref_state, ref_metrics = _run_step_on((1, 1, 1), jax.devices()[:1], *args)
+    state, metrics = _run_step_on(mesh_shape, jax.devices(), *args)
+    # The parameters really are split on the mesh.
+    kernel = state.params["adapter"]["fc1"]["kernel"][...]
+    assert len(kernel.sharding.device_set) > 1
+    for key in ("loss", "info_nce", "penalty_img", "penalty_txt", "grad_norm"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, err_msg=key)
+    # One AdamW step (lr 1e-2) normalises each gradient entry, so float32 summation-order noise in tiny
+    # entries shows up at ~1e-6 absolute: allow 1e-3 of a step.
+    for a, b in zip(jax.tree.leaves(tiny.as_numpy(state.params)), jax.tree.leaves(tiny.as_numpy(ref_state.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,70 @@
+"""A tiny LexVLA, its optimiser and deterministic batches, shared by the step and sharding tests."""
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from lexvla_jax import step as step_lib
+from lexvla_jax.data.pipeline import normalize_images
+from lexvla_jax.models import dinov2, lexvla, llama
+
+TRAINABLE = ("adapter", "visual_codebook", "logit_scale", "lora")
+OPTIM = ml_collections.ConfigDict(
+    dict(learning_rate=1e-2, warmup_steps=0, end_lr_fraction=1.0, grad_clip_norm=1.0, b1=0.9, b2=0.99, weight_decay=0.1)
+)
+
+
+def tiny_config(remat: str = "none") -> lexvla.LexVLAConfig:
+    vision = dinov2.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=8, image_size=32, remat=remat
+    )
+    text = llama.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        lora_rank=4,
+        lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
+        remat=remat,
+    )
+    return lexvla.LexVLAConfig(
+        vision=vision, text=text, vocab_size=40, adapter_heads=4, adapter_mlp_dim=64, max_pool_chunk=16
+    )
+
+
+def tiny_model(seed: int = 0, remat: str = "none") -> lexvla.LexVLA:
+    model = lexvla.LexVLA(tiny_config(remat), rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    # LoRA B starts at zero; give it values so LoRA gradients are not trivially tied to A's.
+    for _, node in nnx.iter_graph(model):
+        if hasattr(node, "lora_b"):
+            node.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(7), node.lora_b[...].shape)
+    return model
+
+
+def tiny_batch(batch_size: int = 16, seed: int = 0, length: int = 12) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, length + 1, size=(batch_size, 1))
+    return {
+        "image": rng.integers(0, 256, size=(batch_size, 32, 32, 3), dtype=np.uint8),
+        "input_ids": rng.integers(3, 96, size=(batch_size, length)).astype(np.int32),
+        "attention_mask": (np.arange(length)[None] < lengths).astype(np.int32),
+    }
+
+
+def split(model):
+    return nnx.split(model, step_lib.trainable_filter(TRAINABLE), nnx.Param, ...)
+
+
+def encoder(graphdef) -> step_lib.Encoder:
+    return step_lib.Encoder(graphdef, normalize_images)
+
+
+def loss_config() -> step_lib.LossConfig:
+    return step_lib.LossConfig(lambda_img=0.05, lambda_txt=0.05, penalty="overuse", warmup_steps=0)
+
+
+def as_numpy(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
