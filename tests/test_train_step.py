@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import tiny_lexvla as tiny
 from lexvla_jax import sharding
 from lexvla_jax import step as step_lib
+
+import tiny_lexvla as tiny
 
 
 @pytest.fixture(scope="module")
@@ -122,5 +123,6 @@ def test_sharded_step_equals_single_device(setup, mesh_shape):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, err_msg=key)
     # One AdamW step (lr 1e-2) normalises each gradient entry, so float32 summation-order noise in tiny
     # entries shows up at ~1e-6 absolute: allow 1e-3 of a step.
-    for a, b in zip(jax.tree.leaves(tiny.as_numpy(state.params)), jax.tree.leaves(tiny.as_numpy(ref_state.params))):
+    new, ref = tiny.as_numpy(state.params), tiny.as_numpy(ref_state.params)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
