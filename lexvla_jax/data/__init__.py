@@ -1,0 +1,15 @@
+"""Input pipeline: sources, transforms, batching with exact bad-sample counts, and the synthetic set.
+
+config.py      every data setting (`default_data_config`) and shard globs → file lists
+records.py     raw samples, skip reasons, the ArrayRecord record layout
+tar_reader.py  streaming tar reader: webdataset samples with resumable byte offsets
+webdataset.py  resumable grain source over tar shards (per-process, per-worker shard split)
+shuffle.py     window shuffle whose state is a position
+array_record.py  `lexvla convert-data` and the globally shuffled ArrayRecord source
+transforms.py  decode, RGB, crops, flip, tokenise (runs in grain workers; no JAX)
+batching.py    batches carrying skip counts; totals in the consumer's iterator state
+pipeline.py    config → per-process batch iterator → global jax.Arrays; on-device normalisation
+eval_set.py    retrieval eval sets (webdataset, Karpathy json) read whole
+synthetic.py   `lexvla make-synthetic` and shards with every kind of bad sample
+inspect_data.py  `lexvla inspect-data`
+"""

@@ -43,8 +43,9 @@ def _checksum_ok(block: bytes) -> bool:
     except ValueError:
         return False
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
-    return stored in (unsigned, signed)
+    if stored == unsigned:
+        return True
+    return stored == unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)  # old signed-char tars
 
 
 def _pax_path(data: bytes) -> str | None:
