@@ -1,9 +1,14 @@
 """`lexvla compile`: compile the real train step for a TPU topology on this machine, without a TPU.
 
-libtpu (the `test` extra) compiles for a named topology (`v5p:2x2x1`, `v4:2x2x1`, `v5e:4x4`, `v6e:2x2x1`,
+libtpu (the `test` extra) compiles for a named topology (`v5p:2x2x1`, `v4:2x2x1`, `v5e:4x4`, `v6e:2x2`,
 ...) through `jax.experimental.topologies`. Everything is shapes: no weights, no data. The report gives
-per-chip argument / temporary / output bytes from XLA's memory analysis, the chip's HBM, the fraction
-used and the step's FLOPs; the last line is `fits` or `does not fit`.
+per-device argument / temporary / output bytes from XLA's memory analysis, the device's HBM, the fraction
+used and the step's FLOPs per device; the last line is `fits` or `does not fit` (also when the compiler
+itself refuses the program for lack of HBM).
+
+FLOPs per device are counted from the step's jaxpr (matmuls and convolutions, scan bodies times their
+length, divided by the devices). XLA's `cost_analysis()['flops']` is per device too, but counts a while
+loop's body once, so for scanned layers it is far lower; it is printed alongside.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
+import re
 import sys
+import time
 
 # libtpu probes cloud metadata unless told where it is; these keep a TPU-less host quiet and fast.
 for _name, _value in (
@@ -32,23 +40,26 @@ from lexvla_jax import build, configlib, sharding, vocab  # noqa: E402
 from lexvla_jax import step as step_lib  # noqa: E402
 
 GIB = 1024**3
-# HBM per chip by `device_kind`.
+# HBM the compiler may use per device, by `device_kind`: the "available HBM" libtpu 0.0.42 states when a
+# program does not fit (a little under the chip's 95 / 32 / 16 / 32 GiB). A `v4:` topology device is one
+# TensorCore, half a chip, so it gets half of the chip's budget.
 HBM_BYTES = {
-    "TPU v4": 32 * GIB,
-    "TPU v5": 95 * GIB,  # v5p
-    "TPU v5p": 95 * GIB,
-    "TPU v5 lite": 16 * GIB,  # v5e
-    "TPU v5e": 16 * GIB,
-    "TPU v6 lite": 32 * GIB,  # v6e (Trillium)
-    "TPU v6e": 32 * GIB,
+    "TPU v4": int(15.25 * GIB),
+    "TPU v5": int(95.74 * GIB),  # v5p
+    "TPU v5p": int(95.74 * GIB),
+    "TPU v5 lite": int(15.75 * GIB),  # v5e
+    "TPU v5e": int(15.75 * GIB),
+    "TPU v6 lite": int(31.25 * GIB),  # v6e (Trillium)
+    "TPU v6e": int(31.25 * GIB),
 }
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": GIB, "T": 1024**4}
 
 
 @dataclasses.dataclass
 class CompileReport:
     topology: str
     device_kind: str
-    num_chips: int
+    num_devices: int
     global_batch: int
     argument_bytes: int
     temp_bytes: int
@@ -56,28 +67,68 @@ class CompileReport:
     alias_bytes: int
     hbm_bytes: int
     flops: float
+    matmul_flops: float = float("nan")
+    compile_seconds: float = 0.0
+    oom: str = ""  # the compiler's out-of-memory error, when it refused the program
 
     @property
     def used_bytes(self) -> int:
-        """Peak per chip: live arguments + temporaries + outputs not aliased to (donated) arguments."""
+        """Peak per device: live arguments + temporaries + outputs not aliased to (donated) arguments."""
         return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
 
     @property
     def fits(self) -> bool:
-        return self.used_bytes <= self.hbm_bytes
+        return not self.oom and self.used_bytes <= self.hbm_bytes
 
     def lines(self) -> list[str]:
         gib = lambda b: f"{b / GIB:.2f} GiB"
+        if self.oom:
+            return [
+                f"topology      {self.topology} ({self.num_devices} × {self.device_kind})",
+                f"global batch  {self.global_batch}",
+                f"arguments     {gib(self.argument_bytes)} per device",
+                f"compiler      {self.oom}",
+                "does not fit",
+            ]
         return [
-            f"topology      {self.topology} ({self.num_chips} × {self.device_kind})",
+            f"topology      {self.topology} ({self.num_devices} × {self.device_kind})",
             f"global batch  {self.global_batch}",
-            f"arguments     {gib(self.argument_bytes)} per chip",
-            f"temporaries   {gib(self.temp_bytes)} per chip",
-            f"outputs       {gib(self.output_bytes)} per chip ({gib(self.alias_bytes)} aliased to donated inputs)",
-            f"HBM           {gib(self.hbm_bytes)} per chip; {self.used_bytes / self.hbm_bytes:.1%} used",
-            f"FLOPs/step    {self.flops:.3e} per chip",
+            f"arguments     {gib(self.argument_bytes)} per device",
+            f"temporaries   {gib(self.temp_bytes)} per device",
+            f"outputs       {gib(self.output_bytes)} per device ({gib(self.alias_bytes)} aliased to donated inputs)",
+            f"HBM           {gib(self.hbm_bytes)} per device; {self.used_bytes / self.hbm_bytes:.1%} used",
+            f"FLOPs/step    {self.matmul_flops:.3e} per device (matmuls in the step's jaxpr / devices)",
+            f"XLA FLOPs     {self.flops:.3e} per device (cost analysis: loop bodies, e.g. scanned layers, once)",
+            f"compile       {self.compile_seconds:.0f} s",
             "fits" if self.fits else "does not fit",
         ]
+
+
+def matmul_flops(jaxpr) -> float:
+    """FLOPs of the `dot_general`s and convolutions in a (closed) jaxpr, scan bodies times their length.
+
+    Nested jaxprs (jit, remat, custom derivatives, scan, while) are walked; a `while` body counts once
+    and a `cond` counts its most expensive branch.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+            rhs_free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+            total += 2.0 * math.prod(lhs) * math.prod(rhs_free)
+        elif name == "conv_general_dilated":
+            out, kernel = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
+            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * math.prod(out) * math.prod(kernel) / out_features
+        elif name == "cond":
+            total += max(matmul_flops(branch) for branch in eqn.params["branches"])
+        else:
+            inner = sum(matmul_flops(v) for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
+            total += inner * (eqn.params["length"] if name == "scan" else 1)
+    return total
 
 
 def topology_devices(name: str):
@@ -143,28 +194,63 @@ def compile_train_step(config, devices, topology: str = "") -> CompileReport:
         with_sharding = lambda tree, shardings: jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
         )
-        compiled = train_step.lower(
+        args = (
             with_sharding(frozen, frozen_shardings),
             with_sharding(rest, rest_shardings),
             with_sharding(abstract_state, state_shardings),
             batch,
-        ).compile()
+        )
+        start = time.perf_counter()
+        traced = train_step.trace(*args)
+        kind = devices[0].device_kind
+        report = functools.partial(
+            CompileReport,
+            topology=topology,
+            device_kind=kind,
+            num_devices=len(devices),
+            global_batch=b,
+            hbm_bytes=HBM_BYTES.get(kind, 0) or _unknown_hbm(kind),
+            matmul_flops=matmul_flops(traced.jaxpr) / len(devices),
+        )
+        try:
+            compiled = traced.lower().compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            oom = str(e).strip().splitlines()[0]
+            return report(
+                argument_bytes=sum(_shard_bytes(x) for x in jax.tree.leaves(args)),
+                temp_bytes=_bytes_in(oom, r"HLO temporaries \(([\d.]+)([KMGT]?)\)"),
+                output_bytes=0,
+                alias_bytes=0,
+                flops=float("nan"),
+                compile_seconds=time.perf_counter() - start,
+                oom=oom,
+            )
+        seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    kind = devices[0].device_kind
-    return CompileReport(
-        topology=topology,
-        device_kind=kind,
-        num_chips=len(devices),
-        global_batch=b,
+    return report(
         argument_bytes=int(memory.argument_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes),
-        hbm_bytes=HBM_BYTES.get(kind, 0) or _unknown_hbm(kind),
         flops=float(cost.get("flops", float("nan"))) if cost else float("nan"),
+        compile_seconds=seconds,
     )
+
+
+def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
+    """Bytes of one device's shard of an abstract array."""
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    return math.prod(shape) * x.dtype.itemsize
+
+
+def _bytes_in(message: str, pattern: str) -> int:
+    """A size such as `2.45T` (binary units, as libtpu prints them) matched in `message`; 0 if absent."""
+    match = re.search(pattern, message)
+    return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
 
 
 def _unknown_hbm(kind: str) -> int:

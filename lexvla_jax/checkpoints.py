@@ -19,9 +19,9 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            save_interval_steps=every_steps,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -39,11 +39,13 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator, config_dict: dict, *, force: bool = False) -> bool:
-        """Saves when `step` is on the cadence (or `force`); returns whether a save started."""
+        """Saves when `step` is a multiple of `every_steps` (or `force`); returns whether a save started."""
+        if not force and step % self.every_steps:
+            return False
         args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(json.dumps(config_dict)))}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores the state into the shardings of `abstract_state` and repositions `data_iterator`."""

@@ -57,7 +57,7 @@ def read_all(config, batch_size, prompt, **kwargs):
 # ------------------------------------------------------------------------------------------- tar reading
 
 
-def test_tar_reader_resumes_at_every_sample_offset(synthetic_dir):
+def test_tar_reader_resumes_at_sample_offsets(synthetic_dir):
     path = os.path.join(synthetic_dir, "train", "shard-00000.tar")
     with open(path, "rb") as f:
         samples = list(tar_reader.iter_samples(f))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent import futures
@@ -50,7 +51,8 @@ def convert(inputs: str | Sequence[str], output_dir: str, workers: int = 1) -> d
     tars = resolve_shards(inputs, "--input", ".tar")
     epath.Path(output_dir).mkdir(parents=True, exist_ok=True)
     totals = {"shards": len(tars), "records": 0, **{reason: 0 for reason in SKIP_REASONS}}
-    with futures.ProcessPoolExecutor(max(1, workers)) if workers > 1 else _Inline() as pool:
+    spawn = multiprocessing.get_context("spawn")  # safe when the caller has started threads (JAX)
+    with futures.ProcessPoolExecutor(workers, mp_context=spawn) if workers > 1 else _Inline() as pool:
         for counts in pool.map(convert_shard, tars, [output_dir] * len(tars)):
             for name, n in counts.items():
                 totals[name] += n

@@ -155,19 +155,18 @@ def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh, rules=sharding
     Every process passes its own rows; the global batch is their concatenation in process order.
     Host-only entries (`HOST_KEYS`) are left out.
     """
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    data_parallel = sharding.data_parallel_size(mesh, rules)
     out = {}
     for name, value in local_batch.items():
         if name in HOST_KEYS:
             continue
         value = np.asarray(value)
         global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
-        spec = sharding.logical_to_spec(("batch",) + (None,) * (value.ndim - 1), rules, mesh)
-        axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
-        shards = int(np.prod([mesh.shape[a] for a in axes]))
-        if global_shape[0] % shards:
+        if global_shape[0] % data_parallel:
             raise DataConfigError(
-                f"global batch {global_shape[0]} is not divisible by the {shards} devices of mesh axes {axes}; "
+                f"global batch {global_shape[0]} is not divisible by the data-parallel size {data_parallel}; "
                 "change config.train.global_batch_size"
             )
-        out[name] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), value, global_shape)
+        out[name] = jax.make_array_from_process_local_data(batch_sharding, value, global_shape)
     return out

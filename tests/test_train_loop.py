@@ -1,0 +1,152 @@
+"""`lexvla train`: exact resume after SIGKILL and SIGTERM, non-finite steps never checkpointed, metrics."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lexvla_jax import configlib, train, vocab
+from lexvla_jax.data import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 24
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    synthetic.make_synthetic(root, num_train=600, num_eval=24, seed=1, image_size=32, shard_size=100)
+    config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"))
+    texts = [*synthetic.all_captions(root), config.data.prompt_template]
+    vocab.train_tokenizer(texts, config.model.text.vocab_size, os.path.join(root, "tokenizer.model"))
+    return root
+
+
+def _overrides(data_dir: str, **extra) -> list[str]:
+    values = {
+        "data.synthetic.dir": data_dir,
+        "data.train_shards": os.path.join(data_dir, "train"),
+        "data.eval_shards": os.path.join(data_dir, "eval"),
+        "data.tokenizer": os.path.join(data_dir, "tokenizer.model"),
+        "data.image_size": 32,
+        "data.shuffle_buffer": 50,
+        "model.vision.image_size": 32,
+        "model.vision.num_hidden_layers": 1,
+        "model.text.num_hidden_layers": 1,
+        "train.num_steps": STEPS,
+        "train.global_batch_size": 16,
+        "train.log_every": 4,
+        "train.show_top_words": 0,
+        "optim.warmup_steps": 2,
+        "checkpoint.every_steps": 4,
+        "checkpoint.keep": 10,
+        "eval.every_steps": 0,
+        "eval.batch_size": 16,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _command(workdir, data_dir, **extra):
+    args = ["--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", str(workdir)]
+    args += [f"--config.{o}" for o in _overrides(data_dir, **extra)]
+    return [sys.executable, "-m", "lexvla_jax.cli", "train", *args]
+
+
+@pytest.fixture(scope="session")
+def env():
+    """Two data-parallel devices: sharded like a real run, light enough for a loaded 2-core machine."""
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
+def _saved_steps(workdir) -> list[int]:
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return []
+    return sorted(int(name) for name in os.listdir(path) if name.isdigit())
+
+
+def _final_state(workdir, step=STEPS):
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored["state"]
+
+
+def _assert_bitwise_equal(a, b):
+    flat_a = ocp.tree.to_flat_dict(a)
+    flat_b = ocp.tree.to_flat_dict(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key]), err_msg=str(key))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(data_dir, env, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "work"
+    result = subprocess.run(_command(workdir, data_dir), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return workdir, result.stdout
+
+
+def test_metrics_rows(uninterrupted):
+    workdir, stdout = uninterrupted
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(4, STEPS + 1, 4))
+    for key in ("info_nce", "penalty_img", "active_words_img", "grad_norm", "learning_rate", "samples_per_s"):
+        assert key in train_rows[-1]
+    eval_row = [r for r in rows if "eval/i2t_r@1" in r][-1]
+    for key in ("eval/i2t_r@5", "eval/i2t_r@10", "eval/t2i_r@1", "eval/t2i_r@10"):
+        assert 0.0 <= eval_row[key] <= 1.0
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert "final evaluation" in stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_exact_resume(uninterrupted, data_dir, env, tmp_path, sig):
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(_command(workdir, data_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not _saved_steps(workdir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=300)[0].decode()
+    stopped_at = _saved_steps(workdir)
+    assert stopped_at and max(stopped_at) < STEPS, f"the run was not interrupted mid-way: {stopped_at}\n{out[-2000:]}"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0 and "termination signal" in out, out[-2000:]
+    resumed = subprocess.run(_command(workdir, data_dir), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {max(stopped_at)}" in resumed.stdout
+    _assert_bitwise_equal(_final_state(workdir), _final_state(uninterrupted[0]))
+
+
+def test_non_finite_step_is_skipped_and_never_saved(data_dir, tmp_path, monkeypatch):
+    """A NaN loss at step 6 skips that update; no checkpoint is written from it; training goes on."""
+    real_loss = train.step_lib.losses.lexvla_loss
+
+    def loss_with_nan(*args, step, **kwargs):
+        loss, metrics = real_loss(*args, step=step, **kwargs)
+        return jnp.where(step == 5, jnp.nan, loss), metrics
+
+    monkeypatch.setattr(train.step_lib.losses, "lexvla_loss", loss_with_nan)
+    config = configlib.load_config(
+        os.path.join(REPO, "configs", "tiny.py"),
+        _overrides(data_dir, **{"train.num_steps": 8, "checkpoint.every_steps": 2, "train.log_every": 1}),
+    )
+    workdir = str(tmp_path / "work")
+    train.run(config, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    by_step = {r["step"]: r for r in rows if "loss" in r}
+    assert np.isnan(by_step[6]["loss"]) and by_step[6]["skipped_updates"] == 1
+    assert np.isfinite(by_step[7]["loss"]) and by_step[8]["skipped_updates"] == 1
+    assert _saved_steps(workdir) == [2, 4, 8]  # step 6 (the skipped update) was not saved
+    state = _final_state(workdir, step=8)
+    assert (int(state["step"]), int(state["skipped_updates"]), int(state["consecutive_skips"])) == (8, 1, 0)
