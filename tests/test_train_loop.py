@@ -109,23 +109,45 @@ def test_metrics_rows(uninterrupted):
     assert "final evaluation" in stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_exact_resume(uninterrupted, data_dir, env, tmp_path, sig):
-    workdir = tmp_path / "work"
+def _interrupt(workdir, data_dir, env, sig):
+    """Starts a run, sends `sig` once its first checkpoint exists; returns (steps saved, output, exit code)."""
     proc = subprocess.Popen(_command(workdir, data_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while not _saved_steps(workdir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(sig)
     out = proc.communicate(timeout=300)[0].decode()
-    stopped_at = _saved_steps(workdir)
-    assert stopped_at and max(stopped_at) < STEPS, f"the run was not interrupted mid-way: {stopped_at}\n{out[-2000:]}"
+    saved = _saved_steps(workdir)
+    assert saved and max(saved) < STEPS, f"the run was not interrupted mid-way: {saved}\n{out[-2000:]}"
+    return saved, out, proc.returncode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_exact_resume(uninterrupted, data_dir, env, tmp_path, sig):
+    workdir = tmp_path / "work"
+    saved, out, returncode = _interrupt(workdir, data_dir, env, sig)
     if sig == signal.SIGTERM:
-        assert proc.returncode == 0 and "termination signal" in out, out[-2000:]
+        assert returncode == 0 and "termination signal" in out, out[-2000:]
     resumed = subprocess.run(_command(workdir, data_dir), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from step {max(stopped_at)}" in resumed.stdout
+    assert f"resumed from step {max(saved)}" in resumed.stdout
     _assert_bitwise_equal(_final_state(workdir), _final_state(uninterrupted[0]))
+
+
+def test_resume_on_a_different_mesh(uninterrupted, data_dir, env, tmp_path):
+    """Saved on a data-parallel mesh, resumed with FSDP: the same training up to float reassociation."""
+    workdir = tmp_path / "work"
+    saved, _, _ = _interrupt(workdir, data_dir, env, signal.SIGTERM)
+    command = _command(workdir, data_dir, **{"mesh.shape": "(1,2,1)"})
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in resumed.stdout
+    assert f"resumed from step {max(saved)}" in resumed.stdout
+    ours = ocp.tree.to_flat_dict(_final_state(workdir))
+    reference = ocp.tree.to_flat_dict(_final_state(uninterrupted[0]))
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        np.testing.assert_allclose(np.asarray(ours[key]), np.asarray(reference[key]), rtol=1e-3, atol=1e-4)
 
 
 def test_non_finite_step_is_skipped_and_never_saved(data_dir, tmp_path, monkeypatch):

@@ -1,0 +1,102 @@
+"""`lexvla compile`: ahead-of-time TPU compiles of the train step (needs libtpu; skipped without it)."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from lexvla_jax import aot, configlib  # noqa: E402
+
+TOPOLOGY = "v5p:2x2x1"
+# The tiny config without its tokenizer file: shapes come from these fields.
+TINY = ["--config", "configs/tiny.py", "--config.data.tokenizer=", "--config.model.vocab_size=64"]
+TINY += ["--config.data.max_length=40"]
+
+
+@pytest.fixture(scope="module")
+def devices():
+    return aot.topology_devices(TOPOLOGY)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(devices):
+    spec, overrides, _ = configlib.split_config_args([*TINY, "--config.train.global_batch_size=16"])
+    return aot.compile_train_step(configlib.load_config(spec, overrides), devices, TOPOLOGY)
+
+
+def test_tiny_config_compiles_and_fits(tiny_report):
+    r = tiny_report
+    assert (r.num_devices, r.device_kind, r.global_batch) == (4, "TPU v5", 16)
+    assert r.hbm_bytes == aot.HBM_BYTES["TPU v5"]
+    assert r.argument_bytes > 0 and r.temp_bytes > 0 and r.output_bytes > 0
+    assert 0 < r.used_bytes < r.hbm_bytes and r.fits and not r.oom
+    assert r.flops > 0 and r.matmul_flops > 0 and r.compile_seconds > 0
+    assert r.lines()[-1] == "fits"
+
+
+def test_batch_that_cannot_fit_is_reported_and_fails_the_command(capsys):
+    code = aot.main([*TINY, "--config.train.global_batch_size=1048576", "--topology", TOPOLOGY])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 1
+    assert lines[-1] == "does not fit"
+    assert any("RESOURCE_EXHAUSTED" in line for line in lines)
+
+
+def _report(**overrides):
+    fields = dict(
+        topology="t",
+        device_kind="TPU v5",
+        num_devices=4,
+        global_batch=8,
+        argument_bytes=60,
+        temp_bytes=30,
+        output_bytes=20,
+        alias_bytes=10,
+        hbm_bytes=100,
+        flops=1.0,
+    )
+    return aot.CompileReport(**{**fields, **overrides})
+
+
+def test_fits_counts_arguments_temporaries_and_unaliased_outputs():
+    assert _report().used_bytes == 100 and _report().fits
+    assert not _report(temp_bytes=31).fits
+    assert _report(temp_bytes=31, alias_bytes=11).fits
+    assert not _report(oom="RESOURCE_EXHAUSTED: Ran out of memory").fits
+    assert _report(temp_bytes=31).lines()[-1] == "does not fit"
+
+
+def test_xla_flops_are_per_device_and_match_the_jaxpr_count_without_loops():
+    x, w = jax.ShapeDtypeStruct((64, 128), jnp.float32), jnp.ones((128, 256), jnp.float32)
+    total = 2 * 64 * 128 * 256
+    for name in ("v5p:2x2x1", "v5p:2x2x2"):
+        devs = aot.topology_devices(name)
+        mesh = jax.sharding.Mesh(np.array(devs), ("batch",))
+        sharded = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec("batch")))
+        traced = jax.jit(lambda a: a @ w).trace(sharded)
+        cost = traced.lower().compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        assert cost["flops"] == pytest.approx(total / len(devs), rel=0.01)
+        assert aot.matmul_flops(traced.jaxpr) == total
+
+
+def test_matmul_flops_counts_scan_iterations_and_rematerialised_backward():
+    def loss(w, x):
+        step = lambda c, wi: (jax.checkpoint(lambda c: jnp.tanh(c @ wi))(c), None)
+        return jax.lax.scan(step, x, w)[0].sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(jnp.ones((5, 16, 16)), jnp.ones((8, 16)))
+    # Per layer: forward, recomputed forward, and the two products of the backward pass.
+    assert aot.matmul_flops(jaxpr) == 5 * 4 * (2 * 8 * 16 * 16)
+
+
+def test_matmul_flops_counts_grouped_convolutions():
+    image, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 2, 16))  # 2 groups of 2 input features
+    conv = lambda i, k: jax.lax.conv_general_dilated(
+        i, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2
+    )
+    assert aot.matmul_flops(jax.make_jaxpr(conv)(image, kernel)) == 2 * (8 * 8 * 16) * (3 * 3 * 2)

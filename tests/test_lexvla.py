@@ -1,0 +1,107 @@
+"""LexVLA assembled from Hugging Face checkpoints: codebooks, towers, text read at the last real token."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lexvla_jax import build, configlib, sharding
+from lexvla_jax.models import lexical
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEPT = np.array([3, 5, 8, 13, 21, 34, 55, 89, 100, 120], np.int32)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    torch.manual_seed(0)
+    vision = transformers.Dinov2Model(
+        transformers.Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            patch_size=8,
+            image_size=32,
+        )
+    ).eval()
+    text = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4
+        )
+    ).eval()
+    with torch.no_grad():
+        text.lm_head.weight.normal_()
+    root = tmp_path_factory.mktemp("hf")
+    vision.save_pretrained(root / "dinov2")
+    text.save_pretrained(root / "llama")
+    return str(root / "dinov2"), str(root / "llama"), vision, text
+
+
+@pytest.fixture(scope="module")
+def model(hf_dirs):
+    vision_dir, text_dir, _, _ = hf_dirs
+    config = configlib.load_config(
+        os.path.join(REPO, "configs", "tiny.py"),
+        [
+            f"model.vision_checkpoint={vision_dir}",
+            f"model.text_checkpoint={text_dir}",
+            "data.tokenizer=",
+            "model.adapter_mlp_dim=16",
+            "model.lora.targets=('q','v','down')",
+        ],
+    )
+    mesh = sharding.make_mesh((2, 2, 2))
+    return build.build_model(config, mesh, KEPT)
+
+
+def test_codebooks_are_the_kept_lm_head_rows(hf_dirs, model):
+    lm_head = hf_dirs[3].lm_head.weight.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(model.text_codebook[...]), lm_head[KEPT])
+    np.testing.assert_array_equal(np.asarray(model.visual_codebook[...]), lm_head[KEPT])
+    assert len(model.text_codebook[...].sharding.device_set) == 8  # placed on the mesh
+
+
+def test_towers_are_the_checkpoints(hf_dirs, model):
+    _, _, vision, text = hf_dirs
+    pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    theirs = vision(torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state.detach().numpy()
+    ours = np.asarray(model.vision(jnp.asarray(pixels)).last_hidden_state)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    ids = np.array([[1, 7, 9, 11]])
+    theirs = text(torch.from_numpy(ids), output_hidden_states=True).hidden_states[-1].detach().numpy()
+    ours = np.asarray(model.text(jnp.asarray(ids)).last_hidden_state)  # LoRA B = 0: the base model
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_text_vector_is_read_at_the_last_real_token(hf_dirs, model):
+    _, _, _, text = hf_dirs
+    ids = np.array([[1, 7, 9, 11, 0, 0], [1, 4, 4, 4, 4, 2]])
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    s = np.asarray(model.encode_text(jnp.asarray(ids), jnp.asarray(mask)))
+    hidden = text(torch.from_numpy(ids[:1, :4]), output_hidden_states=True).hidden_states[-1][0, -1].detach().numpy()
+    lm_head = text.lm_head.weight.detach().numpy()[KEPT]
+    expected = np.asarray(lexical.l2_normalize(lexical.elu1p(jnp.asarray(lm_head @ hidden))))
+    np.testing.assert_allclose(s[0], expected, atol=1e-5)
+    assert s.shape == (2, len(KEPT)) and np.all(s > 0)
+    np.testing.assert_allclose(np.linalg.norm(s, axis=1), 1.0, rtol=1e-5)
+
+
+def test_image_vector_pools_patches_only(model):
+    pixels = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
+    per_patch = model.patch_lexical(pixels, normalize=False)
+    assert per_patch.shape == (2, 16, len(KEPT))  # a 4×4 grid: CLS excluded
+    pooled = lexical.l2_normalize(per_patch.max(axis=1))
+    np.testing.assert_allclose(np.asarray(model.encode_image(pixels)), np.asarray(pooled), atol=1e-5)
+
+
+def test_logit_scale_is_clamped(model):
+    clone = nnx.clone(model)
+    clone.logit_scale[...] = jnp.float32(10.0)  # exp(10) > logit_scale_max
+    assert float(clone.logit_scale_value()) == pytest.approx(clone.config.logit_scale_max)
+    assert float(model.logit_scale_value()) == pytest.approx(model.config.logit_scale_init, rel=1e-5)
