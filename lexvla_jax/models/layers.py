@@ -127,11 +127,19 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    scale = 1.0 / jnp.sqrt(d).astype(jnp.float32)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # [B,1,1,T,S]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))
+    if kv_heads == h:  # plain multi-head: 4-D contractions, which XLA lays out best
+        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+        if mask is not None:
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhts,bshd->bthd", probs, v)
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B,1,1,T,S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
