@@ -24,7 +24,7 @@ def get_config(arg=None):
     config.data.tokenizer = "data/synthetic/tokenizer.model"
     config.data.image_size = 64
     config.data.min_image_size = 8
-    config.data.num_workers = 0
+    config.data.num_workers = 1
     config.data.shuffle_buffer = 500
     config.data.max_caption_tokens = 24
 
@@ -53,7 +53,7 @@ def get_config(arg=None):
         vocab_size=0,  # only used without a tokenizer (shapes-only compiles)
         adapter_heads=4,
         adapter_mlp_dim=128,
-        logit_scale_init=10.0,
+        logit_scale_init=20.0,
         logit_scale_max=100.0,
         max_pool_chunk=256,
         compute_dtype="float32",
@@ -64,7 +64,7 @@ def get_config(arg=None):
 
     config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=100)
     config.optim = dict(
-        learning_rate=2e-3,
+        learning_rate=3e-3,
         warmup_steps=50,
         end_lr_fraction=0.05,
         grad_clip_norm=1.0,
@@ -73,7 +73,7 @@ def get_config(arg=None):
         weight_decay=0.05,
     )
     config.train = dict(
-        num_steps=600,
+        num_steps=900,
         global_batch_size=64,
         micro_batches=1,
         seed=0,
@@ -82,8 +82,8 @@ def get_config(arg=None):
         max_consecutive_skips=5,
         show_top_words=3,
     )
-    config.checkpoint = dict(every_steps=200, keep=2, async_save=True)
-    config.eval = dict(every_steps=300, batch_size=64)
+    config.checkpoint = dict(every_steps=300, keep=2, async_save=True)
+    config.eval = dict(every_steps=300, batch_size=125)
 
     config.mesh = dict(shape=(-1, 1, 1), dcn_shape=(1, 1, 1))
     config.sharding = dict(rules=tuple(DEFAULT_RULES))
