@@ -134,3 +134,12 @@ def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[
 def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     """Loads a config file and applies overrides."""
     return apply_overrides(load_config_file(spec), overrides)
+
+
+def parse_command(argv: Sequence[str], parser) -> tuple[ml_collections.ConfigDict, object]:
+    """A command's `--config FILE[:arg]`, its `--config.a.b=value` overrides and the parser's own flags."""
+    spec, overrides, rest = split_config_args(argv)
+    args = parser.parse_args(rest)
+    if spec is None:
+        parser.error("--config is required, e.g. --config configs/tiny.py")
+    return load_config(spec, overrides), args

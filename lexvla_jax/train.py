@@ -193,6 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stop.restore()
         checkpointer.wait()
         checkpointer.close()
+        train_iter.close()  # stops the data workers
         writer.close()
 
 
@@ -246,13 +247,9 @@ class _Evaluator:
 
 
 def main(argv: list[str]) -> int:
-    spec, overrides, rest = configlib.split_config_args(argv)
     parser = argparse.ArgumentParser(prog="lexvla train", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
-    args = parser.parse_args(rest)
-    if spec is None:
-        parser.error("--config is required, e.g. --config configs/tiny.py")
-    config = configlib.load_config(spec, overrides)
+    config, args = configlib.parse_command(argv, parser)
     try:
         run(config, args.workdir)
     except TrainingError as e:

@@ -38,26 +38,8 @@ rules = sharding.DEFAULT_RULES
 graphdef, params, frozen, rest = tiny.split(tiny.tiny_model())
 tx, schedule = step_lib.make_optimizer(tiny.OPTIM, num_steps=steps)
 with sharding.use_mesh_rules(mesh, rules):
-    frozen_sh = sharding.state_shardings(frozen, mesh, rules)
-    rest_sh = sharding.state_shardings(rest, mesh, rules)
-    state = step_lib.init_train_state(params, tx, seed=0)
-    state_sh = step_lib.train_state_shardings(jax.eval_shape(lambda: state), tx, mesh, rules)
+    train_step, (frozen, rest, state) = tiny.sharded_step(mesh, graphdef, params, frozen, rest, tx, schedule)
     batch_sh = sharding.batch_sharding(mesh, rules)
-    place = lambda tree, shardings: jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: np.asarray(x)[i]), tree, shardings
-    )
-    frozen, rest, state = place(frozen, frozen_sh), place(rest, rest_sh), place(state, state_sh)
-    train_step = step_lib.jit_train_step(
-        tiny.encoder(graphdef),
-        tx,
-        schedule,
-        tiny.loss_config(),
-        2,
-        frozen_shardings=frozen_sh,
-        rest_shardings=rest_sh,
-        state_shardings=state_sh,
-        batch_sharding=batch_sh,
-    )
     losses = []
     for i in range(steps):
         full = tiny.tiny_batch(16, seed=100 + i)

@@ -86,27 +86,10 @@ def test_non_finite_loss_skips_the_update(setup):
 
 def _run_step_on(mesh_shape, devices, params, frozen, rest, graphdef, tx, schedule, batch):
     mesh = sharding.make_mesh(mesh_shape, devices=devices)
-    rules = sharding.DEFAULT_RULES
-    with sharding.use_mesh_rules(mesh, rules):
-        frozen_sh = sharding.state_shardings(frozen, mesh, rules)
-        rest_sh = sharding.state_shardings(rest, mesh, rules)
-        state = step_lib.init_train_state(jax.tree.map(jnp.array, params), tx, seed=0)  # copies: it is donated
-        state_sh = step_lib.train_state_shardings(jax.eval_shape(lambda: state), tx, mesh, rules)
-        batch_sh = sharding.batch_sharding(mesh, rules)
-        step = step_lib.jit_train_step(
-            tiny.encoder(graphdef),
-            tx,
-            schedule,
-            tiny.loss_config(),
-            2,
-            frozen_shardings=frozen_sh,
-            rest_shardings=rest_sh,
-            state_shardings=state_sh,
-            batch_sharding=batch_sh,
-        )
-        args = jax.device_put((frozen, rest, state, batch), (frozen_sh, rest_sh, state_sh, batch_sh))
-        new_state, metrics = step(*args)
-    return new_state, metrics
+    with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
+        step, (frozen, rest, state) = tiny.sharded_step(mesh, graphdef, params, frozen, rest, tx, schedule)
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
+        return step(frozen, rest, state, batch)
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 4, 2)], ids=["data8", "fsdp4xtensor2"])

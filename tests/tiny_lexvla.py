@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from lexvla_jax import sharding
 from lexvla_jax import step as step_lib
 from lexvla_jax.data.pipeline import normalize_images
 from lexvla_jax.models import dinov2, lexvla, llama
@@ -68,3 +69,31 @@ def loss_config() -> step_lib.LossConfig:
 
 def as_numpy(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def sharded_step(mesh, graphdef, params, frozen, rest, tx, schedule, num_micro: int = 2):
+    """The jitted train step on `mesh` and its placed inputs `(frozen, rest, state)`.
+
+    Values are copied onto the mesh shard by shard (works across processes; the donated state never
+    aliases the caller's arrays).
+    """
+    rules = sharding.DEFAULT_RULES
+    frozen_sh = sharding.state_shardings(frozen, mesh, rules)
+    rest_sh = sharding.state_shardings(rest, mesh, rules)
+    state = step_lib.init_train_state(params, tx, seed=0)
+    state_sh = step_lib.train_state_shardings(jax.eval_shape(lambda: state), tx, mesh, rules)
+    place = lambda tree, shardings: jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: np.asarray(x)[i]), tree, shardings
+    )
+    step = step_lib.jit_train_step(
+        encoder(graphdef),
+        tx,
+        schedule,
+        loss_config(),
+        num_micro,
+        frozen_shardings=frozen_sh,
+        rest_shardings=rest_sh,
+        state_shardings=state_sh,
+        batch_sharding=sharding.batch_sharding(mesh, rules),
+    )
+    return step, (place(frozen, frozen_sh), place(rest, rest_sh), place(state, state_sh))

@@ -45,13 +45,9 @@ def inspect(config, num_batches: int, global_batch_size: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    spec, overrides, rest = configlib.split_config_args(argv)
     parser = argparse.ArgumentParser(prog="lexvla inspect-data", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=10, help="batches to read")
-    args = parser.parse_args(rest)
-    if spec is None:
-        parser.error("--config is required, e.g. --config configs/tiny.py")
-    config = configlib.load_config(spec, overrides)
+    config, args = configlib.parse_command(argv, parser)
     report = inspect(config, args.batches, config.train.global_batch_size)
     total_skipped = sum(report["skipped"].values())
     print(f"batches read:    {report['batches']} ({report['samples']} samples)")
