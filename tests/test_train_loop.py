@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,39 +111,67 @@ def test_metrics_rows(uninterrupted):
 
 
 def _interrupt(workdir, data_dir, env, sig):
-    """Starts a run, sends `sig` once its first checkpoint exists; returns (steps saved, output, exit code)."""
-    proc = subprocess.Popen(_command(workdir, data_dir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    """Starts a run and sends `sig` once its first checkpoint exists → (steps saved, output, exit code).
+
+    SIGKILL goes to the whole process group (the trainer and its data worker), as when a machine dies;
+    SIGTERM goes to the trainer only, which must checkpoint, stop its workers and exit cleanly.
+    """
+    log = open(os.path.join(os.path.dirname(workdir), "interrupted.log"), "w+")
+    proc = subprocess.Popen(
+        _command(workdir, data_dir), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.time() + 300
     while not _saved_steps(workdir) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
-    proc.send_signal(sig)
-    out = proc.communicate(timeout=300)[0].decode()
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(sig)
+    proc.wait(timeout=300)
+    log.seek(0)
+    out = log.read()
     saved = _saved_steps(workdir)
     assert saved and max(saved) < STEPS, f"the run was not interrupted mid-way: {saved}\n{out[-2000:]}"
     return saved, out, proc.returncode
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_exact_resume(uninterrupted, data_dir, env, tmp_path, sig):
-    workdir = tmp_path / "work"
-    saved, out, returncode = _interrupt(workdir, data_dir, env, sig)
-    if sig == signal.SIGTERM:
-        assert returncode == 0 and "termination signal" in out, out[-2000:]
-    resumed = subprocess.run(_command(workdir, data_dir), env=env, capture_output=True, text=True)
+def _resume(workdir, data_dir, env, saved, **extra):
+    resumed = subprocess.run(_command(workdir, data_dir, **extra), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {max(saved)}" in resumed.stdout
+    return resumed.stdout
+
+
+@pytest.fixture(scope="module")
+def terminated(data_dir, env, tmp_path_factory):
+    """A run stopped by SIGTERM after its first checkpoint (copied by each test that resumes it)."""
+    workdir = tmp_path_factory.mktemp("terminated") / "work"
+    saved, out, returncode = _interrupt(workdir, data_dir, env, signal.SIGTERM)
+    assert returncode == 0 and "termination signal" in out, out[-2000:]
+    return workdir, saved
+
+
+def test_exact_resume_after_sigkill(uninterrupted, data_dir, env, tmp_path):
+    workdir = tmp_path / "work"
+    saved, _, returncode = _interrupt(workdir, data_dir, env, signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
+    _resume(workdir, data_dir, env, saved)
     _assert_bitwise_equal(_final_state(workdir), _final_state(uninterrupted[0]))
 
 
-def test_resume_on_a_different_mesh(uninterrupted, data_dir, env, tmp_path):
+def test_exact_resume_after_sigterm(uninterrupted, terminated, data_dir, env, tmp_path):
+    workdir = tmp_path / "work"
+    shutil.copytree(terminated[0], workdir)
+    _resume(workdir, data_dir, env, terminated[1])
+    _assert_bitwise_equal(_final_state(workdir), _final_state(uninterrupted[0]))
+
+
+def test_resume_on_a_different_mesh(uninterrupted, terminated, data_dir, env, tmp_path):
     """Saved on a data-parallel mesh, resumed with FSDP: the same training up to float reassociation."""
     workdir = tmp_path / "work"
-    saved, _, _ = _interrupt(workdir, data_dir, env, signal.SIGTERM)
-    command = _command(workdir, data_dir, **{"mesh.shape": "(1,2,1)"})
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in resumed.stdout
-    assert f"resumed from step {max(saved)}" in resumed.stdout
+    shutil.copytree(terminated[0], workdir)
+    stdout = _resume(workdir, data_dir, env, terminated[1], **{"mesh.shape": "(1,2,1)"})
+    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in stdout
     ours = ocp.tree.to_flat_dict(_final_state(workdir))
     reference = ocp.tree.to_flat_dict(_final_state(uninterrupted[0]))
     assert ours.keys() == reference.keys()
