@@ -54,6 +54,9 @@ def get_config(arg=None):
     config.train = dict(
         num_steps=20_000,
         global_batch_size=4096,
+        # Batch 4096 in one pass fits a v5p-8 (4 chips; up to 5188 there), any larger v5p slice and a v4-64
+        # (33% of HBM). Small slices of smaller-HBM chips need GradCache micro-batches (same negatives, +38%
+        # FLOPs for the extra forward pass): 4 on v6e-4 or v4-8, 2 on v5e-16 (benchmarks/aot_fit.py).
         micro_batches=1,
         seed=0,
         trainable=("adapter", "visual_codebook", "logit_scale", "lora"),

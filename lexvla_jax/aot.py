@@ -41,8 +41,8 @@ from lexvla_jax import step as step_lib  # noqa: E402
 
 GIB = 1024**3
 # HBM the compiler may use per device, by `device_kind`: the "available HBM" libtpu 0.0.42 states when a
-# program does not fit (a little under the chip's 95 / 32 / 16 / 32 GiB). A `v4:` topology device is one
-# TensorCore, half a chip, so it gets half of the chip's budget.
+# program's temporaries alone exceed it ("95.74G", read as GiB). A `v4:` topology device is one TensorCore,
+# half a chip, and gets half of the chip's HBM.
 HBM_BYTES = {
     "TPU v4": int(15.25 * GIB),
     "TPU v5": int(95.74 * GIB),  # v5p
@@ -258,13 +258,9 @@ def _unknown_hbm(kind: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    spec, overrides, rest = configlib.split_config_args(argv)
     parser = argparse.ArgumentParser(prog="lexvla compile", description=__doc__.splitlines()[0])
     parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
-    args = parser.parse_args(rest)
-    if spec is None:
-        parser.error("--config is required")
-    config = configlib.load_config(spec, overrides)
+    config, args = configlib.parse_command(argv, parser)
     report = compile_train_step(config, topology_devices(args.topology), args.topology)
     print("\n".join(report.lines()))
     return 0 if report.fits else 1
