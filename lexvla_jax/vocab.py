@@ -13,6 +13,7 @@ Three pieces, all plain Python + NumPy (no JAX: this module runs inside grain da
 
 from __future__ import annotations
 
+import abc
 import argparse
 import io
 import json
@@ -38,7 +39,7 @@ _BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """A Llama-style tokenizer: `encode` gives exactly the ids Llama 2 sees (dummy prefix, byte fallback).
 
     Text is always text: "<s>" inside a caption is tokenised as the characters `<`, `s`, `>` (as SentencePiece
@@ -59,30 +60,33 @@ class Tokenizer:
         ids = self._encode(text)
         return [self.bos_id, *ids] if add_bos else ids
 
+    @abc.abstractmethod
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int], list[int]]:
         """`(ids, starts, ends)`, no BOS: token k covers the characters `text[starts[k]:ends[k]]`.
 
         A byte-fallback token covers the whole character its byte belongs to; a token may cover no character
         (the dummy-prefix piece before a leading non-space), then `starts[k] == ends[k]`.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """Text of `ids` (control tokens dropped)."""
 
+    @abc.abstractmethod
     def id_to_piece(self, i: int) -> str:
-        raise NotImplementedError
+        """The vocabulary piece of id `i` (e.g. `▁horse`)."""
 
+    @abc.abstractmethod
     def is_special(self, i: int) -> bool:
         """Control tokens (unk/bos/eos/pad and other special tokens): never text."""
-        raise NotImplementedError
 
     def is_byte(self, i: int) -> bool:
         """Byte-fallback pieces `<0x00>`…`<0xFF>`."""
         return bool(_BYTE_PIECE.match(self.id_to_piece(i)))
 
+    @abc.abstractmethod
     def _encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of `text` without BOS."""
 
 
 class SentencePieceTokenizer(Tokenizer):
