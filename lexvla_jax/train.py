@@ -136,7 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state_shardings=state_shardings,
         batch_sharding=sharding.batch_sharding(mesh, rules),
     )
-    evaluator = _Evaluator(config, encoder, prompt, mesh, rules, frozen, rest)
+    evaluator = _Evaluator(config, encoder, prompt, kept_ids, mesh, rules, frozen, rest)
 
     stop = _StopSignal()
     config_dict = config.to_dict()
@@ -204,10 +204,10 @@ def _count(tree) -> int:
 class _Evaluator:
     """Retrieval R@K on the eval set with the current trainable parameters (and top words, if asked)."""
 
-    def __init__(self, config, encoder: step_lib.Encoder, prompt, mesh, rules, frozen, rest):
+    def __init__(self, config, encoder: step_lib.Encoder, prompt, kept_ids, mesh, rules, frozen, rest):
         self.config, self.mesh, self.rules = config, mesh, rules
         self.eval_set = pipeline.load_eval_set(config.data, prompt)
-        self.prompt = prompt
+        self.tokenizer, self.kept_ids = prompt.tokenizer, kept_ids
         self.frozen, self.rest = frozen, rest
 
         def image_fn(params, frozen, rest, batch):
@@ -236,7 +236,7 @@ class _Evaluator:
         metrics["eval/chance_i2t_r@1"] = chance["i2t_r@1"]
         metrics["eval/chance_t2i_r@1"] = chance["t2i_r@1"]
         if show_top_words and writer is not None:
-            tokenizer, kept = self.prompt.tokenizer, vocab.filter_vocabulary(self.prompt.tokenizer)
+            tokenizer, kept = self.tokenizer, self.kept_ids
             for i in range(min(show_top_words, n_img)):
                 caption_index = int(np.flatnonzero(self.eval_set["image_of_text"] == i)[0])
                 writer.log(f"eval image {i}: {explain.format_top_words(explain.top_words(s_img[i], kept, tokenizer))}")

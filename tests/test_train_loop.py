@@ -44,7 +44,7 @@ def _overrides(data_dir: str, **extra) -> list[str]:
         "train.num_steps": STEPS,
         "train.global_batch_size": 16,
         "train.log_every": 4,
-        "train.show_top_words": 0,
+        "train.show_top_words": 2,
         "optim.warmup_steps": 2,
         "checkpoint.every_steps": 4,
         "checkpoint.keep": 10,
@@ -108,6 +108,7 @@ def test_metrics_rows(uninterrupted):
         assert 0.0 <= eval_row[key] <= 1.0
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert "final evaluation" in stdout
+    assert "eval image 1:" in stdout and "caption words:" in stdout  # top words of eval images and captions
 
 
 def _interrupt(workdir, data_dir, env, sig):
