@@ -38,14 +38,16 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, config_dict: dict, *, force: bool = False) -> bool:
-        """Saves when `step` is a multiple of `every_steps` (or `force`); returns whether a save started."""
-        if not force and step % self.every_steps:
-            return False
+    def due(self, step: int) -> bool:
+        """Whether `step` is on the checkpoint cadence."""
+        return step % self.every_steps == 0
+
+    def save(self, step: int, state, data_iterator, config_dict: dict) -> None:
+        """Starts an (asynchronous) save of step `step`."""
         args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(json.dumps(config_dict)))}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores the state into the shardings of `abstract_state` and repositions `data_iterator`."""

@@ -227,7 +227,15 @@ def train_step(
         skipped_updates=state.skipped_updates + (~ok).astype(jnp.int32),
         consecutive_skips=jnp.where(ok, 0, state.consecutive_skips + 1),
     )
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step), update_ok=ok)
+    metrics = dict(
+        metrics,
+        loss=loss,
+        grad_norm=grad_norm,
+        learning_rate=schedule(state.step),
+        update_ok=ok,
+        skipped_updates=new_state.skipped_updates,
+        consecutive_skips=new_state.consecutive_skips,
+    )
     return new_state, metrics
 
 

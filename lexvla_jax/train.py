@@ -141,23 +141,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stop = _StopSignal()
     config_dict = config.to_dict()
     step = int(jax.device_get(state.step))
-    last_metrics, skipped_samples = {}, {}
+    last_metrics, previous = {}, None
     tick, tick_step = time.time(), step
     try:
         while step < tc.num_steps:
             with sharding.use_mesh_rules(mesh, rules):
-                local = next(train_iter)
-                for reason, count in pipeline.skip_counts(local).items():
-                    skipped_samples[reason] = skipped_samples.get(reason, 0) + count
-                batch = pipeline.make_global_batch(local, mesh, rules)
+                batch = pipeline.make_global_batch(next(train_iter), mesh, rules)
                 state, metrics = train_step(frozen, rest, state, batch)
             step += 1
-            if int(state.consecutive_skips) >= tc.max_consecutive_skips:
-                raise TrainingError(
-                    f"{tc.max_consecutive_skips} steps in a row had a non-finite loss or gradient (last at step "
-                    f"{step}); lower config.optim.learning_rate or check the data"
-                )
-            update_ok = bool(metrics["update_ok"])
+            # The previous step has finished by now or soon: reading it does not stall this one.
+            _check_skips(previous, step - 1, tc.max_consecutive_skips)
+            previous = metrics
             if step % tc.log_every == 0 or step == tc.num_steps:
                 elapsed = time.time() - tick
                 samples_per_s = (step - tick_step) * tc.global_batch_size / max(elapsed, 1e-9)
@@ -165,8 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last_metrics.update(
                     samples_per_s=samples_per_s,
                     samples_per_s_per_device=samples_per_s / jax.device_count(),
-                    skipped_updates=int(state.skipped_updates),
-                    **{f"skipped_samples/{k}": v for k, v in skipped_samples.items()},
+                    **{f"skipped_samples/{k}": v for k, v in train_iter.skip_counts.items()},
                 )
                 writer.write(step, last_metrics)
                 writer.progress(
@@ -176,14 +169,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if config.eval.every_steps and step % config.eval.every_steps == 0 and step != tc.num_steps:
                 writer.write(step, evaluator(state.params))
             preempted = stop.received or checkpointer.reached_preemption(step)
-            if update_ok:
-                checkpointer.save(step, state, train_iter, config_dict, force=preempted or step == tc.num_steps)
+            last = step == tc.num_steps
+            # A state whose update was skipped (non-finite loss or gradient) is never saved.
+            if (preempted or last or checkpointer.due(step)) and bool(metrics["update_ok"]):
+                checkpointer.save(step, state, train_iter, config_dict)
             if preempted:
                 checkpointer.wait()
                 writer.log(
                     f"stopped at step {step} on a termination signal; checkpoint saved, resume with the same workdir"
                 )
                 return last_metrics
+        _check_skips(previous, step, tc.max_consecutive_skips)
         checkpointer.wait()
         final = evaluator(state.params, show_top_words=tc.show_top_words, writer=writer)
         writer.write(step, final)
@@ -195,6 +191,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointer.close()
         train_iter.close()  # stops the data workers
         writer.close()
+
+
+def _check_skips(metrics, step: int, limit: int) -> None:
+    """Stops the run after `limit` non-finite steps in a row."""
+    if metrics is not None and int(metrics["consecutive_skips"]) >= limit:
+        raise TrainingError(
+            f"{limit} steps in a row had a non-finite loss or gradient (last at step {step}); "
+            "lower config.optim.learning_rate or check the data"
+        )
 
 
 def _count(tree) -> int:

@@ -202,3 +202,21 @@ def test_non_finite_step_is_skipped_and_never_saved(data_dir, tmp_path, monkeypa
     assert _saved_steps(workdir) == [2, 4, 8]  # step 6 (the skipped update) was not saved
     state = _final_state(workdir, step=8)
     assert (int(state["step"]), int(state["skipped_updates"]), int(state["consecutive_skips"])) == (8, 1, 0)
+
+
+def test_repeated_non_finite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
+    real_loss = train.step_lib.losses.lexvla_loss
+
+    def loss_nan_from_step_3(*args, step, **kwargs):
+        loss, metrics = real_loss(*args, step=step, **kwargs)
+        return jnp.where(step >= 3, jnp.nan, loss), metrics
+
+    monkeypatch.setattr(train.step_lib.losses, "lexvla_loss", loss_nan_from_step_3)
+    extra = {"train.num_steps": 20, "train.max_consecutive_skips": 3, "checkpoint.every_steps": 2}
+    config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), _overrides(data_dir, **extra))
+    workdir = str(tmp_path / "work")
+    with pytest.raises(
+        train.TrainingError, match=r"3 steps in a row had a non-finite loss or gradient \(last at step 6\)"
+    ):
+        train.run(config, workdir)
+    assert _saved_steps(workdir) == [2]  # steps 4 and 6 were skipped updates: not saved
