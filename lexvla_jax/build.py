@@ -108,19 +108,9 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh, kept_ids: np.ndar
         )
         cfg = dataclasses.replace(cfg, vision=vision.config)
     if m.text_checkpoint:
-        t = cfg.text
+        lora = {f: getattr(cfg.text, f) for f in ("remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
         text = convert.load_hf_llama(
-            m.text_checkpoint,
-            frozen_dtype,
-            mesh=mesh,
-            rules=rules,
-            with_lm_head=False,
-            compute_dtype=cfg.dtype,
-            remat=t.remat,
-            lora_rank=t.lora_rank,
-            lora_alpha=t.lora_alpha,
-            lora_dropout=t.lora_dropout,
-            lora_targets=t.lora_targets,
+            m.text_checkpoint, frozen_dtype, mesh=mesh, rules=rules, with_lm_head=False, compute_dtype=cfg.dtype, **lora
         )
         cfg = dataclasses.replace(cfg, text=text.config)
         ckpt = convert.HFCheckpoint(m.text_checkpoint)

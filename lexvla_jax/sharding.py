@@ -172,9 +172,10 @@ def make_mesh(
     if num_slices > 1:
         grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices, allow_split_physical_axes=True)
         return Mesh(grid, MESH_AXES, axis_types=auto)
-    try:
+    try:  # topology-aware device order (TPU/GPU interconnect)
         grid = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
+        # Devices without a physical topology (CPU, fake devices) have no better order than their own.
         grid = np.asarray(devices).reshape(ici_shape)
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
