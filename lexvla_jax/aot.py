@@ -34,10 +34,9 @@ for _name, _value in (
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from lexvla_jax import build, configlib, sharding, vocab  # noqa: E402
-from lexvla_jax import step as step_lib  # noqa: E402
+from lexvla_jax.program import make_program, with_shardings  # noqa: E402
 
 GIB = 1024**3
 # HBM the compiler may use per device, by `device_kind`: the "available HBM" libtpu 0.0.42 states when a
@@ -159,49 +158,24 @@ def _vocab_and_length(config) -> tuple[int, int]:
 def compile_train_step(config, devices, topology: str = "") -> CompileReport:
     """Lowers and compiles the train step of `config` for `devices`; nothing is allocated."""
     mesh = sharding.mesh_from_config(config.mesh, devices)
-    rules = tuple(tuple(r) for r in config.sharding.rules)
-    tc = config.train
-    sharding.check_batch_size(tc.global_batch_size, mesh, rules, tc.micro_batches)
     num_words, length = _vocab_and_length(config)
-    with sharding.use_mesh_rules(mesh, rules):
+    with sharding.use_mesh_rules(mesh, tuple(tuple(r) for r in config.sharding.rules)):
         model = build.abstract_model(config, num_words)
-        graphdef, params, frozen, rest = nnx.split(model, step_lib.trainable_filter(tc.trainable), nnx.Param, ...)
-        tx, schedule = step_lib.make_optimizer(config.optim, tc.num_steps)
-        abstract_state = jax.eval_shape(functools.partial(step_lib.init_train_state, tx=tx, seed=tc.seed), params)
-        state_shardings = step_lib.train_state_shardings(abstract_state, tx, mesh, rules)
-        frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
-        rest_shardings = sharding.state_shardings(rest, mesh, rules)
-        from lexvla_jax.data.pipeline import normalize_images
-
-        train_step = step_lib.jit_train_step(
-            step_lib.Encoder(graphdef, normalize_images),
-            tx,
-            schedule,
-            step_lib.LossConfig(**config.loss.to_dict()),
-            tc.micro_batches,
-            frozen_shardings=frozen_shardings,
-            rest_shardings=rest_shardings,
-            state_shardings=state_shardings,
-            batch_sharding=sharding.batch_sharding(mesh, rules),
-        )
-        batch_spec = sharding.batch_sharding(mesh, rules)
-        b, size = tc.global_batch_size, config.data.image_size
+        program, _, frozen, rest = make_program(config, mesh, model)
+        b, size = config.train.global_batch_size, config.data.image_size
         batch = {
-            "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=batch_spec),
-            "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch_spec),
-            "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=batch_spec),
+            "image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=program.batch_sharding),
+            "input_ids": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=program.batch_sharding),
+            "attention_mask": jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=program.batch_sharding),
         }
-        with_sharding = lambda tree, shardings: jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-        )
         args = (
-            with_sharding(frozen, frozen_shardings),
-            with_sharding(rest, rest_shardings),
-            with_sharding(abstract_state, state_shardings),
+            with_shardings(frozen, program.frozen_shardings),
+            with_shardings(rest, program.rest_shardings),
+            program.abstract_state,
             batch,
         )
         start = time.perf_counter()
-        traced = train_step.trace(*args)
+        traced = program.step.trace(*args)
         kind = devices[0].device_kind
         report = functools.partial(
             CompileReport,

@@ -1,25 +1,30 @@
-"""The LexVLA model from a config, created or loaded straight into its sharded layout.
+"""The LexVLA model from a config: one construction path for random, loaded and abstract models.
 
 `config.model.vision` / `config.model.text` name a preset (`preset`) and/or set architecture fields;
 `config.model.vision_checkpoint` / `text_checkpoint` point at local Hugging Face directories (empty:
-random initialisation, e.g. for debugging or ahead-of-time compiles). The kept vocabulary comes from the
-tokenizer (`config.data.tokenizer`) through `vocab.filter_vocabulary`; without a tokenizer, the first
-`config.model.vocab_size` ids stand in (shapes only).
+random initialisation, e.g. for debugging or ahead-of-time compiles). The rows of both codebooks are the
+kept vocabulary (`vocab.filter_vocabulary` of `config.data.tokenizer`).
+
+Every variable is created directly in its sharded layout (`convert.load_model`): checkpoint tensors are
+read shard by shard on the processes that own them, everything else is initialised under `jit`. Trainable
+parameters (`config.train.trainable`) are float32 master weights whatever `frozen_param_dtype` says.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from flax.nnx import filterlib
 from jax.sharding import Mesh
 
-from lexvla_jax import convert, sharding, vocab
+from lexvla_jax import convert, step, vocab
+from lexvla_jax.configlib import ConfigError
+from lexvla_jax.hf_layout import Source
 from lexvla_jax.models import dinov2, lexvla, llama
 
 
@@ -27,39 +32,39 @@ def _fields(section: ml_collections.ConfigDict) -> dict:
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.to_dict().items() if k != "preset"}
 
 
-def vision_config(config: ml_collections.ConfigDict) -> dinov2.Dinov2Config:
-    """The DINOv2 config: preset (if any), then explicit fields, then runtime dtypes."""
+def _runtime(config: ml_collections.ConfigDict) -> dict:
     m = config.model
-    runtime = dict(dtype=jnp.dtype(m.compute_dtype), param_dtype=jnp.dtype(m.frozen_param_dtype), remat=m.remat)
-    fields = {**_fields(m.vision), **runtime}
+    return dict(dtype=jnp.dtype(m.compute_dtype), param_dtype=jnp.dtype(m.frozen_param_dtype), remat=m.remat)
+
+
+def _lora(config: ml_collections.ConfigDict) -> dict:
+    lora = config.model.lora
+    return dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=tuple(lora.targets))
+
+
+def vision_config(config: ml_collections.ConfigDict) -> dinov2.Dinov2Config:
+    """The DINOv2 config: the checkpoint's, else preset (if any) then explicit fields; runtime dtypes."""
+    m = config.model
+    if m.vision_checkpoint:
+        return convert.dinov2_config(
+            convert.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"), **_runtime(config)
+        )
+    fields = {**_fields(m.vision), **_runtime(config)}
     if m.vision.get("preset"):
         return dinov2.dinov2_preset(m.vision.preset, **fields)
     return dinov2.Dinov2Config(**fields)
 
 
 def text_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
-    """The Llama config: preset (if any), explicit fields, runtime dtypes and LoRA."""
+    """The Llama config: the checkpoint's, else preset (if any) then explicit fields; runtime dtypes and LoRA."""
     m = config.model
-    runtime = dict(
-        dtype=jnp.dtype(m.compute_dtype),
-        param_dtype=jnp.dtype(m.frozen_param_dtype),
-        remat=m.remat,
-        lora_rank=m.lora.rank,
-        lora_alpha=m.lora.alpha,
-        lora_dropout=m.lora.dropout,
-        lora_targets=tuple(m.lora.targets),
-    )
+    runtime = {**_runtime(config), **_lora(config)}
+    if m.text_checkpoint:
+        return convert.llama_config(convert.HFCheckpoint(m.text_checkpoint, "config.model.text_checkpoint"), **runtime)
     fields = {**_fields(m.text), **runtime}
     if m.text.get("preset"):
         return llama.llama_preset(m.text.preset, **fields)
     return llama.LlamaConfig(**fields)
-
-
-def kept_vocabulary(config: ml_collections.ConfigDict) -> np.ndarray:
-    """Token ids of the lexical vocabulary (rows of both codebooks)."""
-    if config.data.tokenizer:
-        return vocab.filter_vocabulary(vocab.load_tokenizer(config.data.tokenizer))
-    return np.arange(config.model.vocab_size, dtype=np.int32)
 
 
 def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.LexVLAConfig:
@@ -78,45 +83,71 @@ def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.Le
     )
 
 
-def create_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules) -> nnx.Module:
-    """Runs `make()` under jit with every variable created directly in its sharded layout."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    shardings = sharding.state_shardings(abstract, mesh, rules)
-    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+def load_vocabulary(config: ml_collections.ConfigDict) -> tuple[vocab.Tokenizer, np.ndarray]:
+    """The tokenizer of `config.data.tokenizer` and the token ids of the kept vocabulary (codebook rows)."""
+    tokenizer = vocab.load_tokenizer(config.data.tokenizer)
+    size = config.model.text.get("vocab_size", tokenizer.vocab_size)
+    if tokenizer.vocab_size != size and not config.model.text_checkpoint:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} pieces but config.model.text.vocab_size={size}; make them equal"
+        )
+    return tokenizer, vocab.filter_vocabulary(tokenizer)
 
 
-def abstract_model(config: ml_collections.ConfigDict, num_words: int) -> lexvla.LexVLA:
-    """The model as shapes only (no memory): for ahead-of-time compiles."""
-    cfg = model_config(config, num_words)
-    return nnx.eval_shape(lambda: lexvla.LexVLA(cfg, rngs=nnx.Rngs(config.train.seed)))
+@dataclasses.dataclass(frozen=True)
+class ModelRecipe:
+    """How to make the model: its config, a constructor, and the checkpoint parts to read."""
+
+    config: lexvla.LexVLAConfig
+    make: object  # () -> LexVLA
+    parts: tuple[convert.CheckpointPart, ...]
+    trainable: object  # nnx filter of the trainable parameters
+
+
+def recipe(config: ml_collections.ConfigDict, kept_ids: np.ndarray) -> ModelRecipe:
+    """The model of `config` with vocabulary `kept_ids`, and where its pretrained weights come from."""
+    m = config.model
+    cfg = model_config(config, len(kept_ids))
+    seed = config.train.seed
+    make = lambda: lexvla.LexVLA(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    parts = []
+    if m.vision_checkpoint:
+        parts.append(convert.dinov2_part(convert.HFCheckpoint(m.vision_checkpoint), cfg.vision, prefix="vision"))
+    if m.text_checkpoint:
+        ckpt = convert.HFCheckpoint(m.text_checkpoint)
+        text = convert.llama_part(ckpt, cfg.text, prefix="text", with_lm_head=False)
+        # Both codebooks start as the lm_head rows of the kept words; the visual one then trains.
+        rows = Source(convert.hf_layout.llama_lm_head_key(cfg.text), rows=tuple(int(i) for i in kept_ids))
+        codebooks = {"text_codebook": rows, "visual_codebook": rows}
+        ignore = lambda key, text=text: text.ignore(key) and key != rows.key
+        parts.append(dataclasses.replace(text, sources={**text.sources, **codebooks}, ignore=ignore))
+    return ModelRecipe(cfg, make, tuple(parts), step.trainable_filter(config.train.trainable))
+
+
+def master_dtypes(r: ModelRecipe):
+    """`dtype_of` for `convert.load_model`: trainable parameters are float32 master weights."""
+    trainable = filterlib.to_predicate(r.trainable)
+    return lambda path, variable: jnp.float32 if trainable(path, variable) else None
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh, kept_ids: np.ndarray) -> lexvla.LexVLA:
-    """LexVLA with checkpoints loaded where configured, everything placed on `mesh` by the rules."""
-    rules = tuple(config.sharding.rules)
-    cfg = model_config(config, len(kept_ids))
-    rngs = lambda: nnx.Rngs(params=config.train.seed, dropout=config.train.seed + 1)
-    m = config.model
-    if not m.vision_checkpoint and not m.text_checkpoint:
-        return create_sharded(lambda: lexvla.LexVLA(cfg, rngs=rngs()), mesh, rules)
-    frozen_dtype = jnp.dtype(m.frozen_param_dtype)
-    vision = text = codebook = None
-    if m.vision_checkpoint:
-        vision = convert.load_hf_dinov2(
-            m.vision_checkpoint, frozen_dtype, mesh=mesh, rules=rules, compute_dtype=cfg.dtype, remat=m.remat
-        )
-        cfg = dataclasses.replace(cfg, vision=vision.config)
-    if m.text_checkpoint:
-        lora = {f: getattr(cfg.text, f) for f in ("remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
-        text = convert.load_hf_llama(
-            m.text_checkpoint, frozen_dtype, mesh=mesh, rules=rules, with_lm_head=False, compute_dtype=cfg.dtype, **lora
-        )
-        cfg = dataclasses.replace(cfg, text=text.config)
-        ckpt = convert.HFCheckpoint(m.text_checkpoint)
-        key = "model.embed_tokens.weight" if text.config.tie_word_embeddings else "lm_head.weight"
-        source = convert.Source(key, rows=tuple(int(i) for i in kept_ids))
-        codebook = convert.load_tensor(ckpt, source, mesh, ("vocab", "embed"), rules, jnp.float32)
-    model = lexvla.LexVLA(cfg, rngs=rngs(), vision=vision, text=text, text_codebook=codebook)
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
+    """LexVLA with checkpoints loaded where configured, every variable created on `mesh` by the rules."""
+    r = recipe(config, kept_ids)
+    return convert.load_model(r.make, r.parts, mesh=mesh, rules=tuple(config.sharding.rules), dtype_of=master_dtypes(r))
+
+
+def abstract_model(config: ml_collections.ConfigDict, num_words: int) -> lexvla.LexVLA:
+    """The same model as shapes only (no memory, no tensor read), with the same dtypes: for compiles."""
+    r = recipe(config, np.arange(num_words))
+    dtype_of = master_dtypes(r)
+    graphdef, state = nnx.split(nnx.eval_shape(r.make))
+
+    def cast(path, variable):
+        value = variable.get_value()
+        dtype = dtype_of(path, variable)
+        if dtype is None or not jnp.issubdtype(value.dtype, jnp.floating):
+            return variable
+        return variable.replace(jax.ShapeDtypeStruct(value.shape, dtype))
+
+    flat = [(p, cast(p, v)) for p, v in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -1,61 +1,113 @@
-"""Orbax checkpoints of a training run: train state, data-iterator position and the config, saved together.
+"""Orbax checkpoints of a training run: train state, data-iterator position, config and vocabulary, together.
 
-Saves are asynchronous (arrays are copied to host, then written in the background), keep the last N,
-and restore onto whatever mesh the abstract target carries — a run can resume on a different mesh.
+The directory is any `etils.epath` path (local, `gs://`, ...): orbax writes through tensorstore, so a
+remote workdir never becomes a local folder. Saves are asynchronous (arrays are copied to host, then
+written in the background), keep the last N, and restore onto whatever mesh the abstract target carries —
+a run can resume on a different mesh or process count. The kept vocabulary (token ids and words) is saved
+with every step and checked on restore: codebook rows mean words only under the same vocabulary.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from lexvla_jax import vocab
+from lexvla_jax.data import streams
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """No checkpoint where one was asked for; the message is one line with the fix."""
+
+
+class VocabularyMismatch(ValueError):
+    """A checkpoint trained on another kept vocabulary than the tokenizer gives now; one line."""
+
+
+def workdir_path(workdir: str) -> epath.Path:
+    """`workdir` as an epath (local paths made absolute, remote ones untouched)."""
+    path = epath.Path(workdir)
+    return path.absolute() if "://" not in str(workdir) else path
+
+
+def vocabulary_record(tokenizer: vocab.Tokenizer, kept_ids: np.ndarray, tokenizer_path: str) -> dict:
+    """What is saved of the kept vocabulary: the tokenizer path, its size, the ids and their words."""
+    return {
+        "tokenizer": str(tokenizer_path),
+        "tokenizer_size": int(tokenizer.vocab_size),
+        "ids": [int(i) for i in kept_ids],
+        "words": [tokenizer.id_to_piece(int(i)) for i in kept_ids],
+    }
 
 
 class Checkpointer:
-    """`save` / `restore` of (state, data iterator, config) under `workdir/checkpoints/<step>`."""
+    """`save` / `restore` of (state, data iterator, config, vocabulary) under `workdir/checkpoints/<step>`."""
 
-    def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    def __init__(
+        self, workdir: str, *, every_steps: int, keep: int | None, async_save: bool = True, create: bool = True
+    ):
+        self.directory = workdir_path(workdir) / "checkpoints"
         self.every_steps = every_steps
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=create)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
+                "data": streams.StreamsCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
+                "vocab": ocp.JsonCheckpointHandler(),
             },
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
     def due(self, step: int) -> bool:
         """Whether `step` is on the checkpoint cadence."""
         return step % self.every_steps == 0
 
-    def save(self, step: int, state, data_iterator, config_dict: dict) -> None:
+    def save(self, step: int, state, data_iterator, config_dict: dict, vocabulary: dict) -> None:
         """Starts an (asynchronous) save of step `step`."""
-        args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(json.loads(json.dumps(config_dict)))}
+        args = {
+            "state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(json.loads(json.dumps(config_dict))),
+            "vocab": ocp.args.JsonSave(vocabulary),
+        }
         if data_iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            args["data"] = streams.StreamsSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def check_vocabulary(self, step: int, tokenizer: vocab.Tokenizer, kept_ids: np.ndarray, tokenizer_path: str):
+        """Raises `VocabularyMismatch` when step `step` was trained on another kept vocabulary."""
+        saved = self.manager.restore(step, args=ocp.args.Composite(vocab=ocp.args.JsonRestore()))["vocab"]
+        if saved["ids"] == [int(i) for i in kept_ids]:
+            return
+        raise VocabularyMismatch(
+            f"checkpoint step {step} in {self.directory} was trained on {len(saved['ids'])} kept words of "
+            f"{saved['tokenizer']} ({saved['tokenizer_size']} pieces) but {tokenizer_path} gives "
+            f"{len(kept_ids)} of {tokenizer.vocab_size}; set config.data.tokenizer (and the vocabulary filter) "
+            "to what the checkpoint was trained with"
+        )
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores the state into the shardings of `abstract_state` and repositions `data_iterator`."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            args["data"] = streams.StreamsRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"]
+
+    def restore_config(self, step: int) -> dict:
+        """The config dict saved with step `step`."""
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def reached_preemption(self, step: int) -> bool:
         """True when the cluster announced a preemption (TPU maintenance events); multi-host runs only."""

@@ -4,6 +4,11 @@ A config is a Python file with `get_config(arg=None) -> ml_collections.ConfigDic
 named on the command line as `path/to/file.py` or `path/to/file.py:arg`. Overrides are checked against
 the loaded config before any JAX work: an unknown key or a value of the wrong type is one line naming
 the key and the closest existing keys.
+
+Why not `ml_collections.config_flags.DEFINE_config_file`: it needs absl's global flag parsing (each
+`lexvla <command>` has its own argparse options), and an unknown override is an absl traceback with no
+suggestion. The file format and the `--config.a.b=value` syntax are the same as config_flags', so big_vision-
+style config files work unchanged; what this module adds is the early, one-line error with the closest keys.
 """
 
 from __future__ import annotations

@@ -1,14 +1,21 @@
-"""Training metrics: `metrics.jsonl`, TensorBoard event files, and a console progress line (process 0)."""
+"""Training metrics: `metrics.jsonl`, TensorBoard event files, and a console progress line (process 0).
+
+Everything under the workdir goes through `etils.epath`, so a `gs://` (or other remote) workdir works and
+nothing is written to a local folder of that name: `metrics.jsonl` is rewritten whole on each write (object
+stores have no append), TensorBoard events are written to a private temporary folder and copied over.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
+from etils import epath
 
 
 def _scalar(value):
@@ -41,23 +48,33 @@ class MetricWriter:
         self._start_step: int | None = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.workdir = epath.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl_path = self.workdir / "metrics.jsonl"
+        self._rows = self._jsonl_path.read_text().splitlines() if self._jsonl_path.exists() else []
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb_local = tempfile.mkdtemp(prefix="lexvla-tb-")
+        self._tb = SummaryWriter(self._tb_local)
 
     def write(self, step: int, metrics: dict) -> None:
         """Records scalar `metrics` at `step`."""
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        self._rows.append(json.dumps(row))
+        self._jsonl_path.write_text("\n".join(self._rows) + "\n")
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, int(step))
         self._tb.flush()
+        self._copy_events()
+
+    def _copy_events(self) -> None:
+        target = self.workdir / "tensorboard"
+        target.mkdir(parents=True, exist_ok=True)
+        for local in epath.Path(self._tb_local).glob("events.out.tfevents.*"):
+            (target / local.name).write_bytes(local.read_bytes())
 
     def progress(self, step: int, metrics: dict) -> None:
         """Prints `step/total [bar] eta  key=value ...` to the console."""
@@ -81,5 +98,6 @@ class MetricWriter:
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
             self._tb.close()
+            self._copy_events()
+            shutil.rmtree(self._tb_local, ignore_errors=True)

@@ -33,9 +33,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
-    ("kv", None),
     ("vocab", "tensor"),
-    ("codebook", ("fsdp", "tensor")),
 )
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]

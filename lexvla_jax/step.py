@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from lexvla_jax import losses, sharding
-from lexvla_jax.models import layers
+from lexvla_jax.data.device_batch import normalize_images
 
 
 def trainable_filter(groups: Sequence[str]):
@@ -33,7 +33,7 @@ def trainable_filter(groups: Sequence[str]):
     groups: attribute names of the model (e.g. "adapter", "visual_codebook", "logit_scale", "vision",
     "text") plus "lora" for every `LoRAParam`.
     """
-    parts = [layers.LoRAParam] if "lora" in groups else []
+    parts = [nnx.LoRAParam] if "lora" in groups else []
     parts += [nnx.PathContains(name) for name in groups if name != "lora"]
     if not parts:
         raise ValueError("config.train.trainable is empty: name at least one group, e.g. ('adapter', 'lora')")
@@ -98,12 +98,14 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: 
     )
 
 
-class Encoder:
-    """Runs the model's two towers from split state; shared by training and evaluation."""
+class SplitModel:
+    """The model held as `(graphdef; params, frozen, rest)`: merges the parts and runs the two towers.
 
-    def __init__(self, graphdef: nnx.GraphDef, normalize_images):
+    Training and evaluation share it; frozen state is wrapped in `stop_gradient` on every merge.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef):
         self.graphdef = graphdef
-        self.normalize_images = normalize_images
 
     def merge(self, params, frozen, rest, rng=None):
         model = nnx.merge(self.graphdef, params, jax.lax.stop_gradient(frozen), rest)
@@ -111,9 +113,10 @@ class Encoder:
             nnx.reseed(model, dropout=rng)
         return model
 
-    def __call__(self, params, frozen, rest, batch, rng, deterministic: bool):
+    def encode(self, params, frozen, rest, batch, rng, deterministic: bool):
+        """`(s_img, s_txt)` of a batch `{"image": uint8, "input_ids", "attention_mask"}`."""
         model = self.merge(params, frozen, rest, rng)
-        s_img = model.encode_image(self.normalize_images(batch["image"]), deterministic=deterministic)
+        s_img = model.encode_image(normalize_images(batch["image"]), deterministic=deterministic)
         s_txt = model.encode_text(batch["input_ids"], batch["attention_mask"], deterministic=deterministic)
         return s_img, s_txt
 
@@ -143,11 +146,22 @@ def train_state_shardings(abstract_state: TrainState, tx: optax.GradientTransfor
     )
 
 
-def _split_micro(batch, num_micro: int):
-    return jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+def split_micro(batch, num_micro: int):
+    """`[B, ...]` → `[num_micro, B / num_micro, ...]`, micro-batch i holding rows i, i + M, i + 2M, ...
+
+    Strided rather than contiguous: the batch axis is split over the data-parallel devices in contiguous
+    blocks, so a strided micro-batch takes an equal share of every device's block and spans all of them
+    without moving data (a contiguous one would sit on 1/M of the devices).
+    """
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def loss_and_grads(encoder: Encoder, loss_config: LossConfig, num_micro: int, params, frozen, rest, batch, rng, step):
+def merge_micro(x: jax.Array) -> jax.Array:
+    """Inverse of `split_micro`: `[M, B / M, ...]` → `[B, ...]` in the original row order."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def loss_and_grads(model: SplitModel, loss_config: LossConfig, num_micro: int, params, frozen, rest, batch, rng, step):
     """(loss, metrics), grads of the LexVLA loss over the whole batch, accumulated over micro-batches."""
     loss_fn = functools.partial(
         losses.lexvla_loss,
@@ -158,17 +172,17 @@ def loss_and_grads(encoder: Encoder, loss_config: LossConfig, num_micro: int, pa
         warmup_steps=loss_config.warmup_steps,
     )
     micro_rngs = jax.random.split(rng, num_micro)
-    micro = _split_micro(batch, num_micro)
+    micro = split_micro(batch, num_micro)
 
     def encode(p, mb, r):
-        return encoder(p, frozen, rest, mb, r, deterministic=False)
+        return model.encode(p, frozen, rest, mb, r, deterministic=False)
 
     if num_micro == 1:
         single = jax.tree.map(lambda x: x[0], micro)
 
         def total(p):
             s_img, s_txt = encode(p, single, micro_rngs[0])
-            return loss_fn(s_img, s_txt, encoder.logit_scale(p, frozen, rest))
+            return loss_fn(s_img, s_txt, model.logit_scale(p, frozen, rest))
 
         (loss, metrics), grads = jax.value_and_grad(total, has_aux=True)(params)
         return (loss, metrics), grads
@@ -179,9 +193,8 @@ def loss_and_grads(encoder: Encoder, loss_config: LossConfig, num_micro: int, pa
         return None, encode(params, mb, r)
 
     _, (s_img, s_txt) = jax.lax.scan(forward, None, (micro, micro_rngs))
-    s_img = s_img.reshape(-1, s_img.shape[-1])
-    s_txt = s_txt.reshape(-1, s_txt.shape[-1])
-    scale, scale_vjp = jax.vjp(lambda p: encoder.logit_scale(p, frozen, rest), params)
+    s_img, s_txt = merge_micro(s_img), merge_micro(s_txt)
+    scale, scale_vjp = jax.vjp(lambda p: model.logit_scale(p, frozen, rest), params)
     (loss, metrics), (g_img, g_txt, g_scale) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)(
         s_img, s_txt, scale
     )
@@ -194,13 +207,13 @@ def loss_and_grads(encoder: Encoder, loss_config: LossConfig, num_micro: int, pa
         (g,) = vjp((gi, gt))
         return jax.tree.map(jnp.add, acc, g), None
 
-    cotangents = (g_img.reshape(num_micro, -1, g_img.shape[-1]), g_txt.reshape(num_micro, -1, g_txt.shape[-1]))
+    cotangents = split_micro((g_img, g_txt), num_micro)
     grads, _ = jax.lax.scan(backward, grads, (micro, micro_rngs, *cotangents))
     return (loss, metrics), grads
 
 
 def train_step(
-    encoder: Encoder,
+    model: SplitModel,
     tx: optax.GradientTransformation,
     schedule,
     loss_config: LossConfig,
@@ -213,7 +226,7 @@ def train_step(
     """One optimiser step. A non-finite loss or gradient leaves params and optimiser state unchanged."""
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, metrics), grads = loss_and_grads(
-        encoder, loss_config, num_micro, state.params, frozen, rest, batch, rng, state.step
+        model, loss_config, num_micro, state.params, frozen, rest, batch, rng, state.step
     )
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -240,7 +253,7 @@ def train_step(
 
 
 def jit_train_step(
-    encoder: Encoder,
+    model: SplitModel,
     tx: optax.GradientTransformation,
     schedule,
     loss_config: LossConfig,
@@ -253,7 +266,7 @@ def jit_train_step(
 ):
     """`train_step` compiled with explicit shardings and the state donated: `(frozen, rest, state, batch)`."""
     return jax.jit(
-        functools.partial(train_step, encoder, tx, schedule, loss_config, num_micro),
+        functools.partial(train_step, model, tx, schedule, loss_config, num_micro),
         in_shardings=(frozen_shardings, rest_shardings, state_shardings, batch_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=(2,),

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from lexvla_jax import sharding  # noqa: E402
 from lexvla_jax import step as step_lib  # noqa: E402
-from lexvla_jax.data import pipeline  # noqa: E402
+from lexvla_jax.data import device_batch  # noqa: E402
 
 import tiny_lexvla as tiny  # noqa: E402
 
@@ -48,7 +48,7 @@ with sharding.use_mesh_rules(mesh, rules):
         per_device = 16 // int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
         local_rows = np.concatenate([np.arange(r, r + per_device) for r in rows])
         local = {k: v[local_rows] for k, v in full.items()}
-        batch = pipeline.make_global_batch(local, mesh, rules)
+        batch = device_batch.make_global_batch(local, mesh, rules)
         state, metrics = train_step(frozen, rest, state, batch)
         losses.append(float(metrics["loss"]))
     checksum = float(jax.jit(lambda p: sum(x.astype("float32").sum() for x in jax.tree.leaves(p)))(state.params))

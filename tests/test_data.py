@@ -14,11 +14,23 @@ import pytest
 from PIL import Image
 
 from lexvla_jax import vocab
-from lexvla_jax.data import array_record, eval_set, pipeline, records, synthetic, tar_reader, transforms
+from lexvla_jax.data import (
+    array_record,
+    device_batch,
+    eval_set,
+    pipeline,
+    records,
+    streams,
+    synthetic,
+    tar_reader,
+    transforms,
+)
 from lexvla_jax.data.config import DataConfigError, default_data_config, resolve_shards
 from lexvla_jax.data.shuffle import WindowShuffleDataset
 from lexvla_jax.data.webdataset import shards_for_process
 from lexvla_jax.sharding import DEFAULT_RULES
+
+import corrupt_data
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +42,7 @@ def synthetic_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def corrupt(tmp_path_factory):
-    return synthetic.write_corrupt_shards(str(tmp_path_factory.mktemp("corrupt")))
+    return corrupt_data.write_corrupt_shards(str(tmp_path_factory.mktemp("corrupt")))
 
 
 @pytest.fixture(scope="session")
@@ -131,7 +143,7 @@ def test_to_rgb_modes():
 def test_mode_variants_decode_like_the_original(corrupt):
     pixels = np.asarray(Image.open(io.BytesIO(synthetic.make_sample(0, "train", 3, "k", 64)["jpg"])).convert("RGB"))
     gray = np.asarray(Image.fromarray(pixels).convert("L")).astype(float)
-    for name, (_, data) in synthetic.mode_variants(pixels).items():
+    for name, (_, data) in corrupt_data.mode_variants(pixels).items():
         decoded = transforms.load_image(data, 64, max_pixels=10**6, min_size=1).astype(float)
         reference = np.repeat(gray[..., None], 3, -1) if name in ("gray", "la", "i16") else pixels
         if name == "palette":  # palette index 0 is transparent: composited on white
@@ -194,15 +206,13 @@ def test_resume_from_orbax_checkpoint_is_exact(corrupt, prompt, tmp_path, num_wo
     config = data_config(corrupt["shards"], num_epochs=2, num_workers=num_workers, **corrupt["limits"])
     manager = ocp.CheckpointManager(
         str(tmp_path / "ckpt"),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": streams.StreamsCheckpointHandler()},
     )
     tree = {"w": np.arange(4.0)}
     k = 5
     iterator = pipeline.train_iterator(config, 4, prompt_encoder=prompt, keep_keys=True, drop_remainder=False)
     before = [next(iterator) for _ in range(k)]
-    manager.save(
-        k, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(iterator))
-    )
+    manager.save(k, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), data=streams.StreamsSave(iterator)))
     manager.wait_until_finished()
     after = list(iterator)
     totals = iterator.skip_counts
@@ -211,9 +221,7 @@ def test_resume_from_orbax_checkpoint_is_exact(corrupt, prompt, tmp_path, num_wo
     restored_iterator = pipeline.train_iterator(config, 4, prompt_encoder=prompt, keep_keys=True, drop_remainder=False)
     restored = manager.restore(
         k,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(tree), data=grain.checkpoint.CheckpointRestore(restored_iterator)
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(tree), data=streams.StreamsRestore(restored_iterator)),
     )
     np.testing.assert_array_equal(restored["state"]["w"], tree["w"])
     resumed = list(restored_iterator)
@@ -357,7 +365,7 @@ def test_global_batch_and_normalisation():
         "attention_mask": np.ones((16, 5), np.int32),
         "skipped": np.zeros(len(records.SKIP_REASONS), np.int64),
     }
-    batch = pipeline.make_global_batch(local, mesh, DEFAULT_RULES)
+    batch = device_batch.make_global_batch(local, mesh, DEFAULT_RULES)
     assert set(batch) == {"image", "input_ids", "attention_mask"}
     assert batch["image"].sharding.spec[0] == ("data", "fsdp")
     assert len(batch["input_ids"].addressable_shards) == 8 and batch["input_ids"].addressable_shards[0].data.shape == (
@@ -365,11 +373,11 @@ def test_global_batch_and_normalisation():
         5,
     )
     np.testing.assert_array_equal(np.asarray(batch["image"]), local["image"])
-    normalised = np.asarray(jax.jit(pipeline.normalize_images)(batch["image"]))
-    expected = (local["image"] / 255.0 - np.array(pipeline.IMAGENET_MEAN)) / np.array(pipeline.IMAGENET_STD)
+    normalised = np.asarray(jax.jit(device_batch.normalize_images)(batch["image"]))
+    expected = (local["image"] / 255.0 - np.array(device_batch.IMAGENET_MEAN)) / np.array(device_batch.IMAGENET_STD)
     np.testing.assert_allclose(normalised, expected, atol=1e-5)
     with pytest.raises(DataConfigError, match="not divisible"):
-        pipeline.make_global_batch({"image": local["image"][:6]}, mesh, DEFAULT_RULES)
+        device_batch.make_global_batch({"image": local["image"][:6]}, mesh, DEFAULT_RULES)
 
 
 # ------------------------------------------------------------------------------------------- eval sets

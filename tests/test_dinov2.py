@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lexvla_jax import convert, sharding
+from lexvla_jax import convert, hf_layout, sharding
 from lexvla_jax.models import dinov2
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=16)
@@ -279,7 +279,7 @@ def test_presets_match_hf_architectures(name):
         hf_config, hf_cls = transformers.Dinov2Config(**hf_fields), transformers.Dinov2Model
     with torch.device("meta"):
         hf_model = hf_cls(hf_config)
-    hf_count = sum(p.numel() for n, p in hf_model.named_parameters() if n not in dinov2.HF_IGNORED)
+    hf_count = sum(p.numel() for n, p in hf_model.named_parameters() if n not in hf_layout.DINOV2_IGNORED)
     model = nnx.eval_shape(lambda: dinov2.Dinov2Model(config, rngs=nnx.Rngs(0)))
     count = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert count == hf_count

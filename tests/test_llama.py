@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lexvla_jax import convert, sharding
+from lexvla_jax import convert, hf_layout, sharding
 from lexvla_jax.models import layers, llama
 
 torch = pytest.importorskip("torch")
@@ -125,8 +125,8 @@ def _count(config, kind):
 def test_presets_have_llama2_parameter_counts():
     # Llama-2-7b-hf has 6,738,415,616 parameters; r=8 LoRA on all seven linears adds 32·8·(4·8192 + 3·15104).
     config = llama.llama_preset("llama2-7b", lora_rank=8, lora_targets=llama.LORA_TARGETS)
-    assert _count(config, nnx.Not(layers.LoRAParam)) == 6_738_415_616
-    assert _count(config, layers.LoRAParam) == 19_988_480
+    assert _count(config, nnx.Not(nnx.LoRAParam)) == 6_738_415_616
+    assert _count(config, nnx.LoRAParam) == 19_988_480
     big = llama.llama_preset("llama2-70b")
     assert (big.num_attention_heads, big.num_key_value_heads, big.head_dim) == (64, 8, 128)
     assert llama.llama_preset("llama2-13b", rope_theta=1e6).rope_theta == 1e6
@@ -245,7 +245,7 @@ def lora_loaded(hf_checkpoints):
 def _randomise_lora_b(model, seed=0):
     """Random LoRA `B` matrices (in place, same shardings), so the adapters change the outputs."""
     rng = np.random.default_rng(seed)
-    for path, variable in nnx.to_flat_state(nnx.state(model, layers.LoRAParam)):
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         if path[-1] == "lora_b":
             value = variable.get_value()
             random = 0.05 * rng.standard_normal(value.shape).astype(value.dtype)
@@ -253,7 +253,7 @@ def _randomise_lora_b(model, seed=0):
 
 
 def _lora_b_leaves(model):
-    flat = nnx.to_flat_state(nnx.state(model, layers.LoRAParam))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
     return {p: v.get_value() for p, v in flat if p[-1] == "lora_b"}
 
 
@@ -270,14 +270,14 @@ def test_lora_starts_as_the_base_model_and_merges_exactly(hf_checkpoints, lora_l
     unmerged = np.asarray(_forward(model, ids, mask).logits)
     assert _max_diff(unmerged, base) > 1e-2
     layers.merge_lora(model)
-    assert not nnx.state(model, layers.LoRAParam)
+    assert not nnx.state(model, nnx.LoRAParam)
     merged_diff = _max_diff(_forward(model, ids, mask).logits, unmerged)
     print(f"\nLoRA merged vs unmerged logits max|Δ| {merged_diff:.2e}")
     assert merged_diff <= 1e-4
 
 
 _param_grad = nnx.jit(nnx.grad(_loss))  # w.r.t. every nnx.Param, LoRAParam included
-_lora_grad = nnx.jit(nnx.grad(_loss, argnums=nnx.DiffState(0, layers.LoRAParam)))
+_lora_grad = nnx.jit(nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam)))
 
 
 def _flat_numpy(state):
@@ -299,10 +299,10 @@ def test_lora_filter_is_what_freezes_the_base(lora_loaded):
     assert np.abs(all_grads[("layers", "self_attn", "q_proj", "kernel")]).max() > 0
     assert np.abs(all_grads[("embed_tokens",)]).max() > 0
 
-    base_before, lora_before = _numpy_state(model, nnx.Not(layers.LoRAParam)), _numpy_state(model, layers.LoRAParam)
-    optimizer = nnx.Optimizer(model, optax.sgd(1e-2), wrt=layers.LoRAParam)
+    base_before, lora_before = _numpy_state(model, nnx.Not(nnx.LoRAParam)), _numpy_state(model, nnx.LoRAParam)
+    optimizer = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.LoRAParam)
     optimizer.update(model, _lora_grad(model))
-    base_after, lora_after = _numpy_state(model, nnx.Not(layers.LoRAParam)), _numpy_state(model, layers.LoRAParam)
+    base_after, lora_after = _numpy_state(model, nnx.Not(nnx.LoRAParam)), _numpy_state(model, nnx.LoRAParam)
     assert all(np.array_equal(base_before[p], base_after[p]) for p in base_before)
     assert not any(np.array_equal(lora_before[p], lora_after[p]) for p in lora_before)
 
@@ -315,7 +315,7 @@ def test_lora_dropout_only_when_not_deterministic(hf_checkpoints, lora_loaded, b
     eval_a, eval_b = (np.asarray(_forward(model, ids, mask).logits) for _ in range(2))
     np.testing.assert_array_equal(eval_a, eval_b)
     no_dropout = nnx.clone(lora_loaded)
-    nnx.update(no_dropout, nnx.state(model, layers.LoRAParam))
+    nnx.update(no_dropout, nnx.state(model, nnx.LoRAParam))
     np.testing.assert_allclose(eval_a, np.asarray(_forward(no_dropout, ids, mask).logits), atol=1e-6)
     train_a, train_b = (np.asarray(_forward(model, ids, mask, deterministic=False).logits) for _ in range(2))
     assert _max_diff(train_a, eval_a) > 1e-3 and _max_diff(train_a, train_b) > 1e-3  # fresh masks each call
@@ -361,17 +361,17 @@ def test_sharded_load_matches_and_follows_the_rules(hf_checkpoints, batch, mesh)
 
 def test_loader_reads_only_each_devices_shard(hf_checkpoints, mesh, monkeypatch):
     reads = []
-    original = convert.Source.read
+    original = hf_layout.Source.read
 
     def recording_read(self, ckpt, index, dtype):
         part = original(self, ckpt, index, dtype)
         reads.append((self.key, part.shape))
         return part
 
-    monkeypatch.setattr(convert.Source, "read", recording_read)
+    monkeypatch.setattr(hf_layout.Source, "read", recording_read)
     model = convert.load_hf_llama(hf_checkpoints["gqa"][1], mesh=mesh)
     config = model.config
-    by_key = {s.key: path for path, s in llama.hf_sources(config).items()}
+    by_key = {s.key: path for path, s in hf_layout.llama_sources(config).items()}
     flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     assert {key for key, _ in reads} == set(by_key)
     for key, shape in reads:
@@ -408,7 +408,7 @@ def test_full_remat_gives_same_outputs_and_grads(hf_checkpoints, lora_loaded, ba
     ids, mask = jnp.asarray(batch[0]), jnp.asarray(batch[1]["right"])
     plain, remat = nnx.clone(lora_loaded), _lora_model(path, remat="full")
     _randomise_lora_b(plain)
-    nnx.update(remat, nnx.state(plain, layers.LoRAParam))
+    nnx.update(remat, nnx.state(plain, nnx.LoRAParam))
     assert remat.config.remat == "full"
     out_diff = _max_diff(_forward(remat, ids, mask).logits, _forward(plain, ids, mask).logits)
     want, got = _flat_numpy(_param_grad(plain)), _flat_numpy(_param_grad(remat))

@@ -23,14 +23,14 @@ def setup():
 
 def test_only_trainable_parameters_get_gradients(setup):
     graphdef, params, frozen, rest, *_ = setup
-    encoder = tiny.encoder(graphdef)
+    model = tiny.split_model(graphdef)
     batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(8))
 
     def loss(p, f):
-        s_img, s_txt = encoder(p, f, rest, batch, None, deterministic=True)
-        return step_lib.losses.lexvla_loss(
-            s_img, s_txt, encoder.logit_scale(p, f, rest), lambda_img=0.1, lambda_txt=0.1
-        )[0]
+        s_img, s_txt = model.encode(p, f, rest, batch, None, deterministic=True)
+        return step_lib.losses.lexvla_loss(s_img, s_txt, model.logit_scale(p, f, rest), lambda_img=0.1, lambda_txt=0.1)[
+            0
+        ]
 
     grad_params, grad_frozen = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, frozen)
     flat = dict(nnx.to_flat_state(grad_params))
@@ -47,12 +47,12 @@ def test_only_trainable_parameters_get_gradients(setup):
 
 def test_gradient_accumulation_matches_one_batch(setup):
     graphdef, params, frozen, rest, *_ = setup
-    encoder = tiny.encoder(graphdef)
+    model = tiny.split_model(graphdef)
     batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(16))
     rng = jax.random.key(0)
 
     def run(num_micro):
-        fn = functools.partial(step_lib.loss_and_grads, encoder, tiny.loss_config(), num_micro)
+        fn = functools.partial(step_lib.loss_and_grads, model, tiny.loss_config(), num_micro)
         return jax.jit(fn)(params, frozen, rest, batch, rng, jnp.int32(0))
 
     (loss1, metrics1), grads1 = run(1)
@@ -65,7 +65,9 @@ def test_gradient_accumulation_matches_one_batch(setup):
 
 def test_non_finite_loss_skips_the_update(setup):
     graphdef, params, frozen, rest, tx, schedule = setup
-    step = jax.jit(functools.partial(step_lib.train_step, tiny.encoder(graphdef), tx, schedule, tiny.loss_config(), 1))
+    step = jax.jit(
+        functools.partial(step_lib.train_step, tiny.split_model(graphdef), tx, schedule, tiny.loss_config(), 1)
+    )
     batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(8))
     state = step_lib.init_train_state(params, tx, seed=0)
     bad_params = jax.tree.map(lambda x: x, params)

@@ -7,7 +7,6 @@ from flax import nnx
 
 from lexvla_jax import sharding
 from lexvla_jax import step as step_lib
-from lexvla_jax.data.pipeline import normalize_images
 from lexvla_jax.models import dinov2, lexvla, llama
 
 TRAINABLE = ("adapter", "visual_codebook", "logit_scale", "lora")
@@ -59,8 +58,8 @@ def split(model):
     return nnx.split(model, step_lib.trainable_filter(TRAINABLE), nnx.Param, ...)
 
 
-def encoder(graphdef) -> step_lib.Encoder:
-    return step_lib.Encoder(graphdef, normalize_images)
+def split_model(graphdef) -> step_lib.SplitModel:
+    return step_lib.SplitModel(graphdef)
 
 
 def loss_config() -> step_lib.LossConfig:
@@ -86,7 +85,7 @@ def sharded_step(mesh, graphdef, params, frozen, rest, tx, schedule, num_micro: 
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i, x=x: np.asarray(x)[i]), tree, shardings
     )
     step = step_lib.jit_train_step(
-        encoder(graphdef),
+        split_model(graphdef),
         tx,
         schedule,
         loss_config(),

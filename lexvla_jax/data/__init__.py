@@ -8,8 +8,9 @@ shuffle.py     window shuffle whose state is a position
 array_record.py  `lexvla convert-data` and the globally shuffled ArrayRecord source
 transforms.py  decode, RGB, crops, flip, tokenise (runs in grain workers; no JAX)
 batching.py    batches carrying skip counts; totals in the consumer's iterator state
-pipeline.py    config → per-process batch iterator → global jax.Arrays; on-device normalisation
+pipeline.py    config → this process's checkpointable batch iterator (host side)
+device_batch.py  per-process rows → global jax.Arrays; on-device image normalisation
 eval_set.py    retrieval eval sets (webdataset, Karpathy json) read whole
-synthetic.py   `lexvla make-synthetic` and shards with every kind of bad sample
+synthetic.py   `lexvla make-synthetic`: the embedded captioned-shapes set (and its tokenizer)
 inspect_data.py  `lexvla inspect-data`
 """

@@ -34,6 +34,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             "format": "webdataset",  # webdataset | array_record
             "num_epochs": None,  # None: repeat forever (training)
             "seed": 0,
+            # Independent data streams (`streams.py`): a checkpoint resumes on any process count dividing
+            # it. 0: one per process.
+            "num_streams": 0,
             # Reading: grain worker processes (mp_prefetch) and their buffers.
             "num_workers": 2,
             "prefetch_buffer": 4,  # batches buffered per worker

@@ -12,6 +12,7 @@ import time
 
 from lexvla_jax import configlib
 from lexvla_jax.data import pipeline
+from lexvla_jax.data.device_batch import HOST_KEYS
 
 
 def inspect(config, num_batches: int, global_batch_size: int) -> dict:
@@ -24,7 +25,7 @@ def inspect(config, num_batches: int, global_batch_size: int) -> dict:
         for batch in iterator:
             if first is None:
                 first = time.perf_counter()
-            shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items() if k not in pipeline.HOST_KEYS}
+            shapes = {k: (tuple(v.shape), str(v.dtype)) for k, v in batch.items() if k not in HOST_KEYS}
             batches += 1
             if batches >= num_batches:
                 break

@@ -5,7 +5,7 @@
       → batch good samples, count markers by reason (batching.py)           ─┘ grain worker processes
       → mp_prefetch (image batches through shared memory)
       → total the counts, drop short batches (batching.py; totals are iterator state)
-      → make_global_batch: sharded over the mesh's batch axes; normalize_images on the device
+      → (device_batch.py) global arrays sharded over the mesh's batch axes; normalisation on the device
 
 Each batch is `{"image": uint8 [B,S,S,3], "input_ids": int32 [B,L], "attention_mask": int32 [B,L],
 "skipped": int64 [len(SKIP_REASONS)]}` where `skipped` counts the samples skipped since the previous
@@ -19,26 +19,26 @@ a given count; restore with the count that saved).
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
+
 import grain
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
 
-from lexvla_jax import sharding
+from lexvla_jax.data import streams
 from lexvla_jax.data.array_record import SUFFIX, array_record_dataset
-from lexvla_jax.data.batching import SkipCountingBatchDataset, SkipTotalsDataset, SkipTotalsIterator
+from lexvla_jax.data.batching import SkipCountingBatchDataset, SkipTotalsDataset
 from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
 from lexvla_jax.data.eval_set import load_eval_set  # noqa: F401  (re-exported: the eval half of the pipeline)
-from lexvla_jax.data.records import skip_counts_dict
 from lexvla_jax.data.shuffle import WindowShuffleDataset
+from lexvla_jax.data.streams import StreamsIterator
 from lexvla_jax.data.transforms import SampleDecoder
 from lexvla_jax.data.webdataset import WebDatasetSource
 
 MIN_SHM_BYTES = 64 * 1024
-HOST_KEYS = ("skipped", "key")  # batch entries that stay on the host
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def prompt_encoder(config, tokenizer=None):
@@ -122,51 +122,41 @@ def make_train_dataset(
         options = grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES)
         ds = grain.experimental.WithOptionsIterDataset(ds, options)
         ds = ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer)
+            grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer),
+            worker_init_fn=end_with_parent,
         )
     return SkipTotalsDataset(ds, batch_size=batch_size, drop_remainder=drop_remainder)
 
 
+def end_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
+    """In a data worker: die with the trainer (Linux `PR_SET_PDEATHSIG`), even when it is SIGKILLed."""
+    del worker_index, worker_count
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the trainer died before the request took effect
+        os._exit(1)
+
+
 def train_iterator(
     config, global_batch_size: int, process_index=None, process_count=None, prompt_encoder=None, **kwargs
-) -> SkipTotalsIterator:
-    """`iter(make_train_dataset(...))`: the checkpointable iterator of this process's training batches."""
-    dataset = make_train_dataset(
-        config, global_batch_size, prompt_encoder, process_index=process_index, process_count=process_count, **kwargs
-    )
-    return iter(dataset)
-
-
-def skip_counts(batch: dict) -> dict[str, int]:
-    """`{reason: count}` of the samples skipped since the previous batch."""
-    return skip_counts_dict(batch["skipped"])
-
-
-def normalize_images(images: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """uint8 [..., 3] → (x/255 - mean) / std with DINOv2's (ImageNet) mean and std, on the device."""
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
-    std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
-    return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
-
-
-def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES) -> dict:
-    """Per-process numpy batch → global `jax.Array`s split over the mesh axes of logical `batch`.
-
-    Every process passes its own rows; the global batch is their concatenation in process order.
-    Host-only entries (`HOST_KEYS`) are left out.
-    """
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    data_parallel = sharding.data_parallel_size(mesh, rules)
-    out = {}
-    for name, value in local_batch.items():
-        if name in HOST_KEYS:
-            continue
-        value = np.asarray(value)
-        global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
-        if global_shape[0] % data_parallel:
-            raise DataConfigError(
-                f"global batch {global_shape[0]} is not divisible by the data-parallel size {data_parallel}; "
-                "change config.train.global_batch_size"
+) -> StreamsIterator:
+    """This process's training batches: its share of the data streams (`streams.py`), checkpointable."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    count = streams.num_streams(config, process_count)
+    if global_batch_size % count:
+        raise DataConfigError(
+            f"global batch size {global_batch_size} is not divisible by {count} data streams; change "
+            "config.train.global_batch_size or config.data.num_streams"
+        )
+    iterators = {
+        s: iter(
+            make_train_dataset(
+                config, global_batch_size, prompt_encoder, process_index=s, process_count=count, **kwargs
             )
-        out[name] = jax.make_array_from_process_local_data(batch_sharding, value, global_shape)
-    return out
+        )
+        for s in streams.owned_streams(count, process_index, process_count)
+    }
+    return StreamsIterator(iterators, count, config.num_workers)

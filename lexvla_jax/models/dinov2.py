@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from lexvla_jax import convert
 from lexvla_jax.models import layers
 
 # Hugging Face `hidden_act` names → functions.
@@ -391,55 +390,3 @@ class Dinov2Model(nnx.Module):
             out = run()
         sequence = layers.constrain(self.layernorm(out), ACT)
         return Dinov2Output(last_hidden_state=sequence, pooler_output=sequence[:, 0], hidden_states=hidden_states)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hugging Face checkpoint layout (as `save_pretrained` writes it and the released checkpoints hold).
-
-# Checkpoint tensors the model has no use for: the masked-image-modelling token of pre-training.
-HF_IGNORED = ("embeddings.mask_token",)
-
-
-def hf_sources(config: Dinov2Config) -> dict[str, convert.Source]:
-    """`{nnx parameter path: Source}` for a HF `Dinov2Model` / `Dinov2WithRegistersModel` safetensors checkpoint."""
-    n = config.num_hidden_layers
-    layer = "encoder.layer.{layer}."
-
-    def stacked(key: str, perm=None, rows=None) -> convert.Source:
-        return convert.Source(layer + key, perm=perm, num_layers=n, rows=rows)
-
-    sources = {
-        "patch_embeddings.kernel": convert.Source("embeddings.patch_embeddings.projection.weight", perm=(2, 3, 1, 0)),
-        "patch_embeddings.bias": convert.Source("embeddings.patch_embeddings.projection.bias"),
-        "cls_token": convert.Source("embeddings.cls_token"),
-        "position_embeddings": convert.Source("embeddings.position_embeddings"),
-        "layernorm.scale": convert.Source("layernorm.weight"),
-        "layernorm.bias": convert.Source("layernorm.bias"),
-        "layers.layer_scale1": stacked("layer_scale1.lambda1"),
-        "layers.layer_scale2": stacked("layer_scale2.lambda1"),
-    }
-    if config.num_register_tokens:
-        sources["register_tokens"] = convert.Source("embeddings.register_tokens")
-    for norm in ("norm1", "norm2"):
-        sources[f"layers.{norm}.scale"] = stacked(f"{norm}.weight")
-        sources[f"layers.{norm}.bias"] = stacked(f"{norm}.bias")
-    linears = {
-        "attention.q_proj": "attention.attention.query",
-        "attention.k_proj": "attention.attention.key",
-        "attention.v_proj": "attention.attention.value",
-        "attention.o_proj": "attention.output.dense",
-    }
-    if config.use_swiglu_ffn:
-        linears["mlp.down_proj"] = "mlp.weights_out"
-        # `weights_in` is gate and up fused along the output axis: [2F, D].
-        f = config.mlp_dim
-        for name, rows in (("gate_proj", tuple(range(f))), ("up_proj", tuple(range(f, 2 * f)))):
-            sources[f"layers.mlp.{name}.kernel"] = stacked("mlp.weights_in.weight", perm=(1, 0), rows=rows)
-            sources[f"layers.mlp.{name}.bias"] = stacked("mlp.weights_in.bias", rows=rows)
-    else:
-        linears.update({"mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
-    for ours, theirs in linears.items():
-        sources[f"layers.{ours}.kernel"] = stacked(f"{theirs}.weight", perm=(1, 0))
-        if ours not in ("attention.q_proj", "attention.k_proj", "attention.v_proj") or config.qkv_bias:
-            sources[f"layers.{ours}.bias"] = stacked(f"{theirs}.bias")
-    return sources

@@ -21,10 +21,6 @@ nnx.use_eager_sharding(False)
 Names = tuple[str | None, ...]
 
 
-class LoRAParam(nnx.Param):
-    """Low-rank adapter weights: a separate variable type the optimiser and checkpoints can select."""
-
-
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, dtype=jnp.float32, kind=nnx.Param):
     """A parameter of `shape` initialised by `init`, annotated with logical axis `names`."""
     return kind(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names))
@@ -34,6 +30,8 @@ class Linear(nnx.Module):
     """`y = x @ W (+ b)` with logical axis names and an optional LoRA branch `(alpha/r) · x A B`.
 
     `W` is `[in, out]`. The LoRA branch starts at zero (`B = 0`), so adding it leaves outputs unchanged.
+    LoRA weights are `nnx.LoRAParam`s kept in float32 whatever `param_dtype` is: they train, and small
+    updates to bfloat16 weights round away.
     """
 
     def __init__(
@@ -57,12 +55,9 @@ class Linear(nnx.Module):
         self.lora_rank = lora_rank
         if lora_rank:
             self.lora_scale = lora_alpha / lora_rank
-            self.lora_a = param(
-                rngs, nnx.initializers.he_uniform(), (in_features, lora_rank), (names[0], None), param_dtype, LoRAParam
-            )
-            self.lora_b = param(
-                rngs, nnx.initializers.zeros, (lora_rank, out_features), (None, names[1]), param_dtype, LoRAParam
-            )
+            lora = dict(dtype=jnp.float32, kind=nnx.LoRAParam)
+            self.lora_a = param(rngs, nnx.initializers.he_uniform(), (in_features, lora_rank), (names[0], None), **lora)
+            self.lora_b = param(rngs, nnx.initializers.zeros, (lora_rank, out_features), (None, names[1]), **lora)
             self.lora_dropout = nnx.Dropout(lora_dropout, rngs=rngs) if lora_dropout > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:

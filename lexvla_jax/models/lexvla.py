@@ -76,33 +76,20 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
 
 
 class LexVLA(nnx.Module):
-    """The two towers, the adapter, both codebooks and the logit scale.
+    """The two towers, the adapter, both codebooks and the logit scale, randomly initialised.
 
-    vision / text / text_codebook: pre-built (e.g. loaded) parts; each is created randomly when None.
-    The visual codebook starts as a copy of the text codebook.
+    `convert.load_model` builds it with the towers and codebooks read from checkpoints instead (the text
+    codebook and the visual codebook's starting point are then Llama's `lm_head` rows of the kept words).
     """
 
-    def __init__(
-        self,
-        config: LexVLAConfig,
-        *,
-        rngs: nnx.Rngs,
-        vision: dinov2.Dinov2Model | None = None,
-        text: llama.LlamaModel | None = None,
-        text_codebook: jax.Array | None = None,
-    ):
+    def __init__(self, config: LexVLAConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.vision = dinov2.Dinov2Model(config.vision, rngs=rngs)
+        self.text = llama.LlamaModel(config.text, with_lm_head=False, rngs=rngs)
         shape = (config.vocab_size, config.text.hidden_size)
-        self.vision = vision if vision is not None else dinov2.Dinov2Model(config.vision, rngs=rngs)
-        self.text = text if text is not None else llama.LlamaModel(config.text, with_lm_head=False, rngs=rngs)
-        if text_codebook is None:
-            text_codebook = nnx.initializers.normal(0.02)(rngs.params(), shape, config.param_dtype)
-        if text_codebook.shape != shape:
-            raise ValueError(f"text codebook has shape {text_codebook.shape}, expected [V', Dt] = {shape}")
+        text_codebook = nnx.initializers.normal(0.02)(rngs.params(), shape, config.param_dtype)
         self.text_codebook = nnx.Param(text_codebook, sharding_names=("vocab", "embed"))
-        self.visual_codebook = nnx.Param(
-            jnp.array(text_codebook, config.param_dtype), sharding_names=("vocab", "embed")
-        )
+        self.visual_codebook = nnx.Param(jnp.array(text_codebook), sharding_names=("vocab", "embed"))
         self.adapter = Adapter(config, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(math.log(config.logit_scale_init), jnp.float32))
 

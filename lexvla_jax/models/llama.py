@@ -2,7 +2,7 @@
 
 RMSNorm in float32, rotate-half RoPE, multi-head or grouped-query attention, SwiGLU MLP. Decoder layers
 are stacked (`layers.stack_layers`) and scanned with the config's remat policy. Any of the seven linears
-can carry a LoRA branch (`LlamaConfig.lora_targets`); LoRA weights are `layers.LoRAParam`, so an
+can carry a LoRA branch (`LlamaConfig.lora_targets`); LoRA weights are `nnx.LoRAParam`, so an
 optimiser or checkpoint selects them by type.
 
 `lm_head` is stored `[vocab, embed]` (the checkpoint's own layout): logits are `h @ Wᵀ`, and rows of it —
@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lexvla_jax import convert
 from lexvla_jax.models import layers
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -324,23 +323,3 @@ class LlamaModel(nnx.Module):
             logits = jnp.einsum("bte,ve->btv", hidden, weight, preferred_element_type=jnp.float32)
             logits = layers.constrain(logits, _LOGITS)
         return LlamaOutput(logits=logits, last_hidden_state=hidden)
-
-
-def hf_sources(config: LlamaConfig) -> dict[str, convert.Source]:
-    """Checkpoint source of every non-LoRA parameter, by NNX path (`LlamaForCausalLM` tensor names)."""
-    n = config.num_hidden_layers
-    per_layer = lambda key, perm=None: convert.Source(f"model.layers.{{layer}}.{key}", perm, n)
-    sources = {
-        "embed_tokens": convert.Source("model.embed_tokens.weight"),
-        "norm.scale": convert.Source("model.norm.weight"),
-        "lm_head": convert.Source("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"),
-        "layers.input_layernorm.scale": per_layer("input_layernorm.weight"),
-        "layers.post_attention_layernorm.scale": per_layer("post_attention_layernorm.weight"),
-    }
-    linears = [("self_attn", p, config.attention_bias) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    linears += [("mlp", p, config.mlp_bias) for p in ("gate_proj", "up_proj", "down_proj")]
-    for block, proj, bias in linears:
-        sources[f"layers.{block}.{proj}.kernel"] = per_layer(f"{block}.{proj}.weight", (1, 0))
-        if bias:
-            sources[f"layers.{block}.{proj}.bias"] = per_layer(f"{block}.{proj}.bias")
-    return sources

@@ -1,0 +1,41 @@
+"""What a run needs before it trains: the embedded synthetic set and its tokenizer, when the config asks.
+
+Runs on the main process only; the others wait at a barrier, so every process then reads the same files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from lexvla_jax import sharding, vocab
+from lexvla_jax.data import synthetic
+
+
+def prepare_synthetic(config: ml_collections.ConfigDict, log=print) -> None:
+    """Generates `config.data.synthetic`'s set and trains its tokenizer when they are absent."""
+    syn = config.data.get("synthetic")
+    if syn is None:
+        return
+    if not synthetic.exists(syn.dir):
+        log(f"generating the synthetic dataset in {syn.dir} ...")
+        synthetic.make_synthetic(
+            syn.dir, num_train=syn.train, num_eval=syn.eval, seed=syn.seed, image_size=syn.image_size
+        )
+    if config.data.tokenizer and not os.path.exists(config.data.tokenizer):
+        captions = synthetic.all_captions(syn.dir)
+        vocab.train_tokenizer(
+            [*captions, config.data.prompt_template], config.model.text.vocab_size, config.data.tokenizer
+        )
+
+
+def prepare(config: ml_collections.ConfigDict, log=print) -> None:
+    """Everything the run reads that the project generates itself, made once, on the main process."""
+    if sharding.is_main_process():
+        prepare_synthetic(config, log)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lexvla prepare")
