@@ -62,7 +62,8 @@ def assert_fails(result: subprocess.CompletedProcess, message: str) -> None:
 def test_tpu_pod_creates_installs_trains_and_deletes_in_order():
     cmds = commands("tpu_pod.sh", *POD)
     create, tar, scp, install, start, stream, status, delete = cmds
-    assert create == [*TPU, "create", "lex", "--zone=us-east5-a", "--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5"]
+    zone, kind = "--zone=us-east5-a", "--accelerator-type=v5p-64"
+    assert create == [*TPU, "create", "lex", zone, kind, "--version=v2-alpha-tpuv5"]
     assert tar[:2] == ["tar", "-czf"] and tar[-1] == "." and "--exclude-vcs" in tar
     assert scp == [*TPU, "scp", tar[2], "lex:lexvla.tar.gz", "--zone=us-east5-a", "--worker=all"]
     for ssh in (install, start, status):
@@ -111,7 +112,7 @@ def test_tpu_pod_worker_commands_run_lexvla_train_with_every_argument(tmp_path):
     start, stream, status = (option(c, "--command") for c in cmds[4:7])
     fake = tmp_path / "lexvla" / ".venv" / "bin" / "lexvla"
     fake.parent.mkdir(parents=True)
-    fake.write_text('#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\nsys.exit(3)\n')
+    fake.write_text("#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\nsys.exit(3)\n")
     fake.chmod(0o755)
     env = {**os.environ, "HOME": str(tmp_path)}
     subprocess.run([BASH, "-c", start], env=env, check=True, timeout=30)
