@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from lexvla_jax.configlib import ConfigError
+from lexvla_jax.libtpu_env import quiet_libtpu_without_tpu
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("lexvla_jax.vocab:main", "report the filtered vocabulary of a tokenizer (count, examples)"),
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lexvla: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    quiet_libtpu_without_tpu()  # before any command imports JAX
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     try:
