@@ -9,7 +9,9 @@ array_record.py  `lexvla convert-data` and the globally shuffled ArrayRecord sou
 transforms.py  decode, RGB, crops, flip, tokenise (runs in grain workers; no JAX)
 batching.py    batches carrying skip counts; totals in the consumer's iterator state
 pipeline.py    config → per-process batch iterator → global jax.Arrays; on-device normalisation
-eval_set.py    retrieval eval sets (webdataset, Karpathy json) read whole
+eval_set.py    image-text eval sets (webdataset, Karpathy json, TFDS array_record) read whole
+seg_set.py     segmentation sets for PatchDis (VOC layout, COCO instances, synthetic masks)
+masks.py       class-mask PNGs (VOC palette) and their evaluation crop
 synthetic.py   `lexvla make-synthetic` and shards with every kind of bad sample
 inspect_data.py  `lexvla inspect-data`
 """
