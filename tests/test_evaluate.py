@@ -60,6 +60,14 @@ def test_sparse_modes_by_hand():
     assert "dense/active_words_image" not in scores
 
 
+def test_chance_recall():
+    # 3 images × 2 captions: a random ranking puts one of an image's 2 captions first with p = 2/6;
+    # in the top 2 with p = 1 − (4/6)(3/5); k beyond the 6 texts retrieves all of them.
+    assert retrieval.chance_recall(3, 2, 1) == pytest.approx({"i2t_r@1": 2 / 6, "t2i_r@1": 1 / 3})
+    assert retrieval.chance_recall(3, 2, 2)["i2t_r@2"] == pytest.approx(1 - 4 / 6 * 3 / 5)
+    assert retrieval.chance_recall(3, 2, 10) == {"i2t_r@10": 1.0, "t2i_r@10": 1.0}
+
+
 def test_clip_benchmark_key_names():
     # CLIP_benchmark's image_retrieval_recall@k retrieves images for a text query (our t2i), and
     # text_retrieval_recall@k texts for an image query (our i2t); the hand case has i2t ≠ t2i.
@@ -141,7 +149,8 @@ def test_retrieval_evaluator_on_a_karpathy_json(karpathy_coco):
             assert metrics[f"ret/{mode}/active_words_image"] == np.count_nonzero(a) / 6
             assert metrics[f"ret/{mode}/active_words_text"] == np.count_nonzero(b) / 15
     assert metrics["ret/topk/active_words_image"] == 4.0
-    assert all(0 < metrics[f"ret/{m}/{d}_r@1"] < 1 for m in retrieval.MODES for d in ("i2t", "t2i")) and metrics["ret/num_texts"] == 15
+    assert all(0 < metrics[f"ret/{m}/{d}_r@1"] < 1 for m in retrieval.MODES for d in ("i2t", "t2i"))
+    assert metrics["ret/num_texts"] == 15 and metrics["ret/num_skipped"] == 0
     assert metrics["ret/chance/t2i_r@1"] == pytest.approx(1 / 6)
 
 

@@ -176,6 +176,28 @@ def test_voc_missing_folders_are_one_line_errors(voc_root, tmp_path):
         evaluator(format="voc", root=str(voc_root), classes="coco")
 
 
+def test_voc_bad_images_are_counted_and_mismatched_masks_named(voc_root, tmp_path):
+    root = tmp_path / "VOC"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    for key in VOC_IMAGES:
+        for folder, ext in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+            (root / folder / f"{key}.{ext}").write_bytes((voc_root / folder / f"{key}.{ext}").read_bytes())
+    (root / "JPEGImages" / "broken.jpg").write_bytes(b"not a jpeg" * 10)
+    (root / "SegmentationClass" / "broken.png").write_bytes(
+        (voc_root / "SegmentationClass/2007_000001.png").read_bytes()
+    )
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join([*VOC_IMAGES, "broken"]))
+    seg = evaluator(format="voc", root=str(root))
+    assert seg.data["keys"] == list(VOC_IMAGES) and seg.data["skipped"]["undecodable_image"] == 1
+    assert seg.run(fake())["seg/num_skipped"] == 1
+    (root / "SegmentationClass" / "2007_000002.png").write_bytes(masks.encode_mask_png(np.zeros((10, 10), np.uint8)))
+    with pytest.raises(
+        DataConfigError, match=r"^config.evals.seg: 2007_000002: the mask is 10x10 but the image is 64x128$"
+    ):
+        evaluator(format="voc", root=str(root))
+
+
 # ------------------------------------------------------------------------------------------- COCO layout
 
 

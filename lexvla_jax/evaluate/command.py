@@ -1,5 +1,7 @@
-"""`lexvla eval --config CFG --workdir DIR [--step N] [--config.x=y ...]`: every evaluator of `config.evals`
-on a trained checkpoint (the latest, or step N), printed as tables and written to `DIR/eval/step_<N>.json`.
+"""Runs every evaluator of config.evals on a trained checkpoint, prints tables, writes DIR/eval/step_<N>.json.
+
+`lexvla eval --config CFG --workdir DIR [--step N] [--config.x=y ...]` restores the latest checkpoint
+(or step N) onto the config's mesh.
 
 The evaluators' data is read first, so a bad path fails before the model loads. Run as several processes
 like `lexvla train`; every process reads the data and encodes its share, process 0 prints and writes.

@@ -28,7 +28,8 @@ VOC's; images with several classes score a little lower), and the random `miou` 
 paper's 5.0 matches per-image IoU (or class recall), not the set-level `miou`.
 
 Sources: VOC layout, COCO instance masks, synthetic shapes (`data.seg_set`). Keys (after the
-evaluator's name) are fractions in [0, 1], plus `num_images`, `num_patches` (scored) and `num_classes`.
+evaluator's name) are fractions in [0, 1], plus `num_images`, `num_patches` (scored), `num_classes`
+and `num_skipped` (bad images).
 """
 
 from __future__ import annotations
@@ -157,4 +158,5 @@ class PatchDisEvaluator(Evaluator):
         metrics["num_images"] = len(images)
         metrics["num_patches"] = int((labels != UNSCORED).sum())
         metrics["num_classes"] = len(self.classes)
+        metrics["num_skipped"] = sum(self.data["skipped"].values())
         return self.prefixed(metrics)

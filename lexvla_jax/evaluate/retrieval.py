@@ -10,8 +10,9 @@ returns. For each sparse mode the mean number of active (non-zero) words per ima
 Metric keys (after the evaluator's name): `<mode>/i2t_r@k` (an image is a hit when one of its captions is
 among its top k texts) and `<mode>/t2i_r@k` (a caption is a hit when its image is among its top k), the same
 numbers under CLIP_benchmark's names, `<mode>/text_retrieval_recall@k` (= i2t: texts retrieved for an image
-query) and `<mode>/image_retrieval_recall@k` (= t2i), `<mode>/active_words_image|text`,
-`chance/i2t_r@k`, `chance/t2i_r@k`, `num_images` and `num_texts`. Recalls are fractions in [0, 1].
+query) and `<mode>/image_retrieval_recall@k` (= t2i), `<mode>/active_words_image|text`, `chance/i2t_r@k`,
+`chance/t2i_r@k`, `num_images`, `num_texts` and `num_skipped` (bad images or captions). Recalls are
+fractions in [0, 1].
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class RetrievalEvaluator(Evaluator):
             chance = chance_recall(num_images, max(1, round(num_texts / num_images)), k)
             metrics[f"chance/i2t_r@{k}"], metrics[f"chance/t2i_r@{k}"] = chance[f"i2t_r@{k}"], chance[f"t2i_r@{k}"]
         metrics["num_images"], metrics["num_texts"] = num_images, num_texts
+        metrics["num_skipped"] = sum(self.data["skipped"].values())
         return self.prefixed(metrics)
 
 
@@ -124,8 +126,8 @@ def chance_recall(num_images: int, captions_per_image: int, k: int) -> dict[str,
     """Expected R@k of a random ranking: i2t hits one of C captions among N·C; t2i one image among N."""
     total = num_images * captions_per_image
     miss = 1.0
-    for i in range(k):
-        miss *= (total - captions_per_image - i) / (total - i)
+    for i in range(min(k, total)):  # k beyond the N·C texts retrieves them all
+        miss *= max(0, total - captions_per_image - i) / (total - i)
     return {f"i2t_r@{k}": 1.0 - miss, f"t2i_r@{k}": min(1.0, k / num_images)}
 
 
