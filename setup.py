@@ -28,7 +28,10 @@ EXTRAS = {
         "torch==2.13.0",
         "libtpu==0.0.42",
         "ruff==0.17.5",
+        "pycocotools==2.0.11",
     ],
+    # PatchDis on COCO instance masks (lexvla eval): pip install -e '.[eval]'
+    "eval": ["pycocotools==2.0.11"],
     # On a TPU VM: pip install -e '.[tpu]'
     "tpu": ["jax[tpu]==0.10.2"],
     # On a CUDA 12 host: pip install -e '.[gpu]'

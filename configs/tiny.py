@@ -83,7 +83,26 @@ def get_config(arg=None):
         show_top_words=3,
     )
     config.checkpoint = dict(every_steps=300, keep=2, async_save=True)
-    config.eval = dict(every_steps=300, batch_size=125)
+    config.eval = dict(batch_size=125)  # rows per batch when evaluators encode (any size works)
+    # Evaluators (lexvla train runs each every `every_steps` and at the end; lexvla eval runs them all).
+    # Their shards follow config.data.eval_shards.
+    config.evals = ml_collections.ConfigDict()
+    config.evals.retrieval = dict(
+        type="retrieval",
+        every_steps=300,
+        label="synthetic",
+        format="webdataset",
+        shards=config.data.get_ref("eval_shards"),
+        modes=("dense", "threshold", "topk"),
+        top_k=16,  # the kept vocabulary of the synthetic tokenizer is a few hundred words
+    )
+    config.evals.patchdis = dict(
+        type="patchdis",
+        every_steps=0,
+        label="synthetic shapes",
+        format="synthetic",
+        shards=config.data.get_ref("eval_shards"),
+    )
 
     config.mesh = dict(shape=(-1, 1, 1), dcn_shape=(1, 1, 1))
     config.sharding = dict(rules=tuple(DEFAULT_RULES))

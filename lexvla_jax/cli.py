@@ -15,6 +15,7 @@ from lexvla_jax.libtpu_env import quiet_libtpu_without_tpu
 COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("lexvla_jax.vocab:main", "report the filtered vocabulary of a tokenizer (count, examples)"),
     "train": ("lexvla_jax.train:main", "train LexVLA (resumes from the workdir's latest checkpoint)"),
+    "eval": ("lexvla_jax.evaluate.command:main", "run config.evals (retrieval, PatchDis) on a trained checkpoint"),
     "compile": ("lexvla_jax.aot:main", "compile the train step for a TPU topology ahead of time and check it fits"),
     "make-synthetic": ("lexvla_jax.data.synthetic:main", "write the synthetic captioned-shapes dataset (webdataset)"),
     "convert-data": ("lexvla_jax.data.array_record:main", "convert webdataset tars to ArrayRecord shards"),

@@ -25,9 +25,8 @@ import numpy as np
 from lexvla_jax import build, configlib, explain, prepare, sharding
 from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch, vocabulary_record
 from lexvla_jax.data import pipeline
-from lexvla_jax.data.config import DataConfigError
 from lexvla_jax.data.device_batch import make_global_batch
-from lexvla_jax.evaluate import retrieval
+from lexvla_jax.evaluate import registry, table
 from lexvla_jax.inference import LexicalEncoder
 from lexvla_jax.metric_writers import MetricWriter
 from lexvla_jax.program import make_program
@@ -115,7 +114,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         patch_size=patch_size,
         batch_size=config.eval.batch_size,
     )
-    evaluator = _Evaluator(config, prompt, writer)
+    evaluators = registry.build_evaluators(config)
     stop = StopRequest()
     config_dict = config.to_dict()
     step = int(jax.device_get(state.step))
@@ -144,8 +143,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     step, {k: last_metrics[k] for k in ("loss", "info_nce", "logit_scale", "samples_per_s")}
                 )
                 tick, tick_step = time.time(), step
-            if config.eval.every_steps and step % config.eval.every_steps == 0 and step != tc.num_steps:
-                writer.write(step, evaluator(encoder.with_params(state.params)))
+            if step != tc.num_steps and any(e.due(step) for e in evaluators):
+                metrics_due = registry.run_evaluators(evaluators, encoder.with_params(state.params), step, writer.log)
+                writer.write(step, metrics_due)
             preempted = stop(step)
             last = step == tc.num_steps
             # A state whose update was skipped (non-finite loss or gradient) is never saved.
@@ -159,9 +159,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 return last_metrics
         _check_skips(previous, step, tc.max_consecutive_skips)
         checkpointer.wait()
-        final = evaluator(encoder.with_params(state.params), show_top_words=tc.show_top_words)
+        final_encoder = encoder.with_params(state.params)
+        final = registry.run_evaluators(evaluators, final_encoder, log=writer.log)
         writer.write(step, final)
-        writer.log("final evaluation: " + "  ".join(f"{k}={v:.3f}" for k, v in final.items()))
+        if evaluators:
+            writer.log(f"final evaluation (step {step}):\n{table.format_results(evaluators, final)}")
+        _show_top_words(final_encoder, evaluators, tc.show_top_words, writer.log)
         return {**last_metrics, **final}
     finally:
         stop.restore()
@@ -184,27 +187,20 @@ def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-class _Evaluator:
-    """Retrieval R@K on the eval set (and top words of a few images and captions, if asked)."""
-
-    def __init__(self, config, prompt, writer: MetricWriter):
-        self.eval_set = pipeline.load_eval_set(config.data, prompt)
-        self.writer = writer
-
-    def __call__(self, encoder: LexicalEncoder, show_top_words: int = 0) -> dict:
-        metrics, s_img, s_txt = retrieval.retrieval_eval(encoder, self.eval_set)
-        n_img = len(s_img)
-        chance = retrieval.chance_recall(n_img, len(s_txt) // max(n_img, 1), 1)
-        metrics["eval/chance_i2t_r@1"] = chance["i2t_r@1"]
-        metrics["eval/chance_t2i_r@1"] = chance["t2i_r@1"]
-        for i in range(min(show_top_words, n_img)):
-            caption_index = int(np.flatnonzero(self.eval_set["image_of_text"] == i)[0])
-            top = explain.top_words(s_img[i], encoder.kept_ids, encoder.tokenizer)
-            self.writer.log(f"eval image {i}: {explain.format_top_words(top)}")
-            self.writer.log(f"  caption {self.eval_set['captions'][caption_index]!r}")
-            top = explain.top_words(s_txt[caption_index], encoder.kept_ids, encoder.tokenizer)
-            self.writer.log(f"  caption words: {explain.format_top_words(top)}")
-        return metrics
+def _show_top_words(encoder: LexicalEncoder, evaluators, count: int, log) -> None:
+    """Logs the top words of the first `count` images of the first retrieval set and of their first captions."""
+    data = next((e.data for e in evaluators if e.type == "retrieval"), None)
+    if not count or data is None:
+        return
+    count = min(count, len(data["image"]))
+    first_caption = [int(np.flatnonzero(data["image_of_text"] == i)[0]) for i in range(count)]
+    s_img = encoder.encode_images(data["image"][:count])
+    s_txt = encoder.encode_texts([data["captions"][c] for c in first_caption])
+    words = lambda s: explain.format_top_words(explain.top_words(s, encoder.kept_ids, encoder.tokenizer))
+    for i in range(count):
+        log(f"eval image {i}: {words(s_img[i])}")
+        log(f"  caption {data['captions'][first_caption[i]]!r}")
+        log(f"  caption words: {words(s_txt[i])}")
 
 
 def main(argv: list[str]) -> int:
@@ -213,7 +209,7 @@ def main(argv: list[str]) -> int:
     config, args = configlib.parse_command(argv, parser)
     try:
         run(config, args.workdir)
-    except (TrainingError, VocabularyMismatch, DataConfigError) as e:
+    except (TrainingError, VocabularyMismatch) as e:
         print(f"lexvla train: {e}", file=sys.stderr)
         return 1
     return 0

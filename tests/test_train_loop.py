@@ -48,7 +48,7 @@ def _overrides(data_dir: str, **extra) -> list[str]:
         "optim.warmup_steps": 2,
         "checkpoint.every_steps": 4,
         "checkpoint.keep": 10,
-        "eval.every_steps": 0,
+        "evals.retrieval.every_steps": 0,
         "eval.batch_size": 16,
         **extra,
     }
@@ -103,9 +103,11 @@ def test_metrics_rows(uninterrupted):
     assert [r["step"] for r in train_rows] == list(range(4, STEPS + 1, 4))
     for key in ("info_nce", "penalty_img", "active_words_img", "grad_norm", "learning_rate", "samples_per_s"):
         assert key in train_rows[-1]
-    eval_row = [r for r in rows if "eval/i2t_r@1" in r][-1]
-    for key in ("eval/i2t_r@5", "eval/i2t_r@10", "eval/t2i_r@1", "eval/t2i_r@10"):
-        assert 0.0 <= eval_row[key] <= 1.0
+    eval_row = [r for r in rows if "retrieval/dense/i2t_r@1" in r][-1]
+    for key in ("i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@10", "image_retrieval_recall@1"):
+        for mode in ("dense", "threshold", "topk"):
+            assert 0.0 <= eval_row[f"retrieval/{mode}/{key}"] <= 1.0
+    assert 0.0 <= eval_row["patchdis/miou"] <= 1.0
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert "final evaluation" in stdout
     assert "eval image 1:" in stdout and "caption words:" in stdout  # top words of eval images and captions
