@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "etils==1.15.0",
     "tensorboardx==2.6.5",
+    "matplotlib==3.11.2",
+    "scipy==1.17.1",  # the newest scipy for Python 3.11 (1.18 needs 3.12)
 ]
 
 EXTRAS = {
@@ -29,9 +31,12 @@ EXTRAS = {
         "libtpu==0.0.42",
         "ruff==0.17.5",
         "pycocotools==2.0.11",
+        "pyseismic-lsr==0.5.4",
     ],
     # PatchDis on COCO instance masks (lexvla eval): pip install -e '.[eval]'
     "eval": ["pycocotools==2.0.11"],
+    # Approximate inverted-index search of exported sparse vectors (`lexvla index` / `lexvla search`).
+    "search": ["pyseismic-lsr==0.5.4"],
     # On a TPU VM: pip install -e '.[tpu]'
     "tpu": ["jax[tpu]==0.10.2"],
     # On a CUDA 12 host: pip install -e '.[gpu]'

@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic": ("lexvla_jax.data.synthetic:main", "write the synthetic captioned-shapes dataset (webdataset)"),
     "convert-data": ("lexvla_jax.data.array_record:main", "convert webdataset tars to ArrayRecord shards"),
     "inspect-data": ("lexvla_jax.data.inspect_data:main", "read N training batches: samples, skips by reason, speed"),
+    "explain": ("lexvla_jax.commands.explain:main", "top words of images or texts: word-map and bar-chart PNGs"),
+    "export": ("lexvla_jax.commands.export:main", "write an eval set's sparse lexical vectors (JSONL, TSV, .npz)"),
+    "index": ("lexvla_jax.commands.index:main", "build the approximate (Seismic) index of an exported collection"),
+    "search": ("lexvla_jax.commands.search:main", "search an exported collection by text, image or vector id"),
 }
 
 
