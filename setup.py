@@ -11,7 +11,6 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
-    "einops==0.8.2",
     "ml-collections==1.1.0",
     "transformers==5.23.0",
     "safetensors==0.8.0",

@@ -1,9 +1,10 @@
 """`lexvla export`: a model's sparse lexical vectors of an eval set's images and/or captions, on disk.
 
   lexvla export --config configs/tiny.py --workdir runs/tiny --out runs/tiny/sparse [--what images captions]
-      [--threshold T | --top-k K] [--scale 1000] [--max-images N] [--config.data.eval_shards=DIR]
+      [--threshold T | --top-k K] [--scale 1000] [--max-images N] [--source NAME]
 
-Reads the eval set of `config.data` (webdataset or Karpathy json; override it with `--config.data.*`) and writes
+Reads the image-text set of a retrieval evaluator of `config.evals` (`--source NAME`; default: the first one —
+webdataset, Karpathy json or TFDS; override its fields with `--config.evals.NAME.*`) and writes
 OUT/images/ and OUT/captions/, each an exported collection (`lexvla_jax.sparse.export`): collection.jsonl
 (Anserini/Seismic), queries.tsv, vectors.npz (scipy.sparse) and meta.json. Image ids are the sample keys, caption
 ids `KEY#n` (the n-th caption of image KEY); an image's content is its captions joined by " | ".
@@ -19,7 +20,7 @@ import numpy as np
 
 from lexvla_jax import configlib
 from lexvla_jax.commands import common
-from lexvla_jax.data.eval_set import load_eval_set
+from lexvla_jax.data.eval_set import image_text_records, read_image_text_set
 from lexvla_jax.sparse import export
 
 WHAT = ("images", "captions")
@@ -55,6 +56,20 @@ def export_eval_set(
     return written
 
 
+def _source(config, name: str | None) -> tuple[str, dict]:
+    """The `config.evals` retrieval entry to export (by name, or the first one)."""
+    entries = {k: v.to_dict() for k, v in (config.get("evals") or {}).items() if v.get("type") == "retrieval"}
+    if not entries:
+        raise configlib.ConfigError("config.evals has no retrieval entry to export; add one (see configs/tiny.py)")
+    name = name or sorted(entries)[0]
+    if name not in entries:
+        raise configlib.ConfigError(f"--source {name!r} is not a retrieval entry of config.evals: {', '.join(entries)}")
+    from lexvla_jax.evaluate.base import COMMON_DEFAULTS
+    from lexvla_jax.evaluate.retrieval import RetrievalEvaluator
+
+    return name, {**COMMON_DEFAULTS, **RetrievalEvaluator.defaults, **entries[name]}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lexvla export", description=__doc__.splitlines()[0])
     common.add_model_args(parser)
@@ -65,11 +80,14 @@ def main(argv: list[str]) -> int:
     cut.add_argument("--top-k", type=int, help="keep the k largest weights of each vector instead")
     parser.add_argument("--scale", type=int, default=export.DEFAULT_SCALE, help="impact = round(scale * weight)")
     parser.add_argument("--max-images", type=int, help="export only the first N images (and their captions)")
+    parser.add_argument("--source", help="the config.evals entry whose image-text set is exported")
     config, args = configlib.parse_command(argv, parser)
     if args.scale < 1:
         raise configlib.ConfigError(f"--scale {args.scale}: must be a positive integer, e.g. {export.DEFAULT_SCALE}")
+    name, source = _source(config, args.source)
+    records = image_text_records(source, f"config.evals.{name}")
+    eval_set = read_image_text_set(records, config.data, source.get("captions_per_image", 5), args.max_images)
     encoder = common.restore_encoder(config, args.workdir, args.step)
-    eval_set = load_eval_set(config.data, encoder.prompt, max_images=args.max_images)
     written = export_eval_set(
         encoder, eval_set, args.out, args.what, threshold=args.threshold, top_k=args.top_k, scale=args.scale
     )
