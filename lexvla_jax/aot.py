@@ -1,5 +1,8 @@
 """`lexvla compile`: compile the real train step for a TPU topology on this machine, without a TPU.
 
+`--local` compiles it for this machine's own devices instead (a GPU, or the CPU) with the same report; the
+memory limit is then what the runtime reports (GPU) or the host's RAM (CPU).
+
 libtpu (the `test` extra) compiles for a named topology (`v5p:2x2x1`, `v4:2x2x1`, `v5e:4x4`, `v6e:2x2`,
 ...) through `jax.experimental.topologies`. Everything is shapes: no weights, no data. The report gives
 per-device argument / temporary / output bytes from XLA's memory analysis, the device's HBM, the fraction
@@ -183,7 +186,7 @@ def compile_train_step(config, devices, topology: str = "") -> CompileReport:
             device_kind=kind,
             num_devices=len(devices),
             global_batch=b,
-            hbm_bytes=HBM_BYTES.get(kind, 0) or _unknown_hbm(kind),
+            hbm_bytes=device_memory_bytes(devices[0]),
             matmul_flops=matmul_flops(traced.jaxpr) / len(devices),
         )
         try:
@@ -227,15 +230,32 @@ def _bytes_in(message: str, pattern: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
 
 
-def _unknown_hbm(kind: str) -> int:
-    raise SystemExit(f"lexvla compile: HBM size of {kind!r} unknown; add it to lexvla_jax.aot.HBM_BYTES")
+def device_memory_bytes(device) -> int:
+    """Memory one device may use: the TPU table, else what the runtime reports, else (CPU) the host's RAM."""
+    if device.device_kind in HBM_BYTES:
+        return HBM_BYTES[device.device_kind]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # compile-only topology devices have no runtime
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    raise SystemExit(f"lexvla compile: memory of {device.device_kind!r} unknown; add it to lexvla_jax.aot.HBM_BYTES")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lexvla compile", description=__doc__.splitlines()[0])
-    parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--topology", help="TPU topology, e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
+    target.add_argument("--local", action="store_true", help="this machine's devices (a GPU, or the CPU)")
     config, args = configlib.parse_command(argv, parser)
-    report = compile_train_step(config, topology_devices(args.topology), args.topology)
+    if args.local:
+        devices = jax.devices()
+        report = compile_train_step(config, devices, f"local {devices[0].platform}")
+    else:
+        report = compile_train_step(config, topology_devices(args.topology), args.topology)
     print("\n".join(report.lines()))
     return 0 if report.fits else 1
 

@@ -85,7 +85,12 @@ def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.Le
 
 def load_vocabulary(config: ml_collections.ConfigDict) -> tuple[vocab.Tokenizer, np.ndarray]:
     """The tokenizer of `config.data.tokenizer` and the token ids of the kept vocabulary (codebook rows)."""
-    tokenizer = vocab.load_tokenizer(config.data.tokenizer)
+    if not config.data.tokenizer:
+        raise ConfigError("config.data.tokenizer is empty; point it at a tokenizer.model / tokenizer.json")
+    try:
+        tokenizer = vocab.load_tokenizer(config.data.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{e} (config.data.tokenizer)") from None
     size = config.model.text.get("vocab_size", tokenizer.vocab_size)
     if tokenizer.vocab_size != size and not config.model.text_checkpoint:
         raise ConfigError(

@@ -17,14 +17,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lexvla_jax import vocab
+from lexvla_jax.configlib import ConfigError
 from lexvla_jax.data import streams
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(ConfigError):
     """No checkpoint where one was asked for; the message is one line with the fix."""
 
 
-class VocabularyMismatch(ValueError):
+class VocabularyMismatch(ConfigError):
     """A checkpoint trained on another kept vocabulary than the tokenizer gives now; one line."""
 
 

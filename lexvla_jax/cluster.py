@@ -23,8 +23,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from lexvla_jax.configlib import ConfigError
 
-class ClusterError(ValueError):
+
+class ClusterError(ConfigError):
     """A SLURM layout whose GPUs cannot be split over its tasks; the message is one line."""
 
 

@@ -222,3 +222,46 @@ def test_repeated_non_finite_steps_stop_the_run(data_dir, tmp_path, monkeypatch)
     ):
         train.run(config, workdir)
     assert _saved_steps(workdir) == [2]  # steps 4 and 6 were skipped updates: not saved
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    from lexvla_jax import cli
+
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_explain_and_export_read_the_trained_checkpoint(uninterrupted, data_dir, tmp_path, capsys):
+    """`lexvla eval`, `explain` and `export` restore the run's checkpoint and agree with its final evaluation."""
+    workdir = str(uninterrupted[0])
+    config_args = ["--config", os.path.join(REPO, "configs", "tiny.py")] + [
+        f"--config.{o}" for o in _overrides(data_dir)
+    ]
+    code, out, err = _cli(capsys, "eval", *config_args, "--workdir", workdir)
+    assert code == 0, err
+    written = json.loads(open(os.path.join(workdir, "eval", f"step_{STEPS}.json")).read())["metrics"]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    final = [r for r in rows if "retrieval/dense/i2t_r@1" in r][-1]
+    for key in ("retrieval/dense/i2t_r@1", "retrieval/threshold/t2i_r@5", "patchdis/miou"):
+        assert written[key] == pytest.approx(final[key], abs=1e-6), key  # same parameters, same numbers
+    assert "I→T" in out or "i2t" in out.lower()
+
+    image = os.path.join(tmp_path, "image.png")
+    with open(os.path.join(data_dir, "eval", "shard-00000.tar"), "rb") as f:
+        from lexvla_jax.data.tar_reader import iter_samples
+
+        sample = next(iter_samples(f))
+    with open(image, "wb") as f:
+        f.write(sample.files["jpg"])
+    code, out, err = _cli(
+        capsys, "explain", *config_args, "--workdir", workdir, "--image", image, "--out", str(tmp_path)
+    )
+    assert code == 0, err
+    pngs = [line.split()[-1] for line in out.splitlines() if line.strip().endswith(".png")]
+    assert pngs and all(os.path.getsize(p) > 0 for p in pngs)
+
+    code, out, err = _cli(capsys, "export", *config_args, "--workdir", workdir, "--out", str(tmp_path / "sparse"))
+    assert code == 0, err
+    lines = open(tmp_path / "sparse" / "images" / "collection.jsonl").read().splitlines()
+    assert len(lines) == 24 and all(json.loads(line)["vector"] for line in lines)
