@@ -9,7 +9,6 @@ from flax import nnx
 
 from lexvla_jax import build, configlib
 from lexvla_jax import step as step_lib
-from lexvla_jax.models import layers
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "debug_gpu.py")
 
@@ -35,7 +34,7 @@ def test_parameter_counts_of_the_memory_estimate():
     _, trainable, frozen = nnx.split(model, step_lib.trainable_filter(config.train.trainable), nnx.Param)
     count = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))
     assert count(trainable) == pytest.approx(113.8e6, abs=0.05e6)
-    lora = count(nnx.state(model.text, layers.LoRAParam))
+    lora = count(nnx.state(model.text, nnx.LoRAParam))
     assert lora == pytest.approx(20.0e6, abs=0.05e6)
     assert count(nnx.state(model.text)) - lora == pytest.approx(6.61e9, abs=0.005e9)
     assert count(nnx.state(model.vision)) == pytest.approx(0.30e9, abs=0.01e9)
