@@ -25,15 +25,9 @@ import re
 import sys
 import time
 
-# libtpu probes cloud metadata unless told where it is; these keep a TPU-less host quiet and fast.
-for _name, _value in (
-    ("TPU_SKIP_MDS_QUERY", "1"),
-    ("TPU_WORKER_HOSTNAMES", "localhost"),
-    ("TPU_WORKER_ID", "0"),
-    ("TPU_ACCELERATOR_TYPE", "v5p-8"),
-    ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),  # several compiles (or tests) may load libtpu at once
-):
-    os.environ.setdefault(_name, _value)
+from lexvla_jax import libtpu_env  # noqa: E402  (before JAX: keeps libtpu quiet on TPU-less hosts)
+
+libtpu_env.quiet_libtpu_without_tpu()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

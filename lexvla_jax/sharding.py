@@ -220,7 +220,10 @@ def initialize_distributed(dist_config) -> None:
     if mode == "none":
         return
     if mode == "auto":
-        jax.distributed.initialize()
+        from lexvla_jax import cluster
+
+        # SLURM with one task per node or GPUs bound per task: which local GPUs this process drives.
+        jax.distributed.initialize(**cluster.distributed_kwargs(os.environ))
         return
     if mode != "explicit":
         raise MeshError(f"config.dist.mode={mode!r}: choose none, auto or explicit")
