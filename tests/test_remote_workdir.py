@@ -59,10 +59,10 @@ def _state(mesh):
 
 
 def _abstract_on(tree, mesh):
-    """`tree`'s shapes on `mesh`, sharded along its first axis where it has one."""
+    """`tree`'s shapes on `mesh`, sharded along their first axis where it divides (else replicated)."""
 
     def spec(x):
-        return PartitionSpec("data") if x.ndim else PartitionSpec()
+        return PartitionSpec("data") if x.ndim and x.shape[0] % mesh.size == 0 else PartitionSpec()
 
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec(x))), tree)
 
