@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lexvla_jax import configlib, train, vocab
+from lexvla_jax import step as step_lib
 from lexvla_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,13 +183,13 @@ def test_resume_on_a_different_mesh(uninterrupted, terminated, data_dir, env, tm
 
 def test_non_finite_step_is_skipped_and_never_saved(data_dir, tmp_path, monkeypatch):
     """A NaN loss at step 6 skips that update; no checkpoint is written from it; training goes on."""
-    real_loss = train.step_lib.losses.lexvla_loss
+    real_loss = step_lib.losses.lexvla_loss
 
     def loss_with_nan(*args, step, **kwargs):
         loss, metrics = real_loss(*args, step=step, **kwargs)
         return jnp.where(step == 5, jnp.nan, loss), metrics
 
-    monkeypatch.setattr(train.step_lib.losses, "lexvla_loss", loss_with_nan)
+    monkeypatch.setattr(step_lib.losses, "lexvla_loss", loss_with_nan)
     config = configlib.load_config(
         os.path.join(REPO, "configs", "tiny.py"),
         _overrides(data_dir, **{"train.num_steps": 8, "checkpoint.every_steps": 2, "train.log_every": 1}),
@@ -205,13 +206,13 @@ def test_non_finite_step_is_skipped_and_never_saved(data_dir, tmp_path, monkeypa
 
 
 def test_repeated_non_finite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
-    real_loss = train.step_lib.losses.lexvla_loss
+    real_loss = step_lib.losses.lexvla_loss
 
     def loss_nan_from_step_3(*args, step, **kwargs):
         loss, metrics = real_loss(*args, step=step, **kwargs)
         return jnp.where(step >= 3, jnp.nan, loss), metrics
 
-    monkeypatch.setattr(train.step_lib.losses, "lexvla_loss", loss_nan_from_step_3)
+    monkeypatch.setattr(step_lib.losses, "lexvla_loss", loss_nan_from_step_3)
     extra = {"train.num_steps": 20, "train.max_consecutive_skips": 3, "checkpoint.every_steps": 2}
     config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), _overrides(data_dir, **extra))
     workdir = str(tmp_path / "work")

@@ -19,10 +19,9 @@ a given count; restore with the count that saved).
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
+import threading
+import time
 
 import grain
 import jax
@@ -129,14 +128,20 @@ def make_train_dataset(
 
 
 def end_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
-    """In a data worker: die with the trainer (Linux `PR_SET_PDEATHSIG`), even when it is SIGKILLed."""
+    """In a data worker: exit within half a second once the trainer is gone, even when it was SIGKILLed.
+
+    A watchdog thread compares the parent pid with the one at start (an orphan is re-parented). Linux's
+    `PR_SET_PDEATHSIG` would not do: it fires when the parent *thread* that started the worker exits.
+    """
     del worker_index, worker_count
-    if not sys.platform.startswith("linux"):
-        return
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the trainer died before the request took effect
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
         os._exit(1)
+
+    threading.Thread(target=watch, name="lexvla-parent-watch", daemon=True).start()
 
 
 def train_iterator(
