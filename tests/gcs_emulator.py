@@ -34,6 +34,7 @@ import fsspec
 import pytest
 
 BUCKET = "lexvla-test"
+LOCAL_SUSPECTS = ("gs:", "gs", BUCKET)  # what a gs:// workdir written through os.path would leave locally
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +61,12 @@ class GcsEmulator:
                 return sorted(names)
 
 
-def local_traces(*roots, bucket: str = BUCKET) -> list[str]:
-    """Local folders or files named like a remote workdir (`gs:`, `gs`, the bucket) under `roots`."""
-    suspects = {"gs:", "gs", bucket}
+def local_traces(*roots) -> list[str]:
+    """Local folders or files under `roots` named like a remote workdir (`LOCAL_SUSPECTS`)."""
     found = []
     for root in roots:
         for parent, dirs, files in os.walk(root):
-            found += [os.path.join(parent, name) for name in dirs + files if name in suspects]
+            found += [os.path.join(parent, name) for name in dirs + files if name in LOCAL_SUSPECTS]
     return found
 
 
