@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 
 import numpy as np
 from etils import epath
@@ -55,7 +56,8 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
 
         self._tb_local = tempfile.mkdtemp(prefix="lexvla-tb-")
-        self._tb = SummaryWriter(self._tb_local)
+        # Event files are named by second and host: a unique suffix keeps a quickly resumed run's apart.
+        self._tb = SummaryWriter(self._tb_local, filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
     def write(self, step: int, metrics: dict) -> None:
         """Records scalar `metrics` at `step`."""
