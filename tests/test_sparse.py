@@ -130,14 +130,19 @@ def vectors_of(s: np.ndarray, scale: int = 1000) -> export.SparseVectors:
     return export.SparseVectors(ids, ids, export.quantise(s, scale), [f"t{j}" for j in range(v)], scale)
 
 
+def test_strongest_per_row_keeps_the_largest_entries():
+    m = export.quantise(np.array([[0.1, 0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.9, 0.0, 0.0]], np.float32))
+    np.testing.assert_array_equal(index.strongest_per_row(m, 2).toarray(), [[0, 500, 0, 300, 0], [0, 0, 900, 0, 0]])
+    assert index.strongest_per_row(m, 0) is m
+
+
 def test_exact_search_equals_brute_force_and_seismic_agrees():
-    docs = vectors_of(zipf_collection(1500, 400, 30, seed=0))
-    queries = zipf_collection(25, 400, 30, seed=1)
+    docs = vectors_of(zipf_collection(1500, 400, 60, seed=0))
+    queries = zipf_collection(25, 400, 60, seed=1)
     dense = docs.weights().toarray()
-    exact = index.ExactIndex(docs)
-    approximate = index.SeismicIndex.build(
-        docs, index.SeismicParams(n_postings=400, query_cut=30, heap_factor=0.9), num_threads=1
-    )
+    exact = index.ExactIndex.build(docs)
+    params = index.SeismicParams(doc_words=20, n_postings=400, query_cut=20, heap_factor=0.9, rerank=50)
+    approximate = index.SeismicIndex.build(docs, params, num_threads=1)
     recalls = []
     for q in queries:
         words = np.flatnonzero(q)
@@ -147,8 +152,15 @@ def test_exact_search_equals_brute_force_and_seismic_agrees():
         np.testing.assert_allclose(scores, brute[rows], rtol=1e-5)
         seismic_rows, seismic_scores = approximate.top_k(words, q[words], 10)
         recalls.append(len(set(seismic_rows) & set(rows)) / 10)
-        np.testing.assert_allclose(seismic_scores, brute[seismic_rows], rtol=1e-3)  # exact scores of what it finds
+        # Re-ranked on the full vectors: the scores are exact and in order.
+        np.testing.assert_allclose(seismic_scores, brute[seismic_rows], rtol=1e-5)
+        assert np.all(np.diff(seismic_scores) <= 0)
     assert np.mean(recalls) >= 0.95
+    # Re-ranking only the top 10 leaves Seismic's order over 20-word documents: it misses more.
+    approximate.params.rerank = 10
+    truth = [set(exact.top_k(np.flatnonzero(q), q[q > 0], 10)[0]) for q in queries]
+    found = [set(approximate.top_k(np.flatnonzero(q), q[q > 0], 10)[0]) for q in queries]
+    assert np.mean([len(f & t) / 10 for f, t in zip(found, truth, strict=True)]) < np.mean(recalls) - 0.2
 
 
 def test_seismic_reads_the_exported_jsonl(tmp_path):
@@ -158,7 +170,7 @@ def test_seismic_reads_the_exported_jsonl(tmp_path):
     with index.native_stdout_silenced():
         from_jsonl = seismic.SeismicIndex.build(str(tmp_path / export.COLLECTION), n_postings=300, num_threads=1)
     assert (from_jsonl.len, from_jsonl.nnz) == (300, docs.matrix.nnz)
-    exact = index.ExactIndex(docs)
+    exact = index.ExactIndex.build(docs)
     words, weights = docs.row(7)
     terms = np.array([docs.words[j] for j in words], dtype=seismic.get_seismic_string())
     found = from_jsonl.search("q", terms, weights, k=5, query_cut=20, heap_factor=1.0)
@@ -174,7 +186,7 @@ def test_hits_name_the_shared_words_by_contribution():
         ["a", "b", "c"], ["red circle", "blue circle", "square"], export.quantise(s), words, 1000
     )
     query_words, query_weights = np.array([0, 1]), np.array([0.3, 0.9], np.float32)  # "red circle", circle-heavy
-    hits = index.search(index.ExactIndex(docs), docs, query_words, query_weights, k=5)
+    hits = index.search(index.ExactIndex.build(docs), docs, query_words, query_weights, k=5)
     assert [h.id for h in hits] == ["a", "b"]  # c shares no word
     assert hits[0].words == [("circle", pytest.approx(0.54)), ("red", pytest.approx(0.24))]
     assert hits[0].score == pytest.approx(0.78) and hits[1].words == [("circle", pytest.approx(0.54))]

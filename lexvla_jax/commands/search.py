@@ -3,7 +3,7 @@
   lexvla search --index DIR --query-text "a red circle" --config configs/tiny.py --workdir runs/tiny
   lexvla search --index DIR --query-image photo.jpg --config configs/tiny.py --workdir runs/tiny
   lexvla search --index DIR --query-id KEY#0 [--queries OTHER_DIR]
-      [--method seismic|exact] [-k 10] [--words 5] [--query-cut N] [--heap-factor F]
+      [--method seismic|exact] [-k 10] [--words 5] [--query-cut N] [--heap-factor F] [--rerank N]
 
 Text queries against an image collection search text→image; image queries against a caption collection
 search image→text. `--query-id` takes an exported vector (of `--queries`, default the collection itself) and
@@ -70,9 +70,9 @@ def main(argv: list[str]) -> int:
     vectors = export.read_collection(args.index)
     settings = search_settings(args)
     if args.method == "exact":
-        searcher = index.ExactIndex(vectors)
+        searcher = index.ExactIndex.build(vectors)
     else:
-        searcher = index.SeismicIndex.load(args.index, **settings)
+        searcher = index.SeismicIndex.load(args.index, vectors, **settings)
     words, weights, description = encoded_query(args, vectors)
     print(f"query: {description}, {len(words)} words; {args.method} search of {len(vectors.ids)} vectors")
     hits = index.search(searcher, vectors, words, weights, k=args.k, n_words=args.words)

@@ -8,8 +8,12 @@ the query, strongest contribution first.
 - `ExactIndex`: the collection as a `scipy.sparse` CSC matrix, one column per word = that word's posting list;
   a query sums the posting lists of its words (term-at-a-time, exact).
 - `SeismicIndex`: pyseismic-lsr (Bruch et al., SIGIR 2024): posting lists pruned to the strongest postings
-  and clustered into blocks with summary vectors, so a query skips most blocks. It indexes the integer impacts
-  (exact in its float16 storage up to 2048) and reads `collection.jsonl` as well.
+  and clustered into blocks with summary vectors, so a query skips most blocks; it reads `collection.jsonl` too.
+  Seismic is made for learned sparse vectors of ~100–200 words; its build time grows with postings × words
+  per document (each block summary merges its documents' full vectors), which for LexVLA's ~1,000-word vectors
+  is prohibitive at scale. So each document enters Seismic with only its `doc_words` strongest words, and
+  Seismic's best `rerank` candidates are re-scored exactly on the full vectors (static pruning + exact
+  re-ranking): the reported scores are exact, only the candidate set is approximate.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import sys
 
 import numpy as np
+import scipy.sparse
 
 from lexvla_jax.sparse.export import CollectionError, SparseVectors
 
@@ -52,8 +57,12 @@ class ExactIndex:
 
     name = "exact"
 
-    def __init__(self, vectors: SparseVectors):
-        self.postings = vectors.weights().tocsc()
+    def __init__(self, postings: scipy.sparse.csc_array):
+        self.postings = postings  # float32 [N, V'] document weights, column j = word j's postings
+
+    @classmethod
+    def build(cls, vectors: SparseVectors):
+        return cls(vectors.weights().tocsc())
 
     def top_k(self, words: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores = self.postings[:, np.asarray(words)] @ np.asarray(weights, np.float32)
@@ -88,38 +97,77 @@ def native_stdout_silenced():
 
 @dataclasses.dataclass
 class SeismicParams:
-    """Build and search settings of a Seismic index (see pyseismic's docs/Guidelines.md)."""
+    """Build and search settings of a Seismic index (Seismic's own: see its docs/Guidelines.md)."""
 
+    doc_words: int = 64  # each document's strongest words that enter Seismic (0: all)
     n_postings: int = 3500  # postings kept per word on average (the pruning budget)
     centroid_fraction: float = 0.1  # blocks per posting list, as a fraction of its length
     summary_energy: float = 0.4  # fraction of a block summary's L1 mass kept
     max_fraction: float = 1.5  # longest posting list, in units of n_postings
-    query_cut: int = 10  # the query's strongest words whose posting lists are scanned
-    heap_factor: float = 0.8  # a block is skipped unless summary score > heap_factor × k-th best so far
+    query_cut: int = 20  # the query's strongest words whose posting lists are scanned
+    heap_factor: float = 0.9  # a block is skipped unless summary score > heap_factor × k-th best so far
+    rerank: int = 100  # Seismic's best candidates re-scored exactly on the full vectors
+
+
+def strongest_per_row(impacts: scipy.sparse.csr_array, limit: int, chunk: int = 4096) -> scipy.sparse.csr_array:
+    """Integer CSR rows with only their `limit` largest entries (ties: lower word first); all if limit is 0."""
+    lengths = np.diff(impacts.indptr)
+    if limit <= 0 or lengths.max(initial=0) <= limit:
+        return impacts
+    vocab = impacts.shape[1]
+    keep = np.empty(impacts.nnz, bool)
+    for start in range(0, impacts.shape[0], chunk):  # a padded [rows, longest] key table per chunk of rows
+        stop = min(start + chunk, impacts.shape[0])
+        a, b = impacts.indptr[start], impacts.indptr[stop]
+        rows = np.repeat(np.arange(stop - start), lengths[start:stop])
+        key = impacts.data[a:b].astype(np.int64) * (vocab + 1) + (vocab - impacts.indices[a:b])  # unique per row
+        table = np.full((stop - start, lengths[start:stop].max()), -1, np.int64)
+        table[rows, np.arange(b - a) - (impacts.indptr[start:stop] - a)[rows]] = key
+        width = table.shape[1]
+        cut = np.partition(table, width - limit, axis=1)[:, width - limit] if width > limit else np.full(len(table), -1)
+        keep[a:b] = key >= cut[rows]
+    indptr = np.concatenate([[0], np.cumsum(np.minimum(lengths, limit))])
+    return scipy.sparse.csr_array((impacts.data[keep], impacts.indices[keep], indptr), shape=impacts.shape)
 
 
 class SeismicIndex:
-    """pyseismic-lsr's approximate index over the integer impacts of a collection (row i ↔ document id "i")."""
+    """pyseismic-lsr over the strongest words of each document (row i ↔ Seismic document "i"), with exact
+    re-ranking on `forward`, the full integer impacts `round(scale · w)` [N, V'] (any integer CSR)."""
 
     name = "seismic"
 
-    def __init__(self, index, scale: int, params: SeismicParams):
-        self.index, self.scale, self.params = index, scale, params
+    def __init__(self, index, forward: scipy.sparse.csr_array, scale: int, params: SeismicParams):
+        self.index, self.forward, self.scale, self.params = index, forward, scale, params
         self.string_type = _seismic().get_seismic_string()
+
+    @staticmethod
+    def dataset(vocab_size: int):
+        """An empty `seismic.SeismicDataset`; fill it with `add_rows`."""
+        return _seismic().SeismicDataset(dim=vocab_size)
+
+    @staticmethod
+    def add_rows(dataset, first_row: int, impacts: scipy.sparse.csr_array, doc_words: int) -> None:
+        """Appends CSR rows of integer impacts, each cut to its `doc_words` strongest, as documents "first_row", …"""
+        impacts = strongest_per_row(impacts, doc_words)
+        dataset.add_documents_by_id(
+            [str(first_row + i) for i in range(impacts.shape[0])],
+            impacts.indices.astype(np.int64),
+            impacts.data.astype(np.float32),  # integers: exact in Seismic's float16 storage up to 2048
+            impacts.indptr.astype(np.int64),
+        )
 
     @classmethod
     def build(cls, vectors: SparseVectors, params: SeismicParams | None = None, num_threads: int = 0):
         params = params or SeismicParams()
-        matrix, seismic = vectors.matrix, _seismic()
-        dataset = seismic.SeismicDataset(dim=matrix.shape[1])
-        dataset.add_documents_by_id(
-            [str(i) for i in range(matrix.shape[0])],
-            matrix.indices.astype(np.int64),
-            matrix.data.astype(np.float32),
-            matrix.indptr.astype(np.int64),
-        )
+        dataset = cls.dataset(vectors.matrix.shape[1])
+        cls.add_rows(dataset, 0, vectors.matrix, params.doc_words)
+        return cls.from_dataset(dataset, vectors.matrix, vectors.scale, params, num_threads)
+
+    @classmethod
+    def from_dataset(cls, dataset, forward, scale: int, params: SeismicParams, num_threads: int = 0):
+        """Indexes a dataset filled by `add_rows` from the impacts `forward`."""
         with native_stdout_silenced():
-            index = seismic.SeismicIndex.build_from_dataset(
+            index = _seismic().SeismicIndex.build_from_dataset(
                 dataset,
                 n_postings=params.n_postings,
                 centroid_fraction=params.centroid_fraction,
@@ -127,20 +175,24 @@ class SeismicIndex:
                 max_fraction=params.max_fraction,
                 num_threads=num_threads,
             )
-        return cls(index, vectors.scale, params)
+        return cls(index, forward, scale, params)
 
     def top_k(self, words: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        results = self.index.search(
+        weights = np.asarray(weights, np.float32)
+        candidates = self.index.search(
             "q",
             np.asarray([str(j) for j in words], dtype=self.string_type),
-            np.asarray(weights, np.float32),
-            k=k,
+            weights,
+            k=max(k, self.params.rerank),
             query_cut=self.params.query_cut,
             heap_factor=self.params.heap_factor,
         )
-        rows = np.array([int(doc) for _, _, doc in results], np.int64)
-        scores = np.array([score for _, score, _ in results], np.float32) / self.scale
-        return rows, scores
+        rows = np.array([int(doc) for _, _, doc in candidates], np.int64)
+        query = np.zeros(self.forward.shape[1], np.float32)
+        query[np.asarray(words)] = weights
+        scores = np.asarray(self.forward[rows] @ query, np.float32) / self.scale
+        best = np.lexsort((rows, -scores))[:k]
+        return rows[best], scores[best]
 
     def save(self, directory: str) -> str:
         """Writes `seismic.index.seismic` and its settings into `directory`; returns the index path."""
@@ -151,18 +203,22 @@ class SeismicIndex:
         return os.path.join(directory, SEISMIC_FILE + SEISMIC_SUFFIX)
 
     @classmethod
-    def load(cls, directory: str, **search_settings):
-        """The index `save` wrote; `search_settings` (query_cut, heap_factor) override the saved ones."""
+    def load(cls, directory: str, vectors: SparseVectors, **search_settings):
+        """The index `save` wrote for `vectors`; `search_settings` (query_cut, heap_factor, rerank) override
+        the saved ones."""
         path = os.path.join(directory, SEISMIC_FILE + SEISMIC_SUFFIX)
         if not os.path.isfile(path):
             raise CollectionError(f"{directory!r} holds no Seismic index; build it with `lexvla index {directory}`")
         with open(os.path.join(directory, SEISMIC_PARAMS)) as f:
             saved = json.load(f)
-        scale = saved.pop("scale")
+        if saved.pop("scale") != vectors.scale:
+            raise CollectionError(f"the Seismic index in {directory!r} is stale; rebuild it with `lexvla index`")
         params = dataclasses.replace(SeismicParams(**saved), **search_settings)
         with native_stdout_silenced():
             index = _seismic().SeismicIndex.load(path)
-        return cls(index, scale, params)
+        if index.len > len(vectors.ids):
+            raise CollectionError(f"the Seismic index in {directory!r} is stale; rebuild it with `lexvla index`")
+        return cls(index, vectors.matrix, vectors.scale, params)
 
 
 def shared_words(
