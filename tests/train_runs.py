@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -144,11 +145,14 @@ def saved_steps(workdir) -> list[int]:
     return sorted(int(name) for name in os.listdir(path) if name.isdigit())
 
 
-def final_state(workdir, step=STEPS):
-    """The train state saved at `step`, restored as host NumPy arrays."""
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return restored["state"]
+def final_state(workdir, step=STEPS) -> dict:
+    """The train state saved at `step` as host NumPy arrays (whatever processes and devices wrote it)."""
+    path = os.path.join(workdir, "checkpoints")
+    with ocp.CheckpointManager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
+        metadata = manager.item_metadata(step)["state"]
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=as_numpy))
+        return manager.restore(step, args=args)["state"]
 
 
 def assert_bitwise_equal(a, b):
@@ -202,6 +206,17 @@ def sample_keys(workdir) -> dict[int, list[str]]:
         by_process.append(rows)
     steps = sorted(set().union(*by_process))
     return {s: [k for rows in by_process for k in rows.get(s, [])] for s in steps}
+
+
+def truncate_sample_keys(workdir, step: int) -> None:
+    """Drops the sample-key records of steps after `step` (a workdir made to look as it was at `step`)."""
+    folder = os.path.join(workdir, "sample_keys")
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def sigterm_then_wait(cluster: Cluster, processes, timeout: float) -> float:
