@@ -122,7 +122,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_exactly(runs, 
     resumed = Cluster(workdir, data_dir, 2, 4, **EXTRA)
     resumed.check()
     assert f"resumed from step {stops[0]}" in resumed.output(0)
-    train_runs.assert_bitwise_equal(train_runs.final_state(workdir, STEPS), train_runs.final_state(runs["two"]))
+    train_runs.assert_bitwise_equal(train_runs.final_state(workdir, STEPS), train_runs.final_state(runs["two"], STEPS))
     assert train_runs.sample_keys(workdir) == train_runs.sample_keys(runs["two"])
 
 

@@ -145,7 +145,7 @@ def saved_steps(workdir) -> list[int]:
     return sorted(int(name) for name in os.listdir(path) if name.isdigit())
 
 
-def final_state(workdir, step=STEPS) -> dict:
+def final_state(workdir, step: int) -> dict:
     """The train state saved at `step` as host NumPy arrays (whatever processes and devices wrote it)."""
     path = os.path.join(workdir, "checkpoints")
     with ocp.CheckpointManager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
