@@ -22,8 +22,8 @@ from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch
 from lexvla_jax.data import pipeline, synthetic
 from lexvla_jax.program import make_program
 
-import train_runs
-from train_runs import Cluster
+import local_cluster
+from local_cluster import Cluster
 
 STEPS = 12
 EXTRA = {
@@ -45,7 +45,7 @@ STOP_SECONDS = 120  # a stopped run must have checkpointed and exited within thi
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    return train_runs.make_data(str(tmp_path_factory.mktemp("synthetic")))
+    return local_cluster.make_data(str(tmp_path_factory.mktemp("synthetic")))
 
 
 @pytest.fixture(scope="session")
@@ -73,18 +73,18 @@ def _stopped_at(output: str) -> int:
 
 
 def _params(workdir, step=STEPS) -> dict:
-    return train_runs.final_state(workdir, step)["params"]
+    return local_cluster.final_state(workdir, step)["params"]
 
 
 def test_two_processes_train_like_one(runs):
     one, two = runs["one"], runs["two"]
-    losses_one, losses_two = train_runs.losses(one), train_runs.losses(two)
+    losses_one, losses_two = local_cluster.losses(one), local_cluster.losses(two)
     assert sorted(losses_two) == list(range(2, STEPS + 1, 2))
     np.testing.assert_allclose([losses_two[s] for s in losses_one], list(losses_one.values()), rtol=1e-5)
     assert len(set(np.round(list(losses_one.values()), 4))) > 3  # training really moved
-    train_runs.assert_close(_params(two), _params(one), **PARAMS_TOL)
-    assert train_runs.sample_keys(two) == train_runs.sample_keys(one)
-    evals_one, evals_two = train_runs.eval_rows(one), train_runs.eval_rows(two)
+    local_cluster.assert_close(_params(two), _params(one), **PARAMS_TOL)
+    assert local_cluster.sample_keys(two) == local_cluster.sample_keys(one)
+    evals_one, evals_two = local_cluster.eval_rows(one), local_cluster.eval_rows(two)
     assert sorted(evals_two) == [6, STEPS]
     for step, metrics in evals_one.items():
         # Recall is a ranking: a near-tie between two captions may flip under ~1e-7 of parameter noise, which
@@ -105,25 +105,27 @@ def test_evaluation_on_two_processes_equals_one_for_any_batch(runs, data_dir, tm
     cluster = Cluster(workdir, data_dir, 2, 4, **{**EXTRA, "eval.batch_size": 12})
     cluster.check()
     assert f"resumed from step {STEPS}" in cluster.output(0)
-    assert train_runs.eval_rows(workdir)[STEPS] == train_runs.eval_rows(runs["one"])[STEPS]
+    assert local_cluster.eval_rows(workdir)[STEPS] == local_cluster.eval_rows(runs["one"])[STEPS]
 
 
 def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_exactly(runs, data_dir, tmp_path):
     workdir = str(tmp_path / "work")
     cluster = Cluster(workdir, data_dir, 2, 4, **EXTRA)
     first = cluster.wait_for_checkpoint()
-    seconds = train_runs.sigterm_then_wait(cluster, [1], timeout=STOP_SECONDS)
+    seconds = local_cluster.sigterm_then_wait(cluster, [1], timeout=STOP_SECONDS)
     stops = [_stopped_at(cluster.output(i)) for i in range(2)]
     assert stops[0] == stops[1] and first < stops[0] < STEPS, stops
     assert cluster.wait() == [0, 0] and seconds < STOP_SECONDS
     on_cadence = [s for s in range(4, stops[0], 4)]
-    assert train_runs.saved_steps(workdir) == sorted({*on_cadence, stops[0]})  # one checkpoint for the stop
+    assert local_cluster.saved_steps(workdir) == sorted({*on_cadence, stops[0]})  # one checkpoint for the stop
 
     resumed = Cluster(workdir, data_dir, 2, 4, **EXTRA)
     resumed.check()
     assert f"resumed from step {stops[0]}" in resumed.output(0)
-    train_runs.assert_bitwise_equal(train_runs.final_state(workdir, STEPS), train_runs.final_state(runs["two"], STEPS))
-    assert train_runs.sample_keys(workdir) == train_runs.sample_keys(runs["two"])
+    local_cluster.assert_bitwise_equal(
+        local_cluster.final_state(workdir, STEPS), local_cluster.final_state(runs["two"], STEPS)
+    )
+    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["two"])
 
 
 def test_sigterm_twice_to_all_processes_then_resume_on_one_process(runs, data_dir, tmp_path):
@@ -140,17 +142,17 @@ def test_sigterm_twice_to_all_processes_then_resume_on_one_process(runs, data_di
     assert time.time() - start < STOP_SECONDS
     stops = [_stopped_at(cluster.output(i)) for i in range(2)]
     assert stops[0] == stops[1] < STEPS, stops
-    assert max(train_runs.saved_steps(workdir)) == stops[0]
+    assert max(local_cluster.saved_steps(workdir)) == stops[0]
 
     _assert_restores_exactly_on_one_process(workdir, stops[0], data_dir)
     resumed = Cluster(workdir, data_dir, 1, 8, **EXTRA)
     resumed.check()
     assert f"resumed from step {stops[0]}" in resumed.output(0)
-    train_runs.assert_close(_params(workdir), _params(runs["one"]), **PARAMS_TOL)
-    assert train_runs.sample_keys(workdir) == train_runs.sample_keys(runs["one"])
-    losses = train_runs.losses(workdir)
+    local_cluster.assert_close(_params(workdir), _params(runs["one"]), **PARAMS_TOL)
+    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["one"])
+    losses = local_cluster.losses(workdir)
     np.testing.assert_allclose(
-        [losses[s] for s in range(2, STEPS + 1, 2)], list(train_runs.losses(runs["one"]).values()), rtol=1e-5
+        [losses[s] for s in range(2, STEPS + 1, 2)], list(local_cluster.losses(runs["one"]).values()), rtol=1e-5
     )
 
 
@@ -161,26 +163,26 @@ def test_one_process_checkpoint_resumes_on_two_processes(runs, data_dir, tmp_pat
     resumed = Cluster(workdir, data_dir, 2, 4, **EXTRA)
     resumed.check()
     assert "resumed from step 4" in resumed.output(0)
-    train_runs.assert_close(_params(workdir), _params(runs["one"]), **PARAMS_TOL)
-    assert train_runs.sample_keys(workdir) == train_runs.sample_keys(runs["one"])
+    local_cluster.assert_close(_params(workdir), _params(runs["one"]), **PARAMS_TOL)
+    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["one"])
     np.testing.assert_allclose(
-        [train_runs.losses(workdir)[s] for s in range(6, STEPS + 1, 2)],
-        [train_runs.losses(runs["one"])[s] for s in range(6, STEPS + 1, 2)],
+        [local_cluster.losses(workdir)[s] for s in range(6, STEPS + 1, 2)],
+        [local_cluster.losses(runs["one"])[s] for s in range(6, STEPS + 1, 2)],
         rtol=1e-5,
     )
 
 
 def _truncate(workdir: str, step: int) -> None:
     """Makes a finished workdir look as it was when step `step` was checkpointed."""
-    for saved in train_runs.saved_steps(workdir):
+    for saved in local_cluster.saved_steps(workdir):
         if saved > step:
             shutil.rmtree(os.path.join(workdir, "checkpoints", str(saved)))
-    train_runs.truncate_sample_keys(workdir, step)
+    local_cluster.truncate_sample_keys(workdir, step)
 
 
 def _assert_restores_exactly_on_one_process(workdir: str, step: int, data_dir: str) -> None:
     """Restores step `step` onto this process's 8-device mesh (as `lexvla train` does) and compares bit for bit."""
-    config = configlib.load_config(train_runs.TINY_CONFIG, train_runs.overrides(data_dir, **EXTRA))
+    config = configlib.load_config(local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **EXTRA))
     _, kept_ids = build.load_vocabulary(config)
     mesh = sharding.mesh_from_config(config.mesh)
     with sharding.use_mesh_rules(mesh, tuple(config.sharding.rules)):
@@ -190,7 +192,7 @@ def _assert_restores_exactly_on_one_process(workdir: str, step: int, data_dir: s
         state = checkpointer.restore(step, program.abstract_state)
     finally:
         checkpointer.close()
-    saved = train_runs.final_state(workdir, step)
+    saved = local_cluster.final_state(workdir, step)
     for name in ("params", "opt_state"):
         restored, expected = jax.tree.leaves(getattr(state, name)), jax.tree.leaves(saved[name])
         assert len(restored) == len(expected) > 0
@@ -310,7 +312,7 @@ def test_resume_with_another_vocabulary_is_refused(runs, data_dir, other_tokeniz
     assert f"trained on {trained} kept words of" in errors[0] and f"{other_tokenizer} gives {now} of 512" in errors[0]
 
     config = configlib.load_config(
-        train_runs.TINY_CONFIG, train_runs.overrides(data_dir, **{**EXTRA, "data.tokenizer": other_tokenizer})
+        local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **{**EXTRA, "data.tokenizer": other_tokenizer})
     )
     with pytest.raises(VocabularyMismatch, match=rf"trained on {trained} kept words .* gives {now} of 512"):
         inference.restore(config, workdir)

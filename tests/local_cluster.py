@@ -1,9 +1,10 @@
-"""`lexvla train` as subprocesses on the synthetic set: one process, or a local cluster of several on 127.0.0.1.
+"""Local CPU clusters on 127.0.0.1 for tests: `lexvla train` (or a worker script) as N processes × K devices.
 
-Shared by the train-loop tests. A `Cluster` starts N copies of the command with K fake CPU devices each
+A `Cluster` starts N copies of `lexvla train` on the synthetic set with K fake CPU devices each
 (`LEXVLA_COORDINATOR`, `LEXVLA_NUM_PROCESSES`, `LEXVLA_PROCESS_ID`, `config.dist.mode=explicit`); with N=1
-it is a plain single-process run. The readers below take a workdir apart: saved steps, restored train
-states, metrics rows and the sample keys each step consumed.
+it is a plain single-process run. `start_workers` does the same for a test's own worker script. The
+readers below take a workdir apart: saved steps, restored train states, metrics rows and the sample keys
+each step consumed.
 """
 
 from __future__ import annotations
@@ -73,6 +74,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_workers(script, num_processes: int, devices: int, *args) -> list[subprocess.Popen]:
+    """`python script PROCESS_ID NUM_PROCESSES PORT DEVICES *args` for each process (the script sets up JAX)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(script)), env.get("PYTHONPATH", "")])
+    port = free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, str(script), *map(str, (i, num_processes, port, devices, *args))],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+
+
+def wait_workers(procs: list[subprocess.Popen], timeout: float = 900) -> list[str]:
+    """The outputs of `procs`; all are killed past `timeout` seconds, and each must exit 0."""
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
 
 
 class Cluster:
