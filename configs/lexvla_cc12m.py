@@ -65,6 +65,7 @@ def get_config(arg=None):
         log_every=50,
         max_consecutive_skips=20,
         show_top_words=0,
+        record_sample_keys=False,  # debug: write the sample keys of every step under the workdir
     )
     config.checkpoint = dict(every_steps=1000, keep=3, async_save=True)
     config.eval = dict(batch_size=512)  # rows per batch when evaluators encode (any size works)

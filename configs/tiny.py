@@ -81,6 +81,7 @@ def get_config(arg=None):
         log_every=25,
         max_consecutive_skips=5,
         show_top_words=3,
+        record_sample_keys=False,  # debug: write the sample keys of every step under the workdir
     )
     config.checkpoint = dict(every_steps=300, keep=2, async_save=True)
     config.eval = dict(batch_size=125)  # rows per batch when evaluators encode (any size works)

@@ -7,7 +7,8 @@ kept vocabulary (`vocab.filter_vocabulary` of `config.data.tokenizer`).
 
 Every variable is created directly in its sharded layout (`convert.load_model`): checkpoint tensors are
 read shard by shard on the processes that own them, everything else is initialised under `jit`. Trainable
-parameters (`config.train.trainable`) are float32 master weights whatever `frozen_param_dtype` says.
+parameters (`config.train.trainable`) are float32 master weights; every other parameter (the frozen towers
+and the text codebook) is stored in `frozen_param_dtype`.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class ModelRecipe:
     make: object  # () -> LexVLA
     parts: tuple[convert.CheckpointPart, ...]
     trainable: object  # nnx filter of the trainable parameters
+    frozen_dtype: jnp.dtype  # storage dtype of the other parameters
 
 
 def recipe(config: ml_collections.ConfigDict, kept_ids: np.ndarray) -> ModelRecipe:
@@ -126,25 +128,35 @@ def recipe(config: ml_collections.ConfigDict, kept_ids: np.ndarray) -> ModelReci
         codebooks = {"text_codebook": rows, "visual_codebook": rows}
         ignore = lambda key, text=text: text.ignore(key) and key != rows.key
         parts.append(dataclasses.replace(text, sources={**text.sources, **codebooks}, ignore=ignore))
-    return ModelRecipe(cfg, make, tuple(parts), step.trainable_filter(config.train.trainable))
+    frozen_dtype = jnp.dtype(m.frozen_param_dtype)
+    return ModelRecipe(cfg, make, tuple(parts), step.trainable_filter(config.train.trainable), frozen_dtype)
 
 
-def master_dtypes(r: ModelRecipe):
-    """`dtype_of` for `convert.load_model`: trainable parameters are float32 master weights."""
+def storage_dtypes(r: ModelRecipe):
+    """`dtype_of` for `convert.load_model`: float32 master weights for trainable parameters, `r.frozen_dtype`
+    for the other parameters, the model's own dtype for non-parameter state."""
     trainable = filterlib.to_predicate(r.trainable)
-    return lambda path, variable: jnp.float32 if trainable(path, variable) else None
+
+    def dtype_of(path, variable):
+        if trainable(path, variable):
+            return jnp.float32
+        return r.frozen_dtype if isinstance(variable, nnx.Param) else None
+
+    return dtype_of
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh, kept_ids: np.ndarray) -> lexvla.LexVLA:
     """LexVLA with checkpoints loaded where configured, every variable created on `mesh` by the rules."""
     r = recipe(config, kept_ids)
-    return convert.load_model(r.make, r.parts, mesh=mesh, rules=tuple(config.sharding.rules), dtype_of=master_dtypes(r))
+    return convert.load_model(
+        r.make, r.parts, mesh=mesh, rules=tuple(config.sharding.rules), dtype_of=storage_dtypes(r)
+    )
 
 
 def abstract_model(config: ml_collections.ConfigDict, num_words: int) -> lexvla.LexVLA:
     """The same model as shapes only (no memory, no tensor read), with the same dtypes: for compiles."""
     r = recipe(config, np.arange(num_words))
-    dtype_of = master_dtypes(r)
+    dtype_of = storage_dtypes(r)
     graphdef, state = nnx.split(nnx.eval_shape(r.make))
 
     def cast(path, variable):

@@ -185,7 +185,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
                 "pass the workdir `lexvla train` wrote (and an existing --step)"
             )
         checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
-        state = checkpointer.restore(step, program.abstract_state, None)
+        state = checkpointer.restore(step, program.abstract_state)
     finally:
         checkpointer.close()
     prompt = pipeline.prompt_encoder(config.data, tokenizer)

@@ -103,3 +103,24 @@ class MetricWriter:
             self._tb.close()
             self._copy_events()
             shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+class SampleKeyLog:
+    """Debug record of the data each step consumed (`config.train.record_sample_keys`).
+
+    Every process appends `{"step": s, "keys": [...]}` (its rows of global batch s, in order) to
+    `sample_keys/process-<p>.jsonl` under the workdir; the global batch is the processes' rows in process
+    order. Steps redone after a resume from an earlier checkpoint appear again: the last row of a step counts.
+    """
+
+    def __init__(self, workdir: str, process_index: int, enabled: bool):
+        self.path = None
+        if enabled:
+            folder = epath.Path(workdir) / "sample_keys"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / f"process-{process_index:05d}.jsonl"
+
+    def write(self, step: int, batch: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": int(step), "keys": [str(k) for k in batch["key"]]}) + "\n")

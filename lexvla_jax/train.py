@@ -28,7 +28,7 @@ from lexvla_jax.data import pipeline
 from lexvla_jax.data.device_batch import make_global_batch
 from lexvla_jax.evaluate import registry, table
 from lexvla_jax.inference import LexicalEncoder
-from lexvla_jax.metric_writers import MetricWriter
+from lexvla_jax.metric_writers import MetricWriter, SampleKeyLog
 from lexvla_jax.program import make_program
 
 
@@ -75,43 +75,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricWriter(workdir, tc.num_steps, enabled=sharding.is_main_process())
     writer.log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
-    # Data.
+    # Data, and where a previous run of this workdir stopped: a checkpoint this run cannot continue exactly
+    # (another vocabulary, data streams or worker count) is refused here, before the model is built.
     prepare.prepare(config, writer.log)
     tokenizer, kept_ids = build.load_vocabulary(config)
     vocabulary = vocabulary_record(tokenizer, kept_ids, config.data.tokenizer)
     prompt = pipeline.prompt_encoder(config.data, tokenizer)
-    train_iter = pipeline.train_iterator(config.data, tc.global_batch_size, prompt_encoder=prompt)
-
-    # Model and program: trainable parameters in the train state, frozen ones and the rest beside it.
-    with sharding.use_mesh_rules(mesh, rules):
-        model = build.build_model(config, mesh, kept_ids)
-        program, params, frozen, rest = make_program(config, mesh, model)
-    patch_size = model.config.vision.patch_size
-    del model
-    writer.log(f"vocabulary {len(kept_ids)} words; parameters: trainable {_count(params):,}, frozen {_count(frozen):,}")
-    state = program.init_state(params)
-    del params
-
-    # Resume.
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir, every_steps=ck.every_steps, keep=ck.keep, async_save=ck.async_save)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        checkpointer.check_vocabulary(latest, tokenizer, kept_ids, config.data.tokenizer)
-        state = checkpointer.restore(latest, program.abstract_state, train_iter)
-        writer.log(f"resumed from step {latest}")
-
-    encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
-    evaluators = registry.build_evaluators(config)
+    train_iter = pipeline.train_iterator(
+        config.data, tc.global_batch_size, prompt_encoder=prompt, keep_keys=tc.record_sample_keys
+    )
+    sample_keys = SampleKeyLog(workdir, jax.process_index(), enabled=tc.record_sample_keys)
     stop = StopRequest()
-    config_dict = config.to_dict()
-    step = int(jax.device_get(state.step))
-    last_metrics, previous = {}, None
-    tick, tick_step = time.time(), step
     try:
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            checkpointer.check_vocabulary(latest, tokenizer, kept_ids, config.data.tokenizer)
+            checkpointer.restore_data(latest, train_iter)
+
+        # Model and program: trainable parameters in the train state, frozen ones and the rest beside it.
+        with sharding.use_mesh_rules(mesh, rules):
+            model = build.build_model(config, mesh, kept_ids)
+            program, params, frozen, rest = make_program(config, mesh, model)
+        patch_size = model.config.vision.patch_size
+        del model
+        writer.log(
+            f"vocabulary {len(kept_ids)} words; parameters: trainable {_count(params):,}, frozen {_count(frozen):,}"
+        )
+        if latest is None:
+            state = program.init_state(params)
+        else:
+            state = checkpointer.restore(latest, program.abstract_state)
+            writer.log(f"resumed from step {latest}")
+        del params
+
+        encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
+        evaluators = registry.build_evaluators(config)
+        config_dict = config.to_dict()
+        step = int(jax.device_get(state.step))
+        last_metrics, previous = {}, None
+        tick, tick_step = time.time(), step
         while step < tc.num_steps:
+            host_batch = next(train_iter)
+            sample_keys.write(step + 1, host_batch)
             with sharding.use_mesh_rules(mesh, rules):
-                batch = make_global_batch(next(train_iter), mesh, rules)
+                batch = make_global_batch(host_batch, mesh, rules)
                 state, metrics = program.step(frozen, rest, state, batch)
             step += 1
             # The previous step has finished by now or soon: reading it does not stall this one.
@@ -141,8 +150,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 checkpointer.save(step, state, train_iter, config_dict, vocabulary)
             if preempted:
                 checkpointer.wait()
-                writer.log(
-                    f"stopped at step {step} on a termination signal; checkpoint saved, resume with the same workdir"
+                # Every process says so: on a pod, each host's log shows where it stopped.
+                print(
+                    f"process {jax.process_index()}: stopped at step {step} on a termination signal; "
+                    "checkpoint saved, resume with the same workdir",
+                    flush=True,
                 )
                 return last_metrics
         _check_skips(previous, step, tc.max_consecutive_skips)

@@ -23,12 +23,16 @@ from flax import nnx
 from gcs_emulator import LOCAL_SUSPECTS, gcs_emulator, local_traces  # noqa: F401 (fixture)
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from tensorboardX.proto import event_pb2
-from test_train_loop import REPO, _command, _overrides, data_dir  # noqa: F401 (fixture)
+from test_train_loop import data_dir  # noqa: F401 (fixture)
 
 from lexvla_jax import build, configlib, inference
 from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch, vocabulary_record
 from lexvla_jax.data import pipeline
 from lexvla_jax.metric_writers import MetricWriter
+
+from local_cluster import REPO
+from local_cluster import command as _command
+from local_cluster import overrides as _overrides
 
 TINY = os.path.join(REPO, "configs", "tiny.py")
 
