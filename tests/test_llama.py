@@ -16,6 +16,8 @@ from lexvla_jax import configlib, convert, hf_layout, sharding
 from lexvla_jax.models import layers, llama
 from lexvla_jax.program import make_program
 
+import jaxpr_counts
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -425,3 +427,10 @@ def test_full_remat_gives_same_outputs_and_grads(hf_checkpoints, lora_loaded, ba
     print(f"\nremat full vs none: logits max|Δ| {out_diff:.2e}, grads max|Δ| {grad_diff:.2e}")
     assert out_diff <= 1e-6 and grad_diff <= 1e-5
     assert np.abs(got[("layers", "mlp", "down_proj", "lora_b")]).max() > 0
+    # Remat really happens: the backward pass recomputes the layer's forward matmuls in a checkpoint, all
+    # but down_proj's two (base and LoRA B), whose outputs only feed the residual sum.
+    counts = {name: jaxpr_counts.param_grad_counts(m, _loss) for name, m in (("none", plain), ("full", remat))}
+    assert (counts["none"][jaxpr_counts.CHECKPOINT], counts["full"][jaxpr_counts.CHECKPOINT]) == (0, 1)
+    layer_dots = jaxpr_counts.layer_forward_dots(remat, _loss)
+    assert layer_dots == 7 + 7 * 2 + 2  # seven linears, their LoRA A and B, attention scores and mix
+    assert counts["full"]["dot_general"] - counts["none"]["dot_general"] == layer_dots - 2
