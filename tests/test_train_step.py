@@ -1,5 +1,6 @@
 """The train step: what trains, gradient accumulation, non-finite skipping, and sharded == single device."""
 
+import dataclasses
 import functools
 
 import jax
@@ -61,6 +62,60 @@ def test_gradient_accumulation_matches_one_batch(setup):
     np.testing.assert_allclose(metrics4["penalty_img"], metrics1["penalty_img"], rtol=1e-6)
     for g4, g1 in zip(jax.tree.leaves(grads4), jax.tree.leaves(grads1), strict=True):
         np.testing.assert_allclose(g4, g1, rtol=2e-4, atol=1e-7)
+
+
+class _OtherKeysInPass2(step_lib.SplitModel):
+    """Encodes with a different key once the loss's logit scale was read, i.e. in GradCache's pass 2."""
+
+    loss_seen = False
+
+    def logit_scale(self, params, frozen, rest):
+        self.loss_seen = True
+        return super().logit_scale(params, frozen, rest)
+
+    def encode(self, params, frozen, rest, batch, rng, deterministic):
+        rng = jax.random.fold_in(rng, 1) if self.loss_seen else rng
+        return super().encode(params, frozen, rest, batch, rng, deterministic)
+
+
+def test_gradient_accumulation_replays_dropout_keys():
+    """With drop path and LoRA dropout on, GradCache's gradient is that of the loss pass 1 computed.
+
+    Each micro-batch draws its own masks, so the result cannot equal one pass over the whole batch; it must
+    equal a direct `jax.grad` of the loss over the same micro-batches and keys. Pass 2 replays them: a
+    different key in pass 2 changes the gradient (and the test sees it).
+    """
+    graphdef, params, frozen, rest = tiny.split(tiny.tiny_model(drop_path_rate=0.3, lora_dropout=0.3))
+    batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(8))
+    rng, num_micro, config = jax.random.key(0), 4, tiny.loss_config()
+    model = tiny.split_model(graphdef)
+
+    def direct_loss(p):
+        micro, keys = step_lib.split_micro(batch, num_micro), jax.random.split(rng, num_micro)
+        rows = [jax.tree.map(lambda x, i=i: x[i], micro) for i in range(num_micro)]
+        parts = [model.encode(p, frozen, rest, mb, k, deterministic=False) for mb, k in zip(rows, keys, strict=True)]
+        s_img, s_txt = (step_lib.merge_micro(jnp.stack(vectors)) for vectors in zip(*parts, strict=True))
+        scale = model.logit_scale(p, frozen, rest)
+        return step_lib.losses.lexvla_loss(s_img, s_txt, scale, step=0, **dataclasses.asdict(config))[0]
+
+    def grad_cache(split_model):
+        fn = functools.partial(step_lib.loss_and_grads, split_model, config, num_micro)
+        (loss, _), grads = jax.jit(fn)(params, frozen, rest, batch, rng, jnp.int32(0))
+        return float(loss), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
+    want_loss, want = jax.jit(jax.value_and_grad(direct_loss))(params)
+    want = np.concatenate([np.ravel(g) for g in jax.tree.leaves(want)])
+    loss, got = grad_cache(model)
+    np.testing.assert_allclose(loss, float(want_loss), rtol=1e-6)
+    relative_error = lambda g: np.linalg.norm(g - want) / np.linalg.norm(want)
+    assert relative_error(got) < 1e-5
+    other_loss, other = grad_cache(_OtherKeysInPass2(graphdef))
+    np.testing.assert_allclose(other_loss, float(want_loss), rtol=1e-6)  # pass 1 is unchanged
+    print(
+        f"\nGradCache vs direct grad: relative error {relative_error(got):.1e}; other keys in pass 2: "
+        f"{relative_error(other):.1e}"
+    )
+    assert relative_error(other) > 1e-2
 
 
 def test_non_finite_loss_skips_the_update(setup):
