@@ -11,20 +11,24 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
-    "einops==0.8.2",
     "ml-collections==1.1.0",
-    "transformers==5.23.0",
     "safetensors==0.8.0",
+    "ml-dtypes==0.6.0",
+    "numpy==2.4.6",
+    "absl-py==2.5.1",
+    "tokenizers==0.23.3",
     "sentencepiece==0.2.3",
     "pillow==13.0.0",
-    "etils==1.15.0",
+    "etils[epath]==1.15.0",
     "tensorboardx==2.6.5",
 ]
 
 EXTRAS = {
-    # CPU torch is only a reference for parity tests; libtpu compiles for TPU topologies ahead of time.
+    # transformers on CPU torch is only a reference for parity tests; libtpu compiles for TPU topologies
+    # ahead of time.
     "test": [
         "pytest==9.0.3",
+        "transformers==5.23.0",
         "torch==2.13.0",
         "libtpu==0.0.42",
         "ruff==0.17.5",
