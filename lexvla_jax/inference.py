@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lexvla_jax import sharding, vocab
 from lexvla_jax.data.device_batch import normalize_images
 from lexvla_jax.step import SplitModel
+
+if TYPE_CHECKING:
+    from lexvla_jax.program import TrainProgram
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +87,15 @@ class LexicalEncoder:
         return cls(
             model, params, frozen, rest, mesh, tuple(rules), prompt.tokenizer, prompt, np.asarray(kept_ids),
             image_size, patch_size, batch_size, _Programs.make(model, mesh),
+        )  # fmt: skip
+
+    @classmethod
+    def for_program(cls, config: ml_collections.ConfigDict, program: TrainProgram, params, frozen, rest, prompt,
+                    kept_ids, *, patch_size: int) -> LexicalEncoder:  # fmt: skip
+        """The encoder of a training program's model, on its mesh, at the config's image and eval batch size."""
+        return cls.create(
+            program.model, params, frozen, rest, program.mesh, program.rules, prompt, kept_ids,
+            image_size=config.data.image_size, patch_size=patch_size, batch_size=config.eval.batch_size,
         )  # fmt: skip
 
     def with_params(self, params) -> LexicalEncoder:
@@ -180,17 +193,9 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
         state = checkpointer.restore(step, program.abstract_state, None)
     finally:
         checkpointer.close()
-    encoder = LexicalEncoder.create(
-        program.model,
-        state.params,
-        frozen,
-        rest,
-        mesh,
-        rules,
-        pipeline.prompt_encoder(config.data, tokenizer),
-        kept_ids,
-        image_size=config.data.image_size,
-        patch_size=model.config.vision.patch_size,
-        batch_size=config.eval.batch_size,
+    prompt = pipeline.prompt_encoder(config.data, tokenizer)
+    patch_size = model.config.vision.patch_size
+    encoder = LexicalEncoder.for_program(
+        config, program, state.params, frozen, rest, prompt, kept_ids, patch_size=patch_size
     )
     return encoder, step

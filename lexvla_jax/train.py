@@ -102,18 +102,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = checkpointer.restore(latest, program.abstract_state, train_iter)
         writer.log(f"resumed from step {latest}")
 
-    encoder = LexicalEncoder.create(
-        program.model,
-        state.params,
-        frozen,
-        rest,
-        mesh,
-        rules,
-        prompt,
-        kept_ids,
-        image_size=config.data.image_size,
-        patch_size=patch_size,
-        batch_size=config.eval.batch_size,
+    encoder = LexicalEncoder.for_program(
+        config, program, state.params, frozen, rest, prompt, kept_ids, patch_size=patch_size
     )
     evaluator = _Evaluator(config, prompt, writer)
     stop = StopRequest()
