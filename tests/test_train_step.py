@@ -8,11 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lexvla_jax import sharding
 from lexvla_jax import step as step_lib
 
 import tiny_lexvla as tiny
+
+
+def _loss(s_img, s_txt, scale):
+    """The step's loss (`tiny.loss_config`, step 0) of lexical vectors."""
+    return step_lib.losses.lexvla_loss(s_img, s_txt, scale, step=0, **dataclasses.asdict(tiny.loss_config()))[0]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def test_gradient_accumulation_replays_dropout_keys():
     """
     graphdef, params, frozen, rest = tiny.split(tiny.tiny_model(drop_path_rate=0.3, lora_dropout=0.3))
     batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(8))
-    rng, num_micro, config = jax.random.key(0), 4, tiny.loss_config()
+    rng, num_micro = jax.random.key(0), 4
     model = tiny.split_model(graphdef)
 
     def direct_loss(p):
@@ -95,11 +101,10 @@ def test_gradient_accumulation_replays_dropout_keys():
         rows = [jax.tree.map(lambda x, i=i: x[i], micro) for i in range(num_micro)]
         parts = [model.encode(p, frozen, rest, mb, k, deterministic=False) for mb, k in zip(rows, keys, strict=True)]
         s_img, s_txt = (step_lib.merge_micro(jnp.stack(vectors)) for vectors in zip(*parts, strict=True))
-        scale = model.logit_scale(p, frozen, rest)
-        return step_lib.losses.lexvla_loss(s_img, s_txt, scale, step=0, **dataclasses.asdict(config))[0]
+        return _loss(s_img, s_txt, model.logit_scale(p, frozen, rest))
 
     def grad_cache(split_model):
-        fn = functools.partial(step_lib.loss_and_grads, split_model, config, num_micro)
+        fn = functools.partial(step_lib.loss_and_grads, split_model, tiny.loss_config(), num_micro)
         (loss, _), grads = jax.jit(fn)(params, frozen, rest, batch, rng, jnp.int32(0))
         return float(loss), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
 
@@ -141,12 +146,18 @@ def test_non_finite_loss_skips_the_update(setup):
     assert bool(metrics["update_ok"]) and int(good.consecutive_skips) == 0 and int(good.skipped_updates) == 0
 
 
-def _run_step_on(mesh_shape, devices, params, frozen, rest, graphdef, tx, schedule, batch):
-    mesh = sharding.make_mesh(mesh_shape, devices=devices)
+def _run_step_on(mesh, params, frozen, rest, graphdef, tx, schedule, batch):
     with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
         step, (frozen, rest, state) = tiny.sharded_step(mesh, graphdef, params, frozen, rest, tx, schedule)
         batch = jax.device_put(batch, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
         return step(frozen, rest, state, batch)
+
+
+def _per_device_loss(mesh, s_img, s_txt, scale):
+    """What a per-device loss would report: each device's InfoNCE and penalties over its own rows, averaged."""
+    rows = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES).spec
+    local = lambda a, b: jax.lax.pmean(_loss(a, b, scale), rows[0])
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=P()))(s_img, s_txt)
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 4, 2)], ids=["data8", "fsdp4xtensor2"])
@@ -154,13 +165,23 @@ def test_sharded_step_equals_single_device(setup, mesh_shape):
     graphdef, params, frozen, rest, tx, schedule = setup
     batch = tiny.tiny_batch(16, seed=3)
     args = (params, frozen, rest, graphdef, tx, schedule, batch)
-    ref_state, ref_metrics = _run_step_on((1, 1, 1), jax.devices()[:1], *args)
-    state, metrics = _run_step_on(mesh_shape, jax.devices(), *args)
+    ref_state, ref_metrics = _run_step_on(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), *args)
+    mesh = sharding.make_mesh(mesh_shape)
+    state, metrics = _run_step_on(mesh, *args)
     # The parameters really are split on the mesh.
     kernel = state.params["adapter"]["fc1"]["kernel"][...]
     assert len(kernel.sharding.device_set) > 1
     for key in ("loss", "info_nce", "penalty_img", "penalty_txt", "grad_norm"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, err_msg=key)
+    # The check can fail: a loss computed per device over its own rows (InfoNCE with only local negatives,
+    # penalties of local statistics) is far from the global loss the step reports.
+    model = tiny.split_model(graphdef)
+    s_img, s_txt = model.encode(params, frozen, rest, jax.tree.map(jnp.asarray, batch), None, deterministic=True)
+    scale = model.logit_scale(params, frozen, rest)
+    np.testing.assert_allclose(_loss(s_img, s_txt, scale), ref_metrics["loss"], rtol=2e-5)
+    per_device = float(_per_device_loss(mesh, s_img, s_txt, scale))
+    print(f"\n{mesh_shape}: global loss {float(metrics['loss']):.4f}, per-device loss {per_device:.4f}")
+    assert abs(per_device - float(metrics["loss"])) > 0.2 * float(metrics["loss"])
     # One AdamW step (lr 1e-2) normalises each gradient entry, so float32 summation-order noise in tiny
     # entries shows up at ~1e-6 absolute: allow 1e-3 of a step.
     new, ref = tiny.as_numpy(state.params), tiny.as_numpy(ref_state.params)
