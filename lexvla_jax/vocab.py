@@ -149,7 +149,7 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer as BackendTokenizer  # HF tokenizers ships with transformers
+        from tokenizers import Tokenizer as BackendTokenizer
 
         self.path = path
         self._tokenizer = BackendTokenizer.from_file(path)

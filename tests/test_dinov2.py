@@ -15,6 +15,8 @@ from jax.sharding import PartitionSpec as P
 from lexvla_jax import convert, hf_layout, sharding
 from lexvla_jax.models import dinov2
 
+import jaxpr_counts
+
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=16)
 
 # name → (HF config class, HF model class, extra config fields)
@@ -215,8 +217,9 @@ def test_remat_gives_same_outputs_and_gradients(hf_checkpoint, loaded):
     def loss(model):
         return jnp.mean(model(pixels).last_hidden_state ** 2)
 
+    models = {"none": loaded("plain_mlp")[1], "full": convert.load_hf_dinov2(path, remat="full")}
     results = {}
-    for remat, model in (("none", loaded("plain_mlp")[1]), ("full", convert.load_hf_dinov2(path, remat="full"))):
+    for remat, model in models.items():
         assert model.config.remat == remat
         results[remat] = nnx.jit(nnx.value_and_grad(loss))(model)
     (loss_none, grads_none), (loss_full, grads_full) = results["none"], results["full"]
@@ -226,6 +229,12 @@ def test_remat_gives_same_outputs_and_gradients(hf_checkpoint, loaded):
     for (path_, a), (_, b) in zip(flat_none, flat_full, strict=True):
         np.testing.assert_allclose(b[...], a[...], rtol=1e-5, atol=1e-7, err_msg=str(path_))
     assert np.abs(flat_none[0][1][...]).max() > 0
+    # Remat really happens: the backward pass recomputes every forward matmul of the layer, in a checkpoint.
+    plain, remat = (jaxpr_counts.param_grad_counts(models[name], loss) for name in ("none", "full"))
+    assert (plain[jaxpr_counts.CHECKPOINT], remat[jaxpr_counts.CHECKPOINT]) == (0, 1)
+    layer_dots = jaxpr_counts.layer_forward_dots(models["full"], loss)
+    assert layer_dots == 8  # q, k, v, scores, mix, output, fc1, fc2
+    assert remat["dot_general"] - plain["dot_general"] == layer_dots
 
 
 def test_rejects_pickle_and_other_models(hf_checkpoint, tmp_path):

@@ -8,7 +8,6 @@ import types
 
 import numpy as np
 import pytest
-from fake_encoder import FakeEncoder, code_of, colour_of
 from PIL import Image
 
 from lexvla_jax import cli, configlib
@@ -17,6 +16,8 @@ from lexvla_jax.data.config import DataConfigError, default_data_config
 from lexvla_jax.evaluate import registry, retrieval, table
 from lexvla_jax.evaluate.base import EvalConfigError, entry_settings
 from lexvla_jax.evaluate.retrieval import RetrievalEvaluator
+
+from fake_encoder import FakeEncoder, code_of, colour_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,11 +4,12 @@ import pathlib
 
 import numpy as np
 import pytest
-from fake_lexical_encoder import FakeLexicalEncoder
 from PIL import Image
 
 from lexvla_jax import cli, explain
 from lexvla_jax.commands import common
+
+from fake_lexical_encoder import FakeLexicalEncoder
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 PATCH = 8

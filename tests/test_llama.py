@@ -2,6 +2,7 @@
 
 import copy
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lexvla_jax import convert, hf_layout, sharding
+from lexvla_jax import configlib, convert, hf_layout, sharding
 from lexvla_jax.models import layers, llama
+from lexvla_jax.program import make_program
+
+import jaxpr_counts
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -23,6 +27,7 @@ HF_CONFIGS = {
     "gqa": dict(num_key_value_heads=2, rope_theta=5000.0),
     "mqa": dict(num_key_value_heads=1, rope_theta=500000.0, attention_bias=True, mlp_bias=True),
 }
+TINY_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
 LENGTHS = (10, 7, 4, 1)  # real tokens per row; rows are padded to 10
 
 
@@ -277,34 +282,40 @@ def test_lora_starts_as_the_base_model_and_merges_exactly(hf_checkpoints, lora_l
 
 
 _param_grad = nnx.jit(nnx.grad(_loss))  # w.r.t. every nnx.Param, LoRAParam included
-_lora_grad = nnx.jit(nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam)))
 
 
 def _flat_numpy(state):
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
-def _numpy_state(model, kind):
-    return _flat_numpy(nnx.state(model, kind))
-
-
-def test_lora_filter_is_what_freezes_the_base(lora_loaded):
+def test_training_split_freezes_all_but_lora(lora_loaded):
+    """`train.trainable=("lora",)` through the split training makes (`program.make_program`)."""
     model = nnx.clone(lora_loaded)
     _randomise_lora_b(model)
-    lora_grads = _flat_numpy(_lora_grad(model))
-    assert len(lora_grads) == 14 and all(p[-1] in ("lora_a", "lora_b") for p in lora_grads)
-    assert all(np.abs(g).max() > 0 for g in lora_grads.values())
-    # The same loss differentiated w.r.t. every Param reaches the base weights: only `wrt` freezes them.
+    config = configlib.load_config(str(TINY_CONFIG), ["optim.warmup_steps=0"])
+    config.train.trainable = ("lora",)
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    program, params, frozen, rest = make_program(config, mesh, model)
+    trained = _flat_numpy(params)
+    assert len(trained) == 14 and all(p[-1] in ("lora_a", "lora_b") for p in trained)
+    frozen_paths = {p for p, _ in nnx.to_flat_state(frozen)}
+    assert {("embed_tokens",), ("layers", "self_attn", "q_proj", "kernel"), ("norm", "scale")} <= frozen_paths
+    assert not any(p[-1].startswith("lora") for p in frozen_paths)
+
+    grads = jax.jit(jax.grad(lambda p: _loss(program.model.merge(p, frozen, rest))))(params)
+    assert all(np.abs(g).max() > 0 for g in _flat_numpy(grads).values())
+    # The same loss differentiated w.r.t. every Param reaches the base weights: only the split freezes them.
     all_grads = _flat_numpy(_param_grad(model))
     assert np.abs(all_grads[("layers", "self_attn", "q_proj", "kernel")]).max() > 0
     assert np.abs(all_grads[("embed_tokens",)]).max() > 0
 
-    base_before, lora_before = _numpy_state(model, nnx.Not(nnx.LoRAParam)), _numpy_state(model, nnx.LoRAParam)
-    optimizer = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.LoRAParam)
-    optimizer.update(model, _lora_grad(model))
-    base_after, lora_after = _numpy_state(model, nnx.Not(nnx.LoRAParam)), _numpy_state(model, nnx.LoRAParam)
-    assert all(np.array_equal(base_before[p], base_after[p]) for p in base_before)
-    assert not any(np.array_equal(lora_before[p], lora_after[p]) for p in lora_before)
+    # The optimiser holds moments for the LoRA weights only, and its step moves every one of them.
+    state = program.init_state(params)
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]  # the rest are step counts
+    assert len(moments) == 2 * len(trained)  # AdamW's mu and nu
+    updates, _ = program.tx.update(grads, state.opt_state, params)
+    after = _flat_numpy(optax.apply_updates(params, updates))
+    assert not any(np.array_equal(trained[p], after[p]) for p in trained)
 
 
 def test_lora_dropout_only_when_not_deterministic(hf_checkpoints, lora_loaded, batch):
@@ -416,3 +427,10 @@ def test_full_remat_gives_same_outputs_and_grads(hf_checkpoints, lora_loaded, ba
     print(f"\nremat full vs none: logits max|Δ| {out_diff:.2e}, grads max|Δ| {grad_diff:.2e}")
     assert out_diff <= 1e-6 and grad_diff <= 1e-5
     assert np.abs(got[("layers", "mlp", "down_proj", "lora_b")]).max() > 0
+    # Remat really happens: the backward pass recomputes the layer's forward matmuls in a checkpoint, all
+    # but down_proj's two (base and LoRA B), whose outputs only feed the residual sum.
+    counts = {name: jaxpr_counts.param_grad_counts(m, _loss) for name, m in (("none", plain), ("full", remat))}
+    assert (counts["none"][jaxpr_counts.CHECKPOINT], counts["full"][jaxpr_counts.CHECKPOINT]) == (0, 1)
+    layer_dots = jaxpr_counts.layer_forward_dots(remat, _loss)
+    assert layer_dots == 7 + 7 * 2 + 2  # seven linears, their LoRA A and B, attention scores and mix
+    assert counts["full"]["dot_general"] - counts["none"]["dot_general"] == layer_dots - 2

@@ -6,7 +6,6 @@ import tarfile
 
 import numpy as np
 import pytest
-from fake_encoder import FakeEncoder, colour_of
 from PIL import Image
 
 from lexvla_jax.data import masks, synthetic
@@ -15,6 +14,8 @@ from lexvla_jax.data.seg_set import VOC_CLASSES
 from lexvla_jax.evaluate import patchdis
 from lexvla_jax.evaluate.base import entry_settings
 from lexvla_jax.evaluate.patchdis import UNSCORED, PatchDisEvaluator
+
+from fake_encoder import FakeEncoder, colour_of
 
 # Every class name the tests use; an image region of class `n` is painted `colour_of(NAMES.index(n))`.
 NAMES = ("background", *VOC_CLASSES, "cup")

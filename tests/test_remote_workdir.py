@@ -20,7 +20,6 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 from flax import nnx
-from gcs_emulator import LOCAL_SUSPECTS, gcs_emulator, local_traces  # noqa: F401 (fixture)
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from tensorboardX.proto import event_pb2
 from test_train_loop import data_dir  # noqa: F401 (fixture)
@@ -30,6 +29,7 @@ from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch, vocabulary_
 from lexvla_jax.data import pipeline
 from lexvla_jax.metric_writers import MetricWriter
 
+from gcs_emulator import LOCAL_SUSPECTS, gcs_emulator, local_traces  # noqa: F401 (fixture)
 from local_cluster import REPO
 from local_cluster import command as _command
 from local_cluster import overrides as _overrides

@@ -7,7 +7,6 @@ import pathlib
 import numpy as np
 import pytest
 import scipy.sparse
-from fake_lexical_encoder import FakeLexicalEncoder
 from PIL import Image
 
 from lexvla_jax import cli, losses
@@ -15,6 +14,8 @@ from lexvla_jax.commands import common
 from lexvla_jax.commands.export import export_eval_set
 from lexvla_jax.data import synthetic
 from lexvla_jax.sparse import export, index
+
+from fake_lexical_encoder import FakeLexicalEncoder
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 EXTRA_WORDS = [f"w{i}" for i in range(40)]

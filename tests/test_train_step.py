@@ -1,6 +1,7 @@
 """The train step: what trains, gradient accumulation, non-finite skipping, and sharded == single device."""
 
 import contextlib
+import dataclasses
 import functools
 import re
 
@@ -9,11 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lexvla_jax import sharding
 from lexvla_jax import step as step_lib
 
 import tiny_lexvla as tiny
+
+
+def _loss(s_img, s_txt, scale):
+    """The step's loss (`tiny.loss_config`, step 0) of lexical vectors."""
+    return step_lib.losses.lexvla_loss(s_img, s_txt, scale, step=0, **dataclasses.asdict(tiny.loss_config()))[0]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +122,59 @@ def test_contiguous_micro_batches_would_move_inputs(monkeypatch):
     assert any(m.startswith("all-gather u8[") for m in moved), moved
 
 
+class _OtherKeysInPass2(step_lib.SplitModel):
+    """Encodes with a different key once the loss's logit scale was read, i.e. in GradCache's pass 2."""
+
+    loss_seen = False
+
+    def logit_scale(self, params, frozen, rest):
+        self.loss_seen = True
+        return super().logit_scale(params, frozen, rest)
+
+    def encode(self, params, frozen, rest, batch, rng, deterministic):
+        rng = jax.random.fold_in(rng, 1) if self.loss_seen else rng
+        return super().encode(params, frozen, rest, batch, rng, deterministic)
+
+
+def test_gradient_accumulation_replays_dropout_keys():
+    """With drop path and LoRA dropout on, GradCache's gradient is that of the loss pass 1 computed.
+
+    Each micro-batch draws its own masks, so the result cannot equal one pass over the whole batch; it must
+    equal a direct `jax.grad` of the loss over the same micro-batches and keys. Pass 2 replays them: a
+    different key in pass 2 changes the gradient (and the test sees it).
+    """
+    graphdef, params, frozen, rest = tiny.split(tiny.tiny_model(drop_path_rate=0.3, lora_dropout=0.3))
+    batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(8))
+    rng, num_micro = jax.random.key(0), 4
+    model = tiny.split_model(graphdef)
+
+    def direct_loss(p):
+        micro, keys = step_lib.split_micro(batch, num_micro), jax.random.split(rng, num_micro)
+        rows = [jax.tree.map(lambda x, i=i: x[i], micro) for i in range(num_micro)]
+        parts = [model.encode(p, frozen, rest, mb, k, deterministic=False) for mb, k in zip(rows, keys, strict=True)]
+        s_img, s_txt = (step_lib.merge_micro(jnp.stack(vectors)) for vectors in zip(*parts, strict=True))
+        return _loss(s_img, s_txt, model.logit_scale(p, frozen, rest))
+
+    def grad_cache(split_model):
+        fn = functools.partial(step_lib.loss_and_grads, split_model, tiny.loss_config(), num_micro)
+        (loss, _), grads = jax.jit(fn)(params, frozen, rest, batch, rng, jnp.int32(0))
+        return float(loss), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
+    want_loss, want = jax.jit(jax.value_and_grad(direct_loss))(params)
+    want = np.concatenate([np.ravel(g) for g in jax.tree.leaves(want)])
+    loss, got = grad_cache(model)
+    np.testing.assert_allclose(loss, float(want_loss), rtol=1e-6)
+    relative_error = lambda g: np.linalg.norm(g - want) / np.linalg.norm(want)
+    assert relative_error(got) < 1e-5
+    other_loss, other = grad_cache(_OtherKeysInPass2(graphdef))
+    np.testing.assert_allclose(other_loss, float(want_loss), rtol=1e-6)  # pass 1 is unchanged
+    print(
+        f"\nGradCache vs direct grad: relative error {relative_error(got):.1e}; other keys in pass 2: "
+        f"{relative_error(other):.1e}"
+    )
+    assert relative_error(other) > 1e-2
+
+
 def test_non_finite_loss_skips_the_update(setup):
     graphdef, params, frozen, rest, tx, schedule = setup
     step = jax.jit(
@@ -138,12 +198,18 @@ def test_non_finite_loss_skips_the_update(setup):
     assert bool(metrics["update_ok"]) and int(good.consecutive_skips) == 0 and int(good.skipped_updates) == 0
 
 
-def _run_step_on(mesh_shape, devices, params, frozen, rest, graphdef, tx, schedule, batch):
-    mesh = sharding.make_mesh(mesh_shape, devices=devices)
+def _run_step_on(mesh, params, frozen, rest, graphdef, tx, schedule, batch):
     with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
         step, (frozen, rest, state) = tiny.sharded_step(mesh, graphdef, params, frozen, rest, tx, schedule)
         batch = jax.device_put(batch, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
         return step(frozen, rest, state, batch)
+
+
+def _per_device_loss(mesh, s_img, s_txt, scale):
+    """What a per-device loss would report: each device's InfoNCE and penalties over its own rows, averaged."""
+    rows = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES).spec
+    local = lambda a, b: jax.lax.pmean(_loss(a, b, scale), rows[0])
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=P()))(s_img, s_txt)
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 4, 2)], ids=["data8", "fsdp4xtensor2"])
@@ -151,13 +217,23 @@ def test_sharded_step_equals_single_device(setup, mesh_shape):
     graphdef, params, frozen, rest, tx, schedule = setup
     batch = tiny.tiny_batch(16, seed=3)
     args = (params, frozen, rest, graphdef, tx, schedule, batch)
-    ref_state, ref_metrics = _run_step_on((1, 1, 1), jax.devices()[:1], *args)
-    state, metrics = _run_step_on(mesh_shape, jax.devices(), *args)
+    ref_state, ref_metrics = _run_step_on(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), *args)
+    mesh = sharding.make_mesh(mesh_shape)
+    state, metrics = _run_step_on(mesh, *args)
     # The parameters really are split on the mesh.
     kernel = state.params["adapter"]["fc1"]["kernel"][...]
     assert len(kernel.sharding.device_set) > 1
     for key in ("loss", "info_nce", "penalty_img", "penalty_txt", "grad_norm"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5, err_msg=key)
+    # The check can fail: a loss computed per device over its own rows (InfoNCE with only local negatives,
+    # penalties of local statistics) is far from the global loss the step reports.
+    model = tiny.split_model(graphdef)
+    s_img, s_txt = model.encode(params, frozen, rest, jax.tree.map(jnp.asarray, batch), None, deterministic=True)
+    scale = model.logit_scale(params, frozen, rest)
+    np.testing.assert_allclose(_loss(s_img, s_txt, scale), ref_metrics["loss"], rtol=2e-5)
+    per_device = float(_per_device_loss(mesh, s_img, s_txt, scale))
+    print(f"\n{mesh_shape}: global loss {float(metrics['loss']):.4f}, per-device loss {per_device:.4f}")
+    assert abs(per_device - float(metrics["loss"])) > 0.2 * float(metrics["loss"])
     # One AdamW step (lr 1e-2) normalises each gradient entry, so float32 summation-order noise in tiny
     # entries shows up at ~1e-6 absolute: allow 1e-3 of a step.
     new, ref = tiny.as_numpy(state.params), tiny.as_numpy(ref_state.params)

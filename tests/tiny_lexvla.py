@@ -15,9 +15,15 @@ OPTIM = ml_collections.ConfigDict(
 )
 
 
-def tiny_config(remat: str = "none") -> lexvla.LexVLAConfig:
+def tiny_config(remat: str = "none", drop_path_rate: float = 0.0, lora_dropout: float = 0.0) -> lexvla.LexVLAConfig:
     vision = dinov2.Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=8, image_size=32, remat=remat
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=8,
+        image_size=32,
+        remat=remat,
+        drop_path_rate=drop_path_rate,
     )
     text = llama.LlamaConfig(
         vocab_size=96,
@@ -28,6 +34,7 @@ def tiny_config(remat: str = "none") -> lexvla.LexVLAConfig:
         num_key_value_heads=2,
         lora_rank=4,
         lora_targets=("q", "k", "v", "o", "gate", "up", "down"),
+        lora_dropout=lora_dropout,
         remat=remat,
     )
     return lexvla.LexVLAConfig(
@@ -35,8 +42,9 @@ def tiny_config(remat: str = "none") -> lexvla.LexVLAConfig:
     )
 
 
-def tiny_model(seed: int = 0, remat: str = "none") -> lexvla.LexVLA:
-    model = lexvla.LexVLA(tiny_config(remat), rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+def tiny_model(seed: int = 0, **config) -> lexvla.LexVLA:
+    """A tiny LexVLA; `config` goes to `tiny_config` (remat, drop_path_rate, lora_dropout)."""
+    model = lexvla.LexVLA(tiny_config(**config), rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     # LoRA B starts at zero; give it values so LoRA gradients are not trivially tied to A's.
     for _, node in nnx.iter_graph(model):
         if hasattr(node, "lora_b"):
