@@ -74,7 +74,8 @@ class Adapter(nn.Module):
         self.norm1 = layer_norm_from(p["norm1"], eps)
         self.norm2 = layer_norm_from(p["norm2"], eps)
         att = p["attention"]
-        self.q, self.k, self.v, self.o = (linear_from(att[n]["kernel"], att[n]["bias"]) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        self.q, self.k, self.v, self.o = (linear_from(att[n]["kernel"], att[n]["bias"]) for n in names)
         self.fc1 = linear_from(p["fc1"]["kernel"], p["fc1"]["bias"])
         self.fc2 = linear_from(p["fc2"]["kernel"], p["fc2"]["bias"])
 
@@ -122,7 +123,8 @@ class TorchLexVLA:
                     setattr(parent, name, LoRALinear(getattr(parent, name), a, b, tc.lora_alpha / tc.lora_rank))
         self.adapter = Adapter(ours["adapter"], config.adapter_heads, config.vision.layer_norm_eps)
         self.adapter.requires_grad_("adapter" in trainable)
-        self.visual_codebook = nn.Parameter(tensor(ours["visual_codebook"]), requires_grad="visual_codebook" in trainable)
+        codebook = tensor(ours["visual_codebook"])
+        self.visual_codebook = nn.Parameter(codebook, requires_grad="visual_codebook" in trainable)
         self.text_codebook = tensor(ours["text_codebook"])
         self.logit_scale = nn.Parameter(tensor(ours["logit_scale"]), requires_grad="logit_scale" in trainable)
         params = [*self.vision.parameters(), *self.text.parameters(), *self.adapter.parameters()]

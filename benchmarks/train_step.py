@@ -155,7 +155,7 @@ class Ours:
         self.state = self.program.init_state(jax.tree.map(jnp.copy, params))
         self.batch = make_global_batch(host_batch, mesh, rules)
         traced = self.program.step.trace(self.frozen, self.rest, self.state, self.batch)
-        self.flops = aot.matmul_flops(traced.jaxpr)
+        self.flops = aot.matmul_flops(traced.jaxpr, mesh.devices.flat[0].platform)
         self.mesh, self.rules, self.host_batch = mesh, rules, host_batch
         start = time.perf_counter()
         self.first_loss = self.step()
