@@ -100,13 +100,15 @@ class CompileReport:
         ]
 
 
-def matmul_flops(jaxpr) -> float:
+def matmul_flops(jaxpr, platform: str | None = None) -> float:
     """FLOPs of the `dot_general`s and convolutions in a (closed) jaxpr, scan bodies times their length.
 
     Nested jaxprs (jit, remat, custom derivatives, scan, while) are walked; a `while` body counts once
-    and a `cond` counts its most expensive branch.
+    and a `cond` counts its most expensive branch, except a `jax.lax.platform_dependent` one when
+    `platform` ("tpu", "cpu", "gpu") is given: that counts the branch compiled for `platform`.
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    count = functools.partial(matmul_flops, platform=platform)
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -119,12 +121,22 @@ def matmul_flops(jaxpr) -> float:
             out, kernel = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
             out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
             total += 2.0 * math.prod(out) * math.prod(kernel) / out_features
+        elif name == "cond" and platform and eqn.params.get("branches_platforms"):
+            total += count(_platform_branch(eqn.params, platform))
         elif name == "cond":
-            total += max(matmul_flops(branch) for branch in eqn.params["branches"])
+            total += max(count(branch) for branch in eqn.params["branches"])
         else:
-            inner = sum(matmul_flops(v) for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
+            inner = sum(count(v) for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
             total += inner * (eqn.params["length"] if name == "scan" else 1)
     return total
+
+
+def _platform_branch(params, platform: str):
+    """The branch of a `platform_dependent` cond that `platform` runs (the default branch has platforms None)."""
+    for branch, platforms in zip(params["branches"], params["branches_platforms"], strict=True):
+        if platforms is None or platform in platforms:
+            return branch
+    raise ValueError(f"platform_dependent has no branch for platform {platform!r}")
 
 
 def topology_devices(name: str):
@@ -181,7 +193,7 @@ def compile_train_step(config, devices, topology: str = "") -> CompileReport:
             num_devices=len(devices),
             global_batch=b,
             hbm_bytes=device_memory_bytes(devices[0]),
-            matmul_flops=matmul_flops(traced.jaxpr) / len(devices),
+            matmul_flops=matmul_flops(traced.jaxpr, devices[0].platform) / len(devices),
         )
         try:
             compiled = traced.lower().compile()
