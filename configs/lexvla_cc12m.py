@@ -38,6 +38,7 @@ def get_config(arg=None):
         vocab_size=17149,  # V' of the paper's filtered Llama 2 vocabulary (used only without a tokenizer)
         vocab_filter="lowercase_alpha",  # vocab.RULES; keeps 17,182 of Llama 2's pieces (paper: 17,149)
         adapter_heads=16,
+        adapter_shape="mlp",  # or "block": models/lexvla.py:Adapter, configs/variants/adapter17m.py
         adapter_mlp_dim=4096,
         logit_scale_init=1 / 0.07,
         logit_scale_max=100.0,

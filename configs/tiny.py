@@ -57,6 +57,7 @@ def get_config(arg=None):
         vocab_size=0,  # only used without a tokenizer (shapes-only compiles)
         vocab_filter="lowercase_alpha",  # vocab.RULES
         adapter_heads=4,
+        adapter_shape="mlp",  # or "block": models/lexvla.py:Adapter, configs/variants/adapter17m.py
         adapter_mlp_dim=128,
         logit_scale_init=20.0,
         logit_scale_max=100.0,

@@ -13,6 +13,10 @@ from lexvla_jax.configlib import ConfigError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("lexvla_jax.vocab:main", "report the filtered vocabulary of a tokenizer (count, examples)"),
+    "pretrain-lm": (
+        "lexvla_jax.lm_pretrain:main",
+        "stage 1 of the embedded job: pretrain the tiny Llama to name a caption's words (skipped when done)",
+    ),
     "train": ("lexvla_jax.train:main", "train LexVLA (resumes from the workdir's latest checkpoint)"),
     "compile": ("lexvla_jax.aot:main", "compile the train step for a TPU topology ahead of time and check it fits"),
     "make-synthetic": ("lexvla_jax.data.synthetic:main", "write the synthetic captioned-shapes dataset (webdataset)"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -53,6 +54,7 @@ from lexvla_jax.evaluate import word_precision
 from lexvla_jax.models import llama
 
 REPORT = "pretrain_report.json"
+_print = functools.partial(print, flush=True)
 
 
 def check_template_ends_before_a_word(prompt: vocab.PromptEncoder, word: str = "red") -> None:
@@ -167,7 +169,7 @@ def train_lm(
     config: ml_collections.ConfigDict,
     prompt: vocab.PromptEncoder,
     captions: Sequence[str],
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _print,
 ) -> tuple[llama.LlamaModel, list[float]]:
     """Trains the language model of `lm_config(config)` on `captions`; returns it and the logged losses."""
     cfg = config.lm_pretrain
@@ -238,7 +240,7 @@ def is_complete(out_dir: str) -> bool:
 
 
 def ensure_pretrained_lm(
-    config: ml_collections.ConfigDict, out_dir: str | None = None, log: Callable[[str], None] = print
+    config: ml_collections.ConfigDict, out_dir: str | None = None, log: Callable[[str], None] = _print
 ) -> str:
     """The pretrained LM directory (`config.lm_pretrain.dir` by default), trained and saved unless complete."""
     out_dir = out_dir or config.lm_pretrain.dir
