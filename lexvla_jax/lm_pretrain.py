@@ -118,8 +118,9 @@ class ExampleBuilder:
             ids, start = self.example(caption, rng)
             out["input_ids"][row, : len(ids)] = ids
             out["attention_mask"][row, : len(ids)] = 1
-            out["loss_weight"][row, start + 1 : len(ids)] = self.later_words_weight
-            out["loss_weight"][row, start] = 1.0
+            if len(ids) > start:  # a caption without content words has no continuation and no loss
+                out["loss_weight"][row, start + 1 : len(ids)] = self.later_words_weight
+                out["loss_weight"][row, start] = 1.0
         return out
 
 

@@ -7,8 +7,9 @@ Three pieces, all plain Python + NumPy (no JAX: this module runs inside grain da
   small Llama-style SentencePiece BPE model for tests and synthetic data.
 - `PromptEncoder`: fills the in-context prompt (`DEFAULT_PROMPT`) with a caption; the model reads the lexical
   prediction at the prompt's last token.
-- `filter_vocabulary`: the explicit rule that picks the "word" entries of the vocabulary, i.e. the lexical
-  dimensions V' shared by both towers. `lexvla vocab --tokenizer PATH` prints what it keeps and drops.
+- `filter_vocabulary`: the explicit, named rule (`RULES`, default `lowercase_alpha`) that picks the "word" entries
+  of the vocabulary, i.e. the lexical dimensions V' shared by both towers. `lexvla vocab --tokenizer PATH` prints
+  what each rule keeps and drops.
 """
 
 from __future__ import annotations

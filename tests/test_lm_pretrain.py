@@ -132,6 +132,10 @@ def test_words_that_do_not_fit_are_dropped_from_the_end(prompt):
     assert len(ids) <= builder.length and ids[-1] == prompt.tokenizer.eos_id
     named = prompt.tokenizer.decode(ids[start:]).rstrip(".").split(", ")
     assert len(named) == 2 and set(named) <= set(words.content_words(caption))
+    # A caption without content words is the prompt alone, with nothing to learn.
+    batch = lm_pretrain.ExampleBuilder(prompt, max_word_tokens=5).batch(["a", caption], np.random.default_rng(0))
+    assert batch["attention_mask"][0].sum() == len(prompt.encode("a")) and batch["loss_weight"][0].sum() == 0
+    assert batch["loss_weight"][1].sum() > 0
 
 
 def test_template_must_end_before_a_word(synthetic_text, prompt):
