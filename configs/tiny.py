@@ -27,6 +27,10 @@ def get_config(arg=None):
     config.data.num_workers = 1
     config.data.shuffle_buffer = 500
     config.data.max_caption_tokens = 24
+    # The paper's prompt without its one-shot example (stage 1 trains the tiny language model for this very prompt,
+    # so it needs no example, and rows stay short). Its last token is followed directly by a word, not a quote
+    # mark: stage 1 teaches the model to predict the caption's words right there.
+    config.data.prompt_template = 'The focus of "[TEXT]" lies on important words:'
 
     config.model = dict(
         vision=dict(
@@ -51,7 +55,9 @@ def get_config(arg=None):
         vision_checkpoint="",
         text_checkpoint="",
         vocab_size=0,  # only used without a tokenizer (shapes-only compiles)
+        vocab_filter="lowercase_alpha",  # vocab.RULES
         adapter_heads=4,
+        adapter_shape="mlp",  # or "block": models/lexvla.py:Adapter, configs/variants/adapter17m.py
         adapter_mlp_dim=128,
         logit_scale_init=20.0,
         logit_scale_max=100.0,
@@ -60,6 +66,21 @@ def get_config(arg=None):
         frozen_param_dtype="float32",
         remat="none",
         lora=dict(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v")),
+    )
+
+    # Stage 1: the tiny Llama pretrained as a language model that names a caption's content words after the
+    # prompt (lm_pretrain.py), saved as a Hugging Face directory; skipped when `dir` holds one.
+    config.lm_pretrain = dict(
+        dir="data/synthetic/lm",
+        steps=500,
+        batch_size=64,
+        learning_rate=3e-3,
+        warmup_steps=50,
+        weight_decay=0.01,
+        max_word_tokens=20,
+        later_words_weight=0.1,  # loss weight of the words after the first (lm_pretrain.py says why)
+        seed=0,
+        log_every=100,
     )
 
     config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=100)

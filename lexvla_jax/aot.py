@@ -156,7 +156,8 @@ def _vocab_and_length(config) -> tuple[int, int]:
     if data.tokenizer and os.path.exists(data.tokenizer):
         tokenizer = vocab.load_tokenizer(data.tokenizer)
         prompt = vocab.PromptEncoder(tokenizer, data.prompt_template, data.max_caption_tokens, data.max_length)
-        return len(vocab.filter_vocabulary(tokenizer)), prompt.max_length
+        rule = config.model.get("vocab_filter", vocab.DEFAULT_RULE)
+        return len(vocab.filter_vocabulary(tokenizer, rule)), prompt.max_length
     if not config.model.vocab_size or not data.max_length:
         raise SystemExit(
             "lexvla compile: without a tokenizer file, set config.model.vocab_size and config.data.max_length"

@@ -76,6 +76,7 @@ def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.Le
         vocab_size=num_words,
         adapter_heads=m.adapter_heads,
         adapter_mlp_dim=m.adapter_mlp_dim,
+        adapter_shape=m.get("adapter_shape", "mlp"),
         logit_scale_init=m.logit_scale_init,
         logit_scale_max=m.logit_scale_max,
         max_pool_chunk=m.max_pool_chunk,
@@ -97,7 +98,7 @@ def load_vocabulary(config: ml_collections.ConfigDict) -> tuple[vocab.Tokenizer,
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} pieces but config.model.text.vocab_size={size}; make them equal"
         )
-    return tokenizer, vocab.filter_vocabulary(tokenizer)
+    return tokenizer, vocab.filter_vocabulary(tokenizer, config.model.get("vocab_filter", vocab.DEFAULT_RULE))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,10 @@ from lexvla_jax.libtpu_env import quiet_libtpu_without_tpu
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("lexvla_jax.vocab:main", "report the filtered vocabulary of a tokenizer (count, examples)"),
+    "pretrain-lm": (
+        "lexvla_jax.lm_pretrain:main",
+        "stage 1 of the embedded job: pretrain the tiny Llama to name a caption's words (skipped when done)",
+    ),
     "train": ("lexvla_jax.train:main", "train LexVLA (resumes from the workdir's latest checkpoint)"),
     "eval": ("lexvla_jax.evaluate.command:main", "run config.evals (retrieval, PatchDis) on a trained checkpoint"),
     "compile": ("lexvla_jax.aot:main", "compile the train step for a TPU topology ahead of time and check it fits"),
