@@ -84,6 +84,7 @@ def get_config(arg=None):
         seed=0,
         trainable=("adapter", "visual_codebook", "logit_scale", "lora"),
         log_every=10,
+        profile_steps=(),  # (start, stop): a jax.profiler trace of those steps in WORKDIR/profile
         max_consecutive_skips=20,
         show_top_words=3,
     )

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
 
 import jax
 import ml_collections
 import numpy as np
 
-from lexvla_jax import build, configlib, explain, prepare, sharding
-from lexvla_jax.checkpoints import Checkpointer, vocabulary_record
+from lexvla_jax import build, configlib, explain, prepare, sharding, throughput
+from lexvla_jax.aot import matmul_flops
+from lexvla_jax.checkpoints import Checkpointer, vocabulary_record, workdir_path
 from lexvla_jax.data import pipeline
 from lexvla_jax.data.device_batch import make_global_batch
 from lexvla_jax.evaluate import registry, table
@@ -88,6 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     sample_keys = SampleKeyLog(workdir, jax.process_index(), enabled=tc.record_sample_keys)
     stop = StopRequest()
+    profiler = throughput.Profiler(str(workdir_path(workdir) / "profile"), tc.get("profile_steps"))
     try:
         latest = checkpointer.latest_step()
         if latest is not None:
@@ -115,39 +116,49 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config_dict = config.to_dict()
         step = int(jax.device_get(state.step))
         last_metrics, previous = {}, None
-        tick, tick_step = time.time(), step
+        meter = throughput.StepMeter(
+            global_batch=tc.global_batch_size,
+            num_devices=jax.device_count(),
+            flops_per_step_per_device=0.0,  # counted from the step's jaxpr at the first report
+            peak_flops_per_device=throughput.peak_flops_per_device(),
+        )
+        first_step = step
         while step < tc.num_steps:
-            host_batch = next(train_iter)
+            profiler.before_step(step, pending=previous)
+            with meter.waiting_for_input():
+                host_batch = next(train_iter)
             sample_keys.write(step + 1, host_batch)
             with sharding.use_mesh_rules(mesh, rules):
                 batch = make_global_batch(host_batch, mesh, rules)
+                if not meter.flops_per_step_per_device:
+                    jaxpr = program.step.trace(frozen, rest, state, batch).jaxpr
+                    meter.flops_per_step_per_device = matmul_flops(jaxpr) / jax.device_count()
                 state, metrics = program.step(frozen, rest, state, batch)
             step += 1
+            meter.step_done()
+            if step == first_step + 1:  # leave compilation out of the first interval
+                jax.block_until_ready(metrics)
+                meter.restart()
             # The previous step has finished by now or soon: reading it does not stall this one.
             _check_skips(previous, step - 1, tc.max_consecutive_skips)
             previous = metrics
             if step % tc.log_every == 0 or step == tc.num_steps:
-                elapsed = time.time() - tick
-                samples_per_s = (step - tick_step) * tc.global_batch_size / max(elapsed, 1e-9)
                 last_metrics = {k: v for k, v in jax.device_get(metrics).items() if k != "update_ok"}
-                last_metrics.update(
-                    samples_per_s=samples_per_s,
-                    samples_per_s_per_device=samples_per_s / jax.device_count(),
-                    **{f"skipped_samples/{k}": v for k, v in train_iter.skip_counts.items()},
-                )
+                last_metrics.update(meter.report())
+                last_metrics.update({f"skipped_samples/{k}": v for k, v in train_iter.skip_counts.items()})
                 writer.write(step, last_metrics)
-                writer.progress(
-                    step, {k: last_metrics[k] for k in ("loss", "info_nce", "logit_scale", "samples_per_s")}
-                )
-                tick, tick_step = time.time(), step
+                shown = ("loss", "info_nce", "logit_scale", "samples_per_s", "mfu")
+                writer.progress(step, {k: last_metrics[k] for k in shown if k in last_metrics})
             if step != tc.num_steps and any(e.due(step) for e in evaluators):
-                metrics_due = registry.run_evaluators(evaluators, encoder.with_params(state.params), step, writer.log)
-                writer.write(step, metrics_due)
+                with meter.paused():
+                    due = registry.run_evaluators(evaluators, encoder.with_params(state.params), step, writer.log)
+                writer.write(step, due)
             preempted = stop(step)
             last = step == tc.num_steps
             # A state whose update was skipped (non-finite loss or gradient) is never saved.
             if (preempted or last or checkpointer.due(step)) and bool(metrics["update_ok"]):
-                checkpointer.save(step, state, train_iter, config_dict, vocabulary)
+                with meter.paused():
+                    checkpointer.save(step, state, train_iter, config_dict, vocabulary)
             if preempted:
                 checkpointer.wait()
                 # Every process says so: on a pod, each host's log shows where it stopped.
@@ -167,6 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _show_top_words(final_encoder, evaluators, tc.show_top_words, writer.log)
         return {**last_metrics, **final}
     finally:
+        profiler.close()
         stop.restore()
         checkpointer.wait()
         checkpointer.close()

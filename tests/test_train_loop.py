@@ -1,5 +1,6 @@
 """`lexvla train`: exact resume after SIGKILL and SIGTERM, non-finite steps never checkpointed, metrics."""
 
+import glob
 import json
 import os
 import shutil
@@ -37,7 +38,8 @@ def env():
 @pytest.fixture(scope="session")
 def uninterrupted(data_dir, env, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted") / "work"
-    result = subprocess.run(local_cluster.command(workdir, data_dir), env=env, capture_output=True, text=True)
+    command = local_cluster.command(workdir, data_dir, **{"train.profile_steps": "(5,7)"})
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return workdir, result.stdout
 
@@ -49,6 +51,12 @@ def test_metrics_rows(uninterrupted):
     assert [r["step"] for r in train_rows] == list(range(4, STEPS + 1, 4))
     for key in ("info_nce", "penalty_img", "active_words_img", "grad_norm", "learning_rate", "samples_per_s"):
         assert key in train_rows[-1]
+    # Throughput: FLOPs from the step's jaxpr against the measured CPU peak; input wait is a fraction.
+    for row in train_rows:
+        assert row["tflops_per_device"] > 0 and 0 < row["mfu"] < 1.5 and 0 <= row["input_wait_fraction"] <= 1
+        assert row["samples_per_s"] == pytest.approx(16 / row["step_time_s"], rel=1e-6)
+    traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1 and os.path.getsize(traces[0]) > 0  # train.profile_steps=(5,7)
     eval_row = [r for r in rows if "retrieval/dense/i2t_r@1" in r][-1]
     for key in ("i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@10", "image_retrieval_recall@1"):
         for mode in ("dense", "threshold", "topk"):
