@@ -273,17 +273,31 @@ def run(n: int, active: int, args) -> list[dict]:
     truth = collection.exact_top10(queries)
     print(f"# exact top-10 of {len(queries)} queries (batched) in {time.perf_counter() - start:.0f}s", flush=True)
     rows = []
+    if "exact" in args.methods:
+        rows.append(exact_row(collection, queries, truth, active, args.exact_max_nnz))
+    if "seismic" in args.methods:
+        rows += seismic_rows(collection, queries, truth, active, args)
+    if "dense" in args.methods:
+        some = slice(args.dense_queries)
+        rows.append(dense_row(collection, queries[some], truth[some], active, args.dense_max_docs))
+    return rows
 
-    measured = min(n, args.exact_max_nnz * n // collection.nnz)
+
+def exact_row(collection: Collection, queries, truth, active: int, max_nnz: int) -> dict:
+    n = collection.shape[0]
+    measured = min(n, max_nnz * n // collection.nnz)
     watch = Stopwatch()
     exact = index.ExactIndex(collection.postings(measured))
     build = watch.read()
     seconds, results = timed(exact, queries)
     recall = recall_at_10(results, truth)
-    rows.append(row(n, active, "exact sparse (scipy CSC)", "", build, exact.nbytes(), seconds, recall, measured))
-    print(rows[-1], flush=True)
-    del exact
+    result = row(n, active, "exact sparse (scipy CSC)", "", build, exact.nbytes(), seconds, recall, measured)
+    print(result, flush=True)
+    return result
 
+
+def seismic_rows(collection: Collection, queries, truth, active: int, args) -> list[dict]:
+    n, rows = collection.shape[0], []
     for n_postings in args.n_postings:
         params = index.SeismicParams(doc_words=args.doc_words, n_postings=n_postings)
         watch = Stopwatch()
@@ -312,19 +326,22 @@ def run(n: int, active: int, args) -> list[dict]:
             rows[-1]["note"] = f"size: index file {file_size / MIB:,.0f} MiB + vectors {vectors_size / MIB:,.0f} MiB"
             print(rows[-1], flush=True)
         del seismic
+    return rows
 
-    measured = min(n, args.dense_max_docs)
+
+def dense_row(collection: Collection, queries, truth, active: int, max_docs: int) -> dict:
+    n = collection.shape[0]
+    measured = min(n, max_docs)
     watch = Stopwatch()
     dense = DenseIndex(collection, measured)
     build = watch.read()
-    seconds, results = timed(dense, queries[: args.dense_queries])
+    seconds, results = timed(dense, queries)
     recall = recall_at_10(results, truth)
-    rows.append(
-        row(n, active, "dense brute force (JAX f32)", "", build, measured * VOCAB * 4, seconds, recall, measured)
-    )
-    print(rows[-1], flush=True)
     del dense
-    return rows
+    size = measured * VOCAB * 4
+    result = row(n, active, "dense brute force (JAX f32)", "", build, size, seconds, recall, measured)
+    print(result, flush=True)
+    return result
 
 
 def markdown(rows: list[dict]) -> str:
@@ -346,6 +363,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, nargs="+", default=[100_000])
     parser.add_argument("--active", type=int, nargs="+", default=[300, 1100])
+    methods = ("exact", "seismic", "dense")
+    parser.add_argument("--methods", nargs="+", choices=methods, default=list(methods))
     parser.add_argument("--queries", type=int, default=100, help="queries timed for the sparse methods")
     parser.add_argument("--dense-queries", type=int, default=20, help="queries timed for dense brute force")
     parser.add_argument("--dense-max-docs", type=int, default=100_000, help="largest dense matrix built")
