@@ -12,8 +12,9 @@ integer impacts `round(scale · w)`, dropping those that round to zero. An expor
 - `meta.json`: the kept-word list (column j is word j), the scale, the sparsification, the ids and contents.
 
 The default scale is 1000, not the ×100 used for SPLADE impacts: LexVLA vectors are L2-normalised over ~300 to
-~1,100 active words, so a typical weight is ~0.01–0.03 and ×100 leaves 1–3 levels; on such vectors the top-10
-by dot product after ×100 quantisation agreed with the float ranking on ~90% of results, after ×1000 on ~98%.
+~1,100 active words, so a typical weight is ~0.01–0.03 and ×100 leaves 1–3 levels. On synthetic unit vectors of
+1,000 lognormal weights, the top-10 by dot product after quantising both sides agreed with the float top-10 on
+90% of results at ×100 and 98% at ×1000.
 """
 
 from __future__ import annotations
