@@ -32,7 +32,6 @@ from lexvla_jax.data import streams
 from lexvla_jax.data.array_record import SUFFIX, array_record_dataset
 from lexvla_jax.data.batching import SkipCountingBatchDataset, SkipTotalsDataset
 from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
-from lexvla_jax.data.eval_set import load_eval_set  # noqa: F401  (re-exported: the eval half of the pipeline)
 from lexvla_jax.data.shuffle import WindowShuffleDataset
 from lexvla_jax.data.streams import StreamsIterator
 from lexvla_jax.data.transforms import SampleDecoder
