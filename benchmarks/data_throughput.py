@@ -6,8 +6,10 @@ grain, about photo-sized files) with captions into webdataset tars, then measure
    other load on the machine), split into image (decode + crop + resize) and text (prompt + tokenise);
 2. the whole training pipeline (`pipeline.train_iterator`) with `num_workers` = 0, 1, 2: samples/s of
    wall time after the first batch (worker start-up and shuffle-buffer fill excluded), and the CPU time
-   per sample spent in the workers and in the consuming process (from /proc: meaningful on a shared
-   machine, where wall-clock rates depend on everyone else's load).
+   per sample spent in each worker, in all workers and in the consuming process (from /proc: meaningful
+   on a shared machine, where wall-clock rates depend on everyone else's load). The cores other
+   processes kept busy meanwhile (/proc/stat minus ours) say whether the machine was idle; when it was
+   not, the run says so.
 
 Tokenisation uses Llama 2's tokenizer from ../shared/data when present, else a small trained one.
 
@@ -17,7 +19,6 @@ Tokenisation uses Llama 2's tokenizer from ../shared/data when present, else a s
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import pathlib
 import tempfile
@@ -27,6 +28,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+SAMPLES_PER_SHARD = 128
 LLAMA2_TOKENIZER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "llama2_tokenizer.model"
 
 
@@ -92,33 +94,58 @@ def per_core(raws: list[dict], config, prompt) -> dict[str, float]:
     return out
 
 
-def children_cpu_seconds() -> float:
-    """CPU seconds (user + system) used so far by this process's live child processes (grain workers)."""
-    total = 0
-    for child in multiprocessing.active_children():
-        with open(f"/proc/{child.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+def children_cpu_seconds() -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each live child process of this one (grain workers), by pid."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[1]) != os.getpid():  # fields[1] is the parent pid
+            continue
+        with open(f"/proc/{entry}/cmdline", "rb") as f:
+            if b"resource_tracker" in f.read():  # multiprocessing's bookkeeping process, not a worker
+                continue
+        out[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
-def pipeline_rate(config, prompt, batch_size: int, batches: int) -> dict[str, float]:
-    """Wall samples/s after the first batch, seconds to the first batch, and CPU ms per sample in the
-    workers and in this (consuming) process, over the timed batches."""
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on this machine have been busy (non-idle) since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def pipeline_rate(config, prompt, batch_size: int, batches: int) -> dict:
+    """Over the timed batches (after the first): wall samples/s; CPU ms per sample of each worker (its CPU time
+    over the samples it made: workers take batches in turn), of all workers and of this (consuming) process;
+    and the cores other processes on the machine kept busy meanwhile (0 on an idle machine)."""
     from lexvla_jax.data import pipeline
 
     start = time.perf_counter()
     iterator = pipeline.train_iterator(config, batch_size, 0, 1, prompt)
     next(iterator)
-    first, workers_cpu, main_cpu = time.perf_counter(), children_cpu_seconds(), time.process_time()
+    first, main_cpu, busy = time.perf_counter(), time.process_time(), machine_busy_seconds()
+    workers_cpu = children_cpu_seconds()
     for _ in range(batches):
         next(iterator)
+    wall = time.perf_counter() - first
     samples = batches * batch_size
+    used = {pid: cpu - workers_cpu.get(pid, 0.0) for pid, cpu in children_cpu_seconds().items()}
+    main_s = time.process_time() - main_cpu
+    per_worker = samples / max(config.num_workers, 1)
     out = {
-        "rate": samples / (time.perf_counter() - first),
+        "rate": samples / wall,
         "first": first - start,
-        "worker_ms": (children_cpu_seconds() - workers_cpu) / samples * 1e3,
-        "main_ms": (time.process_time() - main_cpu) / samples * 1e3,
+        "per_worker_ms": sorted(cpu / per_worker * 1e3 for cpu in used.values()) if config.num_workers else [],
+        "worker_ms": sum(used.values()) / samples * 1e3,
+        "main_ms": main_s / samples * 1e3,
+        "others_cores": max(0.0, (machine_busy_seconds() - busy - main_s - sum(used.values())) / wall),
     }
     iterator.close()
     return out
@@ -134,12 +161,18 @@ def main() -> None:
     parser.add_argument("--resample", choices=("bilinear", "bicubic"), default="bilinear")
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()
+    shards = -(-args.samples // SAMPLES_PER_SHARD)
+    if shards < max(args.workers):
+        parser.error(
+            f"--samples {args.samples} makes {shards} shard(s); give every worker one: --samples >= "
+            f"{SAMPLES_PER_SHARD * max(args.workers)}"
+        )
 
     from lexvla_jax.data.config import default_data_config
     from lexvla_jax.vocab import PromptEncoder
 
     with tempfile.TemporaryDirectory() as tmp:
-        paths, raws = write_shards(tmp, args.samples, 128, seed=0)
+        paths, raws = write_shards(tmp, args.samples, SAMPLES_PER_SHARD, seed=0)
         sizes = [len(r["files"]["jpg"]) for r in raws]
         tok, tok_name = tokenizer(raws, tmp)
         prompt = PromptEncoder(tok, max_caption_tokens=32)
@@ -157,14 +190,25 @@ def main() -> None:
             f"per core (CPU time): image {cost['image'] * 1e3:.2f} ms, text {cost['text'] * 1e3:.2f} ms, "
             f"both {cost['both'] * 1e3:.2f} ms -> {1 / cost['both']:.0f} samples/s per core"
         )
-        print("| workers | samples/s | per worker | worker CPU ms/sample | main CPU ms/sample | first batch s | load |")
-        print("|--:|--:|--:|--:|--:|--:|--:|")
+        print(
+            "| workers | wall samples/s | CPU ms/sample of each worker | all workers' CPU ms/sample | "
+            "consumer CPU ms/sample | first batch s | other processes' busy cores | load |"
+        )
+        print("|--:|--:|--:|--:|--:|--:|--:|--:|")
+        others = []
         for workers in args.workers:
             config.num_workers = workers
             r = pipeline_rate(config, prompt, args.batch_size, args.batches)
+            each = ", ".join(f"{ms:.2f}" for ms in r["per_worker_ms"]) or "—"
             print(
-                f"| {workers} | {r['rate']:.0f} | {r['rate'] / max(workers, 1):.0f} | {r['worker_ms']:.2f} | "
-                f"{r['main_ms']:.2f} | {r['first']:.1f} | {os.getloadavg()[0]:.1f} |"
+                f"| {workers} | {r['rate']:.0f} | {each} | {r['worker_ms']:.2f} | {r['main_ms']:.2f} | "
+                f"{r['first']:.1f} | {r['others_cores']:.1f} of {os.cpu_count()} | {os.getloadavg()[0]:.1f} |"
+            )
+            others.append(r["others_cores"])
+        if max(others) > 0.1:
+            print(
+                f"the machine was not idle: other processes kept {min(others):.1f}–{max(others):.1f} of its "
+                f"{os.cpu_count()} cores busy, so wall rates are lower bounds; CPU ms per sample is the stable number"
             )
 
 

@@ -7,8 +7,10 @@ Point the checkpoint fields at local Hugging Face directories and the shard glob
       --config.data.tokenizer=/ckpt/Llama-2-7b-hf/tokenizer.model \\
       --config.data.train_shards='/data/cc12m/{00000..01242}.tar'
 
-Without checkpoints or tokenizer the same file describes shapes only (`lexvla compile`). Values the
-paper does not state (λs, temperature, optimiser, batch) are documented defaults.
+The evaluators in `config.evals` (COCO and Flickr30k retrieval, VOC PatchDis) need their paths set
+(`--config.evals.coco.json=...`; see below). Without checkpoints or tokenizer the same file describes
+shapes only (`lexvla compile`). Values the paper does not state (λs, temperature, optimiser, batch) are
+documented defaults.
 """
 
 import ml_collections
@@ -36,7 +38,9 @@ def get_config(arg=None):
         vision_checkpoint="",
         text_checkpoint="",
         vocab_size=17149,  # V' of the paper's filtered Llama 2 vocabulary (used only without a tokenizer)
+        vocab_filter="lowercase_alpha",  # vocab.RULES; keeps 17,182 of Llama 2's pieces (paper: 17,149)
         adapter_heads=16,
+        adapter_shape="mlp",  # or "block": models/lexvla.py:Adapter, configs/variants/adapter17m.py
         adapter_mlp_dim=4096,
         logit_scale_init=1 / 0.07,
         logit_scale_max=100.0,
@@ -61,11 +65,46 @@ def get_config(arg=None):
         seed=0,
         trainable=("adapter", "visual_codebook", "logit_scale", "lora"),
         log_every=50,
+        profile_steps=(),  # (start, stop): a jax.profiler trace of those steps in WORKDIR/profile
         max_consecutive_skips=20,
         show_top_words=0,
+        record_sample_keys=False,  # debug: write the sample keys of every step under the workdir
     )
     config.checkpoint = dict(every_steps=1000, keep=3, async_save=True)
-    config.eval = dict(every_steps=2000, batch_size=512)
+    config.eval = dict(batch_size=512)  # rows per batch when evaluators encode (any size works)
+    # The paper's evaluations; set the paths to local copies (or any etils.epath location), e.g.
+    # --config.evals.coco.json=/data/karpathy/dataset_coco.json --config.evals.coco.image_root=/data/coco.
+    config.evals = ml_collections.ConfigDict()
+    config.evals.coco = dict(
+        type="retrieval",
+        every_steps=2000,
+        label="MSCOCO 5k",
+        format="karpathy",
+        json="",  # dataset_coco.json (Karpathy split)
+        image_root="",  # holding val2014/ (the json's filepath)
+        split="test",
+        modes=("dense", "threshold", "topk"),
+        top_k=512,  # Q(512)
+    )
+    config.evals.flickr = dict(
+        type="retrieval",
+        every_steps=2000,
+        label="Flickr30k 1k",
+        format="karpathy",
+        json="",  # dataset_flickr30k.json
+        image_root="",  # flickr30k-images/
+        split="test",
+        modes=("dense", "threshold", "topk"),
+        top_k=512,
+    )
+    config.evals.voc = dict(
+        type="patchdis",
+        every_steps=0,
+        label="VOC 2012 val",
+        format="voc",
+        root="",  # VOCdevkit/VOC2012
+        split="val",
+    )
 
     config.mesh = dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1))
     config.sharding = dict(rules=tuple(DEFAULT_RULES))

@@ -27,6 +27,10 @@ def get_config(arg=None):
     config.data.num_workers = 1
     config.data.shuffle_buffer = 500
     config.data.max_caption_tokens = 24
+    # The paper's prompt without its one-shot example (stage 1 trains the tiny language model for this very prompt,
+    # so it needs no example, and rows stay short). Its last token is followed directly by a word, not a quote
+    # mark: stage 1 teaches the model to predict the caption's words right there.
+    config.data.prompt_template = 'The focus of "[TEXT]" lies on important words:'
 
     config.model = dict(
         vision=dict(
@@ -51,7 +55,9 @@ def get_config(arg=None):
         vision_checkpoint="",
         text_checkpoint="",
         vocab_size=0,  # only used without a tokenizer (shapes-only compiles)
+        vocab_filter="lowercase_alpha",  # vocab.RULES
         adapter_heads=4,
+        adapter_shape="mlp",  # or "block": models/lexvla.py:Adapter, configs/variants/adapter17m.py
         adapter_mlp_dim=128,
         logit_scale_init=20.0,
         logit_scale_max=100.0,
@@ -60,6 +66,21 @@ def get_config(arg=None):
         frozen_param_dtype="float32",
         remat="none",
         lora=dict(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v")),
+    )
+
+    # Stage 1: the tiny Llama pretrained as a language model that names a caption's content words after the
+    # prompt (lm_pretrain.py), saved as a Hugging Face directory; skipped when `dir` holds one.
+    config.lm_pretrain = dict(
+        dir="data/synthetic/lm",
+        steps=500,
+        batch_size=64,
+        learning_rate=3e-3,
+        warmup_steps=50,
+        weight_decay=0.01,
+        max_word_tokens=20,
+        later_words_weight=0.1,  # loss weight of the words after the first (lm_pretrain.py says why)
+        seed=0,
+        log_every=100,
     )
 
     config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=100)
@@ -79,11 +100,32 @@ def get_config(arg=None):
         seed=0,
         trainable=("vision", "text", "adapter", "visual_codebook", "logit_scale", "lora"),
         log_every=25,
+        profile_steps=(),  # (start, stop): a jax.profiler trace of those steps in WORKDIR/profile
         max_consecutive_skips=5,
         show_top_words=3,
+        record_sample_keys=False,  # debug: write the sample keys of every step under the workdir
     )
     config.checkpoint = dict(every_steps=300, keep=2, async_save=True)
-    config.eval = dict(every_steps=300, batch_size=125)
+    config.eval = dict(batch_size=125)  # rows per batch when evaluators encode (any size works)
+    # Evaluators (lexvla train runs each every `every_steps` and at the end; lexvla eval runs them all).
+    # Their shards follow config.data.eval_shards.
+    config.evals = ml_collections.ConfigDict()
+    config.evals.retrieval = dict(
+        type="retrieval",
+        every_steps=300,
+        label="synthetic",
+        format="webdataset",
+        shards=config.data.get_ref("eval_shards"),
+        modes=("dense", "threshold", "topk"),
+        top_k=16,  # the kept vocabulary of the synthetic tokenizer is a few hundred words
+    )
+    config.evals.patchdis = dict(
+        type="patchdis",
+        every_steps=0,
+        label="synthetic shapes",
+        format="synthetic",
+        shards=config.data.get_ref("eval_shards"),
+    )
 
     config.mesh = dict(shape=(-1, 1, 1), dcn_shape=(1, 1, 1))
     config.sharding = dict(rules=tuple(DEFAULT_RULES))

@@ -1,5 +1,8 @@
 """`lexvla compile`: compile the real train step for a TPU topology on this machine, without a TPU.
 
+`--local` compiles it for this machine's own devices instead (a GPU, or the CPU) with the same report; the
+memory limit is then what the runtime reports (GPU) or the host's RAM (CPU).
+
 libtpu (the `test` extra) compiles for a named topology (`v5p:2x2x1`, `v4:2x2x1`, `v5e:4x4`, `v6e:2x2`,
 ...) through `jax.experimental.topologies`. Everything is shapes: no weights, no data. The report gives
 per-device argument / temporary / output bytes from XLA's memory analysis, the device's HBM, the fraction
@@ -22,15 +25,9 @@ import re
 import sys
 import time
 
-# libtpu probes cloud metadata unless told where it is; these keep a TPU-less host quiet and fast.
-for _name, _value in (
-    ("TPU_SKIP_MDS_QUERY", "1"),
-    ("TPU_WORKER_HOSTNAMES", "localhost"),
-    ("TPU_WORKER_ID", "0"),
-    ("TPU_ACCELERATOR_TYPE", "v5p-8"),
-    ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),  # several compiles (or tests) may load libtpu at once
-):
-    os.environ.setdefault(_name, _value)
+from lexvla_jax import libtpu_env  # noqa: E402  (before JAX: keeps libtpu quiet on TPU-less hosts)
+
+libtpu_env.quiet_libtpu_without_tpu()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -103,13 +100,15 @@ class CompileReport:
         ]
 
 
-def matmul_flops(jaxpr) -> float:
+def matmul_flops(jaxpr, platform: str | None = None) -> float:
     """FLOPs of the `dot_general`s and convolutions in a (closed) jaxpr, scan bodies times their length.
 
     Nested jaxprs (jit, remat, custom derivatives, scan, while) are walked; a `while` body counts once
-    and a `cond` counts its most expensive branch.
+    and a `cond` counts its most expensive branch, except a `jax.lax.platform_dependent` one when
+    `platform` ("tpu", "cpu", "gpu") is given: that counts the branch compiled for `platform`.
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    count = functools.partial(matmul_flops, platform=platform)
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -122,12 +121,22 @@ def matmul_flops(jaxpr) -> float:
             out, kernel = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
             out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
             total += 2.0 * math.prod(out) * math.prod(kernel) / out_features
+        elif name == "cond" and platform and eqn.params.get("branches_platforms"):
+            total += count(_platform_branch(eqn.params, platform))
         elif name == "cond":
-            total += max(matmul_flops(branch) for branch in eqn.params["branches"])
+            total += max(count(branch) for branch in eqn.params["branches"])
         else:
-            inner = sum(matmul_flops(v) for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
+            inner = sum(count(v) for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
             total += inner * (eqn.params["length"] if name == "scan" else 1)
     return total
+
+
+def _platform_branch(params, platform: str):
+    """The branch of a `platform_dependent` cond that `platform` runs (the default branch has platforms None)."""
+    for branch, platforms in zip(params["branches"], params["branches_platforms"], strict=True):
+        if platforms is None or platform in platforms:
+            return branch
+    raise ValueError(f"platform_dependent has no branch for platform {platform!r}")
 
 
 def topology_devices(name: str):
@@ -147,7 +156,8 @@ def _vocab_and_length(config) -> tuple[int, int]:
     if data.tokenizer and os.path.exists(data.tokenizer):
         tokenizer = vocab.load_tokenizer(data.tokenizer)
         prompt = vocab.PromptEncoder(tokenizer, data.prompt_template, data.max_caption_tokens, data.max_length)
-        return len(vocab.filter_vocabulary(tokenizer)), prompt.max_length
+        rule = config.model.get("vocab_filter", vocab.DEFAULT_RULE)
+        return len(vocab.filter_vocabulary(tokenizer, rule)), prompt.max_length
     if not config.model.vocab_size or not data.max_length:
         raise SystemExit(
             "lexvla compile: without a tokenizer file, set config.model.vocab_size and config.data.max_length"
@@ -183,8 +193,8 @@ def compile_train_step(config, devices, topology: str = "") -> CompileReport:
             device_kind=kind,
             num_devices=len(devices),
             global_batch=b,
-            hbm_bytes=HBM_BYTES.get(kind, 0) or _unknown_hbm(kind),
-            matmul_flops=matmul_flops(traced.jaxpr) / len(devices),
+            hbm_bytes=device_memory_bytes(devices[0]),
+            matmul_flops=matmul_flops(traced.jaxpr, devices[0].platform) / len(devices),
         )
         try:
             compiled = traced.lower().compile()
@@ -227,15 +237,32 @@ def _bytes_in(message: str, pattern: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
 
 
-def _unknown_hbm(kind: str) -> int:
-    raise SystemExit(f"lexvla compile: HBM size of {kind!r} unknown; add it to lexvla_jax.aot.HBM_BYTES")
+def device_memory_bytes(device) -> int:
+    """Memory one device may use: the TPU table, else what the runtime reports, else (CPU) the host's RAM."""
+    if device.device_kind in HBM_BYTES:
+        return HBM_BYTES[device.device_kind]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # compile-only topology devices have no runtime
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    raise SystemExit(f"lexvla compile: memory of {device.device_kind!r} unknown; add it to lexvla_jax.aot.HBM_BYTES")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lexvla compile", description=__doc__.splitlines()[0])
-    parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--topology", help="TPU topology, e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
+    target.add_argument("--local", action="store_true", help="this machine's devices (a GPU, or the CPU)")
     config, args = configlib.parse_command(argv, parser)
-    report = compile_train_step(config, topology_devices(args.topology), args.topology)
+    if args.local:
+        devices = jax.devices()
+        report = compile_train_step(config, devices, f"local {devices[0].platform}")
+    else:
+        report = compile_train_step(config, topology_devices(args.topology), args.topology)
     print("\n".join(report.lines()))
     return 0 if report.fits else 1
 

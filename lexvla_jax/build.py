@@ -7,7 +7,8 @@ kept vocabulary (`vocab.filter_vocabulary` of `config.data.tokenizer`).
 
 Every variable is created directly in its sharded layout (`convert.load_model`): checkpoint tensors are
 read shard by shard on the processes that own them, everything else is initialised under `jit`. Trainable
-parameters (`config.train.trainable`) are float32 master weights whatever `frozen_param_dtype` says.
+parameters (`config.train.trainable`) are float32 master weights; every other parameter (the frozen towers
+and the text codebook) is stored in `frozen_param_dtype`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.Le
         vocab_size=num_words,
         adapter_heads=m.adapter_heads,
         adapter_mlp_dim=m.adapter_mlp_dim,
+        adapter_shape=m.get("adapter_shape", "mlp"),
         logit_scale_init=m.logit_scale_init,
         logit_scale_max=m.logit_scale_max,
         max_pool_chunk=m.max_pool_chunk,
@@ -85,13 +87,18 @@ def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.Le
 
 def load_vocabulary(config: ml_collections.ConfigDict) -> tuple[vocab.Tokenizer, np.ndarray]:
     """The tokenizer of `config.data.tokenizer` and the token ids of the kept vocabulary (codebook rows)."""
-    tokenizer = vocab.load_tokenizer(config.data.tokenizer)
+    if not config.data.tokenizer:
+        raise ConfigError("config.data.tokenizer is empty; point it at a tokenizer.model / tokenizer.json")
+    try:
+        tokenizer = vocab.load_tokenizer(config.data.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{e} (config.data.tokenizer)") from None
     size = config.model.text.get("vocab_size", tokenizer.vocab_size)
     if tokenizer.vocab_size != size and not config.model.text_checkpoint:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} pieces but config.model.text.vocab_size={size}; make them equal"
         )
-    return tokenizer, vocab.filter_vocabulary(tokenizer)
+    return tokenizer, vocab.filter_vocabulary(tokenizer, config.model.get("vocab_filter", vocab.DEFAULT_RULE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +109,7 @@ class ModelRecipe:
     make: object  # () -> LexVLA
     parts: tuple[convert.CheckpointPart, ...]
     trainable: object  # nnx filter of the trainable parameters
+    frozen_dtype: jnp.dtype  # storage dtype of the other parameters
 
 
 def recipe(config: ml_collections.ConfigDict, kept_ids: np.ndarray) -> ModelRecipe:
@@ -121,25 +129,35 @@ def recipe(config: ml_collections.ConfigDict, kept_ids: np.ndarray) -> ModelReci
         codebooks = {"text_codebook": rows, "visual_codebook": rows}
         ignore = lambda key, text=text: text.ignore(key) and key != rows.key
         parts.append(dataclasses.replace(text, sources={**text.sources, **codebooks}, ignore=ignore))
-    return ModelRecipe(cfg, make, tuple(parts), step.trainable_filter(config.train.trainable))
+    frozen_dtype = jnp.dtype(m.frozen_param_dtype)
+    return ModelRecipe(cfg, make, tuple(parts), step.trainable_filter(config.train.trainable), frozen_dtype)
 
 
-def master_dtypes(r: ModelRecipe):
-    """`dtype_of` for `convert.load_model`: trainable parameters are float32 master weights."""
+def storage_dtypes(r: ModelRecipe):
+    """`dtype_of` for `convert.load_model`: float32 master weights for trainable parameters, `r.frozen_dtype`
+    for the other parameters, the model's own dtype for non-parameter state."""
     trainable = filterlib.to_predicate(r.trainable)
-    return lambda path, variable: jnp.float32 if trainable(path, variable) else None
+
+    def dtype_of(path, variable):
+        if trainable(path, variable):
+            return jnp.float32
+        return r.frozen_dtype if isinstance(variable, nnx.Param) else None
+
+    return dtype_of
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh, kept_ids: np.ndarray) -> lexvla.LexVLA:
     """LexVLA with checkpoints loaded where configured, every variable created on `mesh` by the rules."""
     r = recipe(config, kept_ids)
-    return convert.load_model(r.make, r.parts, mesh=mesh, rules=tuple(config.sharding.rules), dtype_of=master_dtypes(r))
+    return convert.load_model(
+        r.make, r.parts, mesh=mesh, rules=tuple(config.sharding.rules), dtype_of=storage_dtypes(r)
+    )
 
 
 def abstract_model(config: ml_collections.ConfigDict, num_words: int) -> lexvla.LexVLA:
     """The same model as shapes only (no memory, no tensor read), with the same dtypes: for compiles."""
     r = recipe(config, np.arange(num_words))
-    dtype_of = master_dtypes(r)
+    dtype_of = storage_dtypes(r)
     graphdef, state = nnx.split(nnx.eval_shape(r.make))
 
     def cast(path, variable):

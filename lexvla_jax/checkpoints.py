@@ -17,14 +17,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lexvla_jax import vocab
+from lexvla_jax.configlib import ConfigError
 from lexvla_jax.data import streams
 
 
-class CheckpointNotFound(FileNotFoundError):
+class CheckpointNotFound(ConfigError):
     """No checkpoint where one was asked for; the message is one line with the fix."""
 
 
-class VocabularyMismatch(ValueError):
+class VocabularyMismatch(ConfigError):
     """A checkpoint trained on another kept vocabulary than the tokenizer gives now; one line."""
 
 
@@ -97,12 +98,14 @@ class Checkpointer:
             "to what the checkpoint was trained with"
         )
 
-    def restore(self, step: int, abstract_state, data_iterator):
-        """Restores the state into the shardings of `abstract_state` and repositions `data_iterator`."""
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            args["data"] = streams.StreamsRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    def restore_data(self, step: int, data_iterator) -> None:
+        """Repositions `data_iterator` where step `step` left it; `DataConfigError` (one line) when the saved
+        streams cannot be continued exactly with this run's `num_streams` / `num_workers`."""
+        self.manager.restore(step, args=ocp.args.Composite(data=streams.StreamsRestore(data_iterator)))
+
+    def restore(self, step: int, abstract_state):
+        """The train state of step `step`, in the shardings of `abstract_state` (any mesh, any process count)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"]
 
     def restore_config(self, step: int) -> dict:

@@ -10,14 +10,24 @@ import importlib
 import sys
 
 from lexvla_jax.configlib import ConfigError
+from lexvla_jax.libtpu_env import quiet_libtpu_without_tpu
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("lexvla_jax.vocab:main", "report the filtered vocabulary of a tokenizer (count, examples)"),
+    "pretrain-lm": (
+        "lexvla_jax.lm_pretrain:main",
+        "stage 1 of the embedded job: pretrain the tiny Llama to name a caption's words (skipped when done)",
+    ),
     "train": ("lexvla_jax.train:main", "train LexVLA (resumes from the workdir's latest checkpoint)"),
+    "eval": ("lexvla_jax.evaluate.command:main", "run config.evals (retrieval, PatchDis) on a trained checkpoint"),
     "compile": ("lexvla_jax.aot:main", "compile the train step for a TPU topology ahead of time and check it fits"),
     "make-synthetic": ("lexvla_jax.data.synthetic:main", "write the synthetic captioned-shapes dataset (webdataset)"),
     "convert-data": ("lexvla_jax.data.array_record:main", "convert webdataset tars to ArrayRecord shards"),
     "inspect-data": ("lexvla_jax.data.inspect_data:main", "read N training batches: samples, skips by reason, speed"),
+    "explain": ("lexvla_jax.commands.explain:main", "top words of images or texts: word-map and bar-chart PNGs"),
+    "export": ("lexvla_jax.commands.export:main", "write an eval set's sparse lexical vectors (JSONL, TSV, .npz)"),
+    "index": ("lexvla_jax.commands.index:main", "build the approximate (Seismic) index of an exported collection"),
+    "search": ("lexvla_jax.commands.search:main", "search an exported collection by text, image or vector id"),
 }
 
 
@@ -37,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lexvla: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    quiet_libtpu_without_tpu()  # before any command imports JAX
     module_name, function_name = COMMANDS[name][0].split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     try:

@@ -29,13 +29,14 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from lexvla_jax import hf_layout, sharding
+from lexvla_jax.configlib import ConfigError
 from lexvla_jax.hf_layout import Source
 from lexvla_jax.models import dinov2, llama
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint directory that cannot be loaded; the message is one line with the fix."""
 
 

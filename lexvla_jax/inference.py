@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +25,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lexvla_jax import sharding, vocab
 from lexvla_jax.data.device_batch import normalize_images
 from lexvla_jax.step import SplitModel
-
-if TYPE_CHECKING:
-    from lexvla_jax.program import TrainProgram
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +86,8 @@ class LexicalEncoder:
         )  # fmt: skip
 
     @classmethod
-    def for_program(cls, config: ml_collections.ConfigDict, program: TrainProgram, params, frozen, rest, prompt,
-                    kept_ids, *, patch_size: int) -> LexicalEncoder:  # fmt: skip
-        """The encoder of a training program's model, on its mesh, at the config's image and eval batch size."""
+    def for_program(cls, config, program, params, frozen, rest, prompt, kept_ids, patch_size: int) -> LexicalEncoder:
+        """The encoder of a training program's model (`program.make_program`) under `config`."""
         return cls.create(
             program.model, params, frozen, rest, program.mesh, program.rules, prompt, kept_ids,
             image_size=config.data.image_size, patch_size=patch_size, batch_size=config.eval.batch_size,
@@ -190,12 +185,10 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
                 "pass the workdir `lexvla train` wrote (and an existing --step)"
             )
         checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
-        state = checkpointer.restore(step, program.abstract_state, None)
+        state = checkpointer.restore(step, program.abstract_state)
     finally:
         checkpointer.close()
     prompt = pipeline.prompt_encoder(config.data, tokenizer)
     patch_size = model.config.vision.patch_size
-    encoder = LexicalEncoder.for_program(
-        config, program, state.params, frozen, rest, prompt, kept_ids, patch_size=patch_size
-    )
+    encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
     return encoder, step

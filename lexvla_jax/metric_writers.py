@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 
 import numpy as np
 from etils import epath
@@ -55,7 +56,8 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
 
         self._tb_local = tempfile.mkdtemp(prefix="lexvla-tb-")
-        self._tb = SummaryWriter(self._tb_local)
+        # Event files are named by second and host: a unique suffix keeps a quickly resumed run's apart.
+        self._tb = SummaryWriter(self._tb_local, filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
     def write(self, step: int, metrics: dict) -> None:
         """Records scalar `metrics` at `step`."""
@@ -101,3 +103,24 @@ class MetricWriter:
             self._tb.close()
             self._copy_events()
             shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+class SampleKeyLog:
+    """Debug record of the data each step consumed (`config.train.record_sample_keys`).
+
+    Every process appends `{"step": s, "keys": [...]}` (its rows of global batch s, in order) to
+    `sample_keys/process-<p>.jsonl` under the workdir; the global batch is the processes' rows in process
+    order. Steps redone after a resume from an earlier checkpoint appear again: the last row of a step counts.
+    """
+
+    def __init__(self, workdir: str, process_index: int, enabled: bool):
+        self.path = None
+        if enabled:
+            folder = epath.Path(workdir) / "sample_keys"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / f"process-{process_index:05d}.jsonl"
+
+    def write(self, step: int, batch: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": int(step), "keys": [str(k) for k in batch["key"]]}) + "\n")

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lexvla_jax.configlib import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # (logical name, mesh axes). Parameters: FSDP over `embed`, tensor parallelism over heads/mlp/vocab.
@@ -123,7 +125,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, rules, x.shape))
 
 
-class MeshError(ValueError):
+class MeshError(ConfigError):
     """A mesh or batch layout that cannot work on these devices; the message is one line."""
 
 
@@ -218,7 +220,10 @@ def initialize_distributed(dist_config) -> None:
     if mode == "none":
         return
     if mode == "auto":
-        jax.distributed.initialize()
+        from lexvla_jax import cluster
+
+        # SLURM with one task per node or GPUs bound per task: which local GPUs this process drives.
+        jax.distributed.initialize(**cluster.distributed_kwargs(os.environ))
         return
     if mode != "explicit":
         raise MeshError(f"config.dist.mode={mode!r}: choose none, auto or explicit")

@@ -16,20 +16,19 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
 
 import jax
 import ml_collections
 import numpy as np
 
-from lexvla_jax import build, configlib, explain, prepare, sharding
-from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch, vocabulary_record
+from lexvla_jax import build, configlib, explain, prepare, sharding, throughput
+from lexvla_jax.aot import matmul_flops
+from lexvla_jax.checkpoints import Checkpointer, vocabulary_record, workdir_path
 from lexvla_jax.data import pipeline
-from lexvla_jax.data.config import DataConfigError
 from lexvla_jax.data.device_batch import make_global_batch
-from lexvla_jax.evaluate import retrieval
+from lexvla_jax.evaluate import registry, table
 from lexvla_jax.inference import LexicalEncoder
-from lexvla_jax.metric_writers import MetricWriter
+from lexvla_jax.metric_writers import MetricWriter, SampleKeyLog
 from lexvla_jax.program import make_program
 
 
@@ -76,84 +75,110 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricWriter(workdir, tc.num_steps, enabled=sharding.is_main_process())
     writer.log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
-    # Data.
+    # Data, and where a previous run of this workdir stopped: a checkpoint this run cannot continue exactly
+    # (another vocabulary, data streams or worker count) is refused here, before the model is built.
     prepare.prepare(config, writer.log)
     tokenizer, kept_ids = build.load_vocabulary(config)
     vocabulary = vocabulary_record(tokenizer, kept_ids, config.data.tokenizer)
     prompt = pipeline.prompt_encoder(config.data, tokenizer)
-    train_iter = pipeline.train_iterator(config.data, tc.global_batch_size, prompt_encoder=prompt)
-
-    # Model and program: trainable parameters in the train state, frozen ones and the rest beside it.
-    with sharding.use_mesh_rules(mesh, rules):
-        model = build.build_model(config, mesh, kept_ids)
-        program, params, frozen, rest = make_program(config, mesh, model)
-    patch_size = model.config.vision.patch_size
-    del model
-    writer.log(f"vocabulary {len(kept_ids)} words; parameters: trainable {_count(params):,}, frozen {_count(frozen):,}")
-    state = program.init_state(params)
-    del params
-
-    # Resume.
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir, every_steps=ck.every_steps, keep=ck.keep, async_save=ck.async_save)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        checkpointer.check_vocabulary(latest, tokenizer, kept_ids, config.data.tokenizer)
-        state = checkpointer.restore(latest, program.abstract_state, train_iter)
-        writer.log(f"resumed from step {latest}")
-
-    encoder = LexicalEncoder.for_program(
-        config, program, state.params, frozen, rest, prompt, kept_ids, patch_size=patch_size
+    train_iter = pipeline.train_iterator(
+        config.data, tc.global_batch_size, prompt_encoder=prompt, keep_keys=tc.record_sample_keys
     )
-    evaluator = _Evaluator(config, prompt, writer)
+    sample_keys = SampleKeyLog(workdir, jax.process_index(), enabled=tc.record_sample_keys)
     stop = StopRequest()
-    config_dict = config.to_dict()
-    step = int(jax.device_get(state.step))
-    last_metrics, previous = {}, None
-    tick, tick_step = time.time(), step
+    profiler = throughput.Profiler(str(workdir_path(workdir) / "profile"), tc.get("profile_steps"))
     try:
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            checkpointer.check_vocabulary(latest, tokenizer, kept_ids, config.data.tokenizer)
+            checkpointer.restore_data(latest, train_iter)
+
+        # Model and program: trainable parameters in the train state, frozen ones and the rest beside it.
+        with sharding.use_mesh_rules(mesh, rules):
+            model = build.build_model(config, mesh, kept_ids)
+            program, params, frozen, rest = make_program(config, mesh, model)
+        patch_size = model.config.vision.patch_size
+        del model
+        writer.log(
+            f"vocabulary {len(kept_ids)} words; parameters: trainable {_count(params):,}, frozen {_count(frozen):,}"
+        )
+        if latest is None:
+            state = program.init_state(params)
+        else:
+            state = checkpointer.restore(latest, program.abstract_state)
+            writer.log(f"resumed from step {latest}")
+        del params
+
+        encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
+        evaluators = registry.build_evaluators(config)
+        config_dict = config.to_dict()
+        step = int(jax.device_get(state.step))
+        last_metrics, previous = {}, None
+        meter = throughput.StepMeter(
+            global_batch=tc.global_batch_size,
+            num_devices=jax.device_count(),
+            flops_per_step_per_device=0.0,  # counted from the step's jaxpr at the first report
+            peak_flops_per_device=throughput.peak_flops_per_device(),
+        )
+        first_step = step
         while step < tc.num_steps:
+            profiler.before_step(step, pending=previous)
+            with meter.waiting_for_input():
+                host_batch = next(train_iter)
+            sample_keys.write(step + 1, host_batch)
             with sharding.use_mesh_rules(mesh, rules):
-                batch = make_global_batch(next(train_iter), mesh, rules)
+                batch = make_global_batch(host_batch, mesh, rules)
+                if not meter.flops_per_step_per_device:
+                    jaxpr = program.step.trace(frozen, rest, state, batch).jaxpr
+                    meter.flops_per_step_per_device = matmul_flops(jaxpr) / jax.device_count()
                 state, metrics = program.step(frozen, rest, state, batch)
             step += 1
+            meter.step_done()
+            if step == first_step + 1:  # leave compilation out of the first interval
+                jax.block_until_ready(metrics)
+                meter.restart()
             # The previous step has finished by now or soon: reading it does not stall this one.
             _check_skips(previous, step - 1, tc.max_consecutive_skips)
             previous = metrics
             if step % tc.log_every == 0 or step == tc.num_steps:
-                elapsed = time.time() - tick
-                samples_per_s = (step - tick_step) * tc.global_batch_size / max(elapsed, 1e-9)
                 last_metrics = {k: v for k, v in jax.device_get(metrics).items() if k != "update_ok"}
-                last_metrics.update(
-                    samples_per_s=samples_per_s,
-                    samples_per_s_per_device=samples_per_s / jax.device_count(),
-                    **{f"skipped_samples/{k}": v for k, v in train_iter.skip_counts.items()},
-                )
+                last_metrics.update(meter.report())
+                last_metrics.update({f"skipped_samples/{k}": v for k, v in train_iter.skip_counts.items()})
                 writer.write(step, last_metrics)
-                writer.progress(
-                    step, {k: last_metrics[k] for k in ("loss", "info_nce", "logit_scale", "samples_per_s")}
-                )
-                tick, tick_step = time.time(), step
-            if config.eval.every_steps and step % config.eval.every_steps == 0 and step != tc.num_steps:
-                writer.write(step, evaluator(encoder.with_params(state.params)))
+                shown = ("loss", "info_nce", "logit_scale", "samples_per_s", "mfu")
+                writer.progress(step, {k: last_metrics[k] for k in shown if k in last_metrics})
+            if step != tc.num_steps and any(e.due(step) for e in evaluators):
+                with meter.paused():
+                    due = registry.run_evaluators(evaluators, encoder.with_params(state.params), step, writer.log)
+                writer.write(step, due)
             preempted = stop(step)
             last = step == tc.num_steps
             # A state whose update was skipped (non-finite loss or gradient) is never saved.
             if (preempted or last or checkpointer.due(step)) and bool(metrics["update_ok"]):
-                checkpointer.save(step, state, train_iter, config_dict, vocabulary)
+                with meter.paused():
+                    checkpointer.save(step, state, train_iter, config_dict, vocabulary)
             if preempted:
                 checkpointer.wait()
-                writer.log(
-                    f"stopped at step {step} on a termination signal; checkpoint saved, resume with the same workdir"
+                # Every process says so: on a pod, each host's log shows where it stopped.
+                print(
+                    f"process {jax.process_index()}: stopped at step {step} on a termination signal; "
+                    "checkpoint saved, resume with the same workdir",
+                    flush=True,
                 )
                 return last_metrics
         _check_skips(previous, step, tc.max_consecutive_skips)
         checkpointer.wait()
-        final = evaluator(encoder.with_params(state.params), show_top_words=tc.show_top_words)
+        final_encoder = encoder.with_params(state.params)
+        final = registry.run_evaluators(evaluators, final_encoder, log=writer.log)
         writer.write(step, final)
-        writer.log("final evaluation: " + "  ".join(f"{k}={v:.3f}" for k, v in final.items()))
+        if evaluators:
+            writer.log(f"final evaluation (step {step}):\n{table.format_results(evaluators, final)}")
+        _show_top_words(final_encoder, evaluators, tc.show_top_words, writer.log)
         return {**last_metrics, **final}
     finally:
+        profiler.close()
         stop.restore()
         checkpointer.wait()
         checkpointer.close()
@@ -174,27 +199,20 @@ def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-class _Evaluator:
-    """Retrieval R@K on the eval set (and top words of a few images and captions, if asked)."""
-
-    def __init__(self, config, prompt, writer: MetricWriter):
-        self.eval_set = pipeline.load_eval_set(config.data, prompt)
-        self.writer = writer
-
-    def __call__(self, encoder: LexicalEncoder, show_top_words: int = 0) -> dict:
-        metrics, s_img, s_txt = retrieval.retrieval_eval(encoder, self.eval_set)
-        n_img = len(s_img)
-        chance = retrieval.chance_recall(n_img, len(s_txt) // max(n_img, 1), 1)
-        metrics["eval/chance_i2t_r@1"] = chance["i2t_r@1"]
-        metrics["eval/chance_t2i_r@1"] = chance["t2i_r@1"]
-        for i in range(min(show_top_words, n_img)):
-            caption_index = int(np.flatnonzero(self.eval_set["image_of_text"] == i)[0])
-            top = explain.top_words(s_img[i], encoder.kept_ids, encoder.tokenizer)
-            self.writer.log(f"eval image {i}: {explain.format_top_words(top)}")
-            self.writer.log(f"  caption {self.eval_set['captions'][caption_index]!r}")
-            top = explain.top_words(s_txt[caption_index], encoder.kept_ids, encoder.tokenizer)
-            self.writer.log(f"  caption words: {explain.format_top_words(top)}")
-        return metrics
+def _show_top_words(encoder: LexicalEncoder, evaluators, count: int, log) -> None:
+    """Logs the top words of the first `count` images of the first retrieval set and of their first captions."""
+    data = next((e.data for e in evaluators if e.type == "retrieval"), None)
+    if not count or data is None:
+        return
+    count = min(count, len(data["image"]))
+    first_caption = [int(np.flatnonzero(data["image_of_text"] == i)[0]) for i in range(count)]
+    s_img = encoder.encode_images(data["image"][:count])
+    s_txt = encoder.encode_texts([data["captions"][c] for c in first_caption])
+    words = lambda s: explain.format_top_words(explain.top_words(s, encoder.kept_ids, encoder.tokenizer))
+    for i in range(count):
+        log(f"eval image {i}: {words(s_img[i])}")
+        log(f"  caption {data['captions'][first_caption[i]]!r}")
+        log(f"  caption words: {words(s_txt[i])}")
 
 
 def main(argv: list[str]) -> int:
@@ -203,7 +221,7 @@ def main(argv: list[str]) -> int:
     config, args = configlib.parse_command(argv, parser)
     try:
         run(config, args.workdir)
-    except (TrainingError, VocabularyMismatch, DataConfigError) as e:
+    except TrainingError as e:
         print(f"lexvla train: {e}", file=sys.stderr)
         return 1
     return 0

@@ -9,11 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # libtpu is installed for ahead-of-time TPU compiles; keep it from probing for TPU metadata.
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_WORKER_ID", "0")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+from lexvla_jax import libtpu_env  # noqa: E402
+
+libtpu_env.quiet_libtpu_without_tpu()
 
 import pathlib  # noqa: E402
 
@@ -25,12 +23,28 @@ flags.FLAGS.mark_as_parsed()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-LLAMA2_TOKENIZER = SHARED_DATA / "llama2_tokenizer.model"
+LLAMA2_TOKENIZER = pathlib.Path(os.environ.get("LLAMA2_TOKENIZER", SHARED_DATA / "llama2_tokenizer.model"))
 
 
 @pytest.fixture(scope="session")
 def llama2_tokenizer_path():
-    """Llama 2's real tokenizer from ../shared/data; tests using it skip when it is absent."""
+    """Llama 2's real tokenizer from ../shared/data (or $LLAMA2_TOKENIZER); tests using it skip when it is absent."""
     if not LLAMA2_TOKENIZER.is_file():
         pytest.skip(f"{LLAMA2_TOKENIZER} not present")
     return str(LLAMA2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def synthetic_text(tmp_path_factory):
+    """`(captions, tokenizer)`: 7,500 synthetic captions (1,500 scenes × 5) and a 512-piece tokenizer trained on
+    them and configs/tiny.py's prompt, as the embedded job trains its own."""
+    import numpy as np
+
+    from lexvla_jax import configlib, vocab
+    from lexvla_jax.data import synthetic
+
+    template = configlib.load_config(str(REPO_ROOT / "configs" / "tiny.py")).data.prompt_template
+    rng = np.random.default_rng(0)
+    captions = [c for _ in range(1500) for c in synthetic.captions_for(synthetic.random_scene(rng))]
+    path = tmp_path_factory.mktemp("synthetic_tokenizer") / "tokenizer.model"
+    return captions, vocab.train_tokenizer([*captions, template], 512, str(path))

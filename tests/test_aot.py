@@ -100,3 +100,13 @@ def test_matmul_flops_counts_grouped_convolutions():
         i, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2
     )
     assert aot.matmul_flops(jax.make_jaxpr(conv)(image, kernel)) == 2 * (8 * 8 * 16) * (3 * 3 * 2)
+
+
+def test_local_compile_reports_the_same_fields_for_this_machine(capsys):
+    """`lexvla compile --local`: the train step compiled for the local devices (8 fake CPUs here)."""
+    code = aot.main([*TINY, "--config.train.global_batch_size=16", "--local"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0 and lines[-1] == "fits"
+    assert lines[0].startswith("topology      local cpu (8 × cpu)")
+    host_ram = aot.device_memory_bytes(jax.devices()[0])
+    assert host_ram > 2**30 and any(line.startswith("HBM") for line in lines)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from lexvla_jax import aot
 from lexvla_jax.models import lexical
 
 # (batch, patches, dim, vocab, chunk_size): vocab not a multiple of the chunk; B=1 with vocab a multiple;
@@ -40,10 +41,11 @@ def assert_close(actual, expected, rel):
     np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("backward", ["matmul", "gather", "auto"])
 @pytest.mark.parametrize("b,p,d,v,chunk", SHAPES)
-def test_lean_max_pool_matches_naive_values_and_gradients(b, p, d, v, chunk):
+def test_lean_max_pool_matches_naive_values_and_gradients(b, p, d, v, chunk, backward):
     h, codebook, probe = inputs(b, p, d, v)
-    lean = functools.partial(lexical.lexical_max_pool, chunk_size=chunk)
+    lean = functools.partial(lexical.lexical_max_pool, chunk_size=chunk, backward=backward)
     pooled = jax.jit(lean)(h, codebook)
     assert pooled.shape == (b, v) and pooled.dtype == jnp.float32
     assert_close(pooled, naive(h, codebook), 1e-6)
@@ -53,9 +55,10 @@ def test_lean_max_pool_matches_naive_values_and_gradients(b, p, d, v, chunk):
         assert_close(got, want, 1e-5)
 
 
-def test_lean_max_pool_bfloat16_inputs():
+@pytest.mark.parametrize("backward", ["matmul", "gather"])
+def test_lean_max_pool_bfloat16_inputs(backward):
     h, codebook, probe = inputs(4, 9, 32, 70, dtype=jnp.bfloat16, seed=1)
-    lean = functools.partial(lexical.lexical_max_pool, chunk_size=32)
+    lean = functools.partial(lexical.lexical_max_pool, chunk_size=32, backward=backward)
     pooled = jax.jit(lean)(h, codebook)
     assert pooled.dtype == jnp.float32
     # Reference: the naive form in float32 on the same (bf16-rounded) numbers.
@@ -67,10 +70,11 @@ def test_lean_max_pool_bfloat16_inputs():
         assert_close(got, want, 2e-2)
 
 
-def test_tied_patches_get_the_whole_gradient_at_the_first_one():
+@pytest.mark.parametrize("backward", ["matmul", "gather"])
+def test_tied_patches_get_the_whole_gradient_at_the_first_one(backward):
     h, codebook, probe = inputs(2, 4, 8, 30)
     h = h.at[:, 2].set(h[:, 0])  # patches 0 and 2 tie for every word
-    lean = functools.partial(lexical.lexical_max_pool, chunk_size=8)
+    lean = functools.partial(lexical.lexical_max_pool, chunk_size=8, backward=backward)
     dh_lean, dz_lean = grads(lean, h, codebook, probe)
     dh_naive, dz_naive = grads(lexical.lexical_max_pool_naive, h, codebook, probe)
     assert not np.asarray(dh_lean[:, 2]).any() and np.asarray(dh_naive[:, 2]).any()
@@ -90,9 +94,10 @@ def test_lean_backward_never_builds_a_batch_patch_vocab_array():
     assert pattern not in hlo(functools.partial(lexical.lexical_max_pool, chunk_size=8))
 
 
-def test_lean_max_pool_under_sharding_matches_single_device():
+@pytest.mark.parametrize("backward", ["matmul", "gather"])
+def test_lean_max_pool_under_sharding_matches_single_device(backward):
     h, codebook, probe = inputs(8, 5, 16, 44)
-    lean = functools.partial(lexical.lexical_max_pool, chunk_size=16)
+    lean = functools.partial(lexical.lexical_max_pool, chunk_size=16, backward=backward)
     expected = grads(lean, h, codebook, probe)
     mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     place = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
@@ -100,6 +105,20 @@ def test_lean_max_pool_under_sharding_matches_single_device():
     sharded = grads(lean, place(h, ("data", "fsdp")), place(codebook, "fsdp"), place(probe, ("data", "fsdp")))
     for got, want in zip(sharded, expected, strict=True):
         assert_close(got, want, 1e-6)
+
+
+def test_backward_is_one_hot_matmuls_on_tpu_and_gathers_elsewhere():
+    b, p, d, v, chunk = 2, 3, 8, 40, 16
+    h, codebook, probe = inputs(b, p, d, v)
+    lean = functools.partial(lexical.lexical_max_pool, chunk_size=chunk)
+    jaxpr = jax.make_jaxpr(jax.grad(probed(lean, probe), argnums=(0, 1)))(h, codebook)
+    forward = 2 * b * p * d * chunk * 3  # three chunks cover the 40 words
+    routing = 2 * forward  # dH and dZ, each a [B,P,C] x [.,D] matmul per chunk
+    gather_chunk = chunk * p // d  # [B,C',D] rows no larger than a [B,P,C] chunk: 6 words, 7 steps
+    gather = 7 * 2 * b * gather_chunk * d  # dZ: Σ_b w[b,j] · H[b, a_bj]
+    assert aot.matmul_flops(jaxpr, platform="tpu") == forward + routing
+    assert aot.matmul_flops(jaxpr, platform="cpu") == forward + gather
+    assert aot.matmul_flops(jaxpr, platform="gpu") == forward + gather
 
 
 def test_image_and_patch_lexical():
@@ -137,3 +156,5 @@ def test_bad_shapes_and_chunk_size_are_rejected():
         lexical.lexical_max_pool(jnp.ones((2, 3, 4)), jnp.ones((10, 5)))
     with pytest.raises(ValueError, match="chunk_size=0"):
         lexical.lexical_max_pool(jnp.ones((2, 3, 4)), jnp.ones((10, 4)), chunk_size=0)
+    with pytest.raises(ValueError, match="backward='dense' unknown"):
+        lexical.lexical_max_pool(jnp.ones((2, 3, 4)), jnp.ones((10, 4)), backward="dense")

@@ -10,6 +10,8 @@ from flax import nnx
 from lexvla_jax import build, configlib, sharding
 from lexvla_jax.models import lexical
 
+import tiny_hf
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -19,28 +21,7 @@ KEPT = np.array([3, 5, 8, 13, 21, 34, 55, 89, 100, 120], np.int32)
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    torch.manual_seed(0)
-    vision = transformers.Dinov2Model(
-        transformers.Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-            patch_size=8,
-            image_size=32,
-        )
-    ).eval()
-    text = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4
-        )
-    ).eval()
-    with torch.no_grad():
-        text.lm_head.weight.normal_()
-    root = tmp_path_factory.mktemp("hf")
-    vision.save_pretrained(root / "dinov2")
-    text.save_pretrained(root / "llama")
-    return str(root / "dinov2"), str(root / "llama"), vision, text
+    return tiny_hf.write_tiny_hf(tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """The train step: what trains, gradient accumulation, non-finite skipping, and sharded == single device."""
 
+import contextlib
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -52,15 +54,23 @@ def test_only_trainable_parameters_get_gradients(setup):
     assert frozen_groups == {"vision", "text", "text_codebook"}
 
 
-def test_gradient_accumulation_matches_one_batch(setup):
+@pytest.mark.parametrize("mesh_shape", [None, (8, 1, 1), (2, 4, 1)], ids=["one_device", "data8", "data2xfsdp4"])
+def test_gradient_accumulation_matches_one_batch(setup, mesh_shape):
+    """GradCache with 4 strided micro-batches equals one pass, also with the batch split over a mesh."""
     graphdef, params, frozen, rest, *_ = setup
     model = tiny.split_model(graphdef)
     batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(16))
     rng = jax.random.key(0)
+    context = contextlib.nullcontext
+    if mesh_shape is not None:
+        mesh = sharding.make_mesh(mesh_shape)
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
+        context = functools.partial(sharding.use_mesh_rules, mesh, sharding.DEFAULT_RULES)
 
     def run(num_micro):
         fn = functools.partial(step_lib.loss_and_grads, model, tiny.loss_config(), num_micro)
-        return jax.jit(fn)(params, frozen, rest, batch, rng, jnp.int32(0))
+        with context():
+            return jax.jit(fn)(params, frozen, rest, batch, rng, jnp.int32(0))
 
     (loss1, metrics1), grads1 = run(1)
     (loss4, metrics4), grads4 = run(4)
@@ -68,6 +78,48 @@ def test_gradient_accumulation_matches_one_batch(setup):
     np.testing.assert_allclose(metrics4["penalty_img"], metrics1["penalty_img"], rtol=1e-6)
     for g4, g1 in zip(jax.tree.leaves(grads4), jax.tree.leaves(grads1), strict=True):
         np.testing.assert_allclose(g4, g1, rtol=2e-4, atol=1e-7)
+
+
+TOKENS = 12  # tiny_batch's text length: no parameter or other activation has this size
+
+
+def _collectives_on_inputs(num_micro: int) -> list[str]:
+    """Collectives in the compiled train step (8-device data-parallel mesh) that move batch inputs or
+    per-token activations: uint8 images, or arrays with a token axis."""
+    graphdef, params, frozen, rest = tiny.split(tiny.tiny_model())
+    tx, schedule = step_lib.make_optimizer(tiny.OPTIM, num_steps=10)
+    mesh = sharding.make_mesh((8, 1, 1))
+    with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
+        step, (frozen, rest, state) = tiny.sharded_step(
+            mesh, graphdef, params, frozen, rest, tx, schedule, num_micro=num_micro
+        )
+        batch = jax.device_put(
+            tiny.tiny_batch(16, length=TOKENS), sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
+        )
+        hlo = step.lower(frozen, rest, state, batch).compile().as_text()
+    pattern = r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce)"
+    ops = re.findall(pattern, hlo)
+    assert any(op == "all-reduce" for *_, op in ops)  # the pattern does find the gradient reduction
+    moved = []
+    for dtype, dims, op in ops:
+        if dtype == "u8" or str(TOKENS) in dims.split(",") or op in ("all-to-all", "collective-permute"):
+            moved.append(f"{op} {dtype}[{dims}]")
+    return moved
+
+
+def test_strided_micro_batches_move_no_input_between_devices():
+    """Strided micro-batches each take an equal share of every device's rows: in the compiled step, 2
+    micro-batches add no collective on the images, the token rows or their activations (1 needs none)."""
+    assert _collectives_on_inputs(1) == []
+    assert _collectives_on_inputs(2) == []
+
+
+def test_contiguous_micro_batches_would_move_inputs(monkeypatch):
+    """The check above can fail: contiguous blocks (each micro-batch on half of the devices) reshard."""
+    monkeypatch.setattr(step_lib, "split_micro", lambda b, m: jax.tree.map(lambda x: x.reshape(m, -1, *x.shape[1:]), b))
+    monkeypatch.setattr(step_lib, "merge_micro", lambda x: x.reshape(-1, *x.shape[2:]))
+    moved = _collectives_on_inputs(2)
+    assert any(m.startswith("all-gather u8[") for m in moved), moved
 
 
 class _OtherKeysInPass2(step_lib.SplitModel):

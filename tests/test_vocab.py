@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -308,36 +309,71 @@ def test_prompt_max_length_and_template_errors(tiny):
 # -------------------------------------------------------------------------------------------------- filter
 
 
-def test_piece_drop_reason_rules():
-    expected = {
-        "▁horse": None,
-        "▁Horse": None,
-        "▁a": None,
-        "▁über": None,
-        "▁город": None,
-        "山": None,  # CJK ideograph: a word without a word-start marker
-        "ing": "continuation",
-        "rse": "continuation",
-        "の": "continuation",  # kana: syllables, not words
-        "▁": "whitespace",
-        "▁▁▁▁": "whitespace",
-        "1": "number",
-        "▁²": "number",
-        ".": "punctuation",
-        '."': "punctuation",
-        "▁(": "punctuation",
-        "▁=": "symbol",
-        "▁$": "symbol",
-        "\u0301": "mark",
-        "▁\r": "other",
-    }
-    assert {piece: vocab.piece_drop_reason(piece) for piece in expected} == expected
+WORD_START_REASONS = {
+    "▁horse": None,
+    "▁Horse": None,
+    "▁a": None,
+    "▁über": None,
+    "▁город": None,
+    "山": None,  # CJK ideograph: a word without a word-start marker
+    "ing": "continuation",
+    "rse": "continuation",
+    "の": "continuation",  # kana: syllables, not words
+    "▁": "whitespace",
+    "▁▁▁▁": "whitespace",
+    "1": "number",
+    "▁²": "number",
+    ".": "punctuation",
+    '."': "punctuation",
+    "▁(": "punctuation",
+    "▁=": "symbol",
+    "▁$": "symbol",
+    "\u0301": "mark",
+    "▁\r": "other",
+}
+LOWERCASE_ALPHA_REASONS = {
+    **{piece: reason for piece, reason in WORD_START_REASONS.items() if reason not in (None, "continuation")},
+    "▁horse": None,
+    "horse": None,
+    "er": None,  # sub-word pieces, as in the paper's figures
+    "ing": None,
+    "▁ab": None,
+    "▁Horse": "capitalised",
+    "HTTP": "capitalised",
+    "▁Город": "capitalised",
+    "▁über": "non_ascii",
+    "▁город": "non_ascii",
+    "山": "non_ascii",
+    "の": "non_ascii",
+    "▁a": "single_letter",
+    "e": "single_letter",
+}
+
+
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        ("word_start", WORD_START_REASONS),
+        ("lowercase_alpha", LOWERCASE_ALPHA_REASONS),
+        ("lowercase_alpha_single", {**LOWERCASE_ALPHA_REASONS, "▁a": None, "e": None}),
+    ],
+)
+def test_piece_drop_reason_rules(rule, expected):
+    assert {piece: vocab.piece_drop_reason(piece, rule) for piece in expected} == expected
+
+
+def test_default_rule_and_unknown_rule(tiny):
+    assert vocab.DEFAULT_RULE == "lowercase_alpha"
+    assert vocab.piece_drop_reason("▁a") == "single_letter"
+    np.testing.assert_array_equal(vocab.filter_vocabulary(tiny), vocab.filter_vocabulary(tiny, "lowercase_alpha"))
+    with pytest.raises(ValueError, match=r"unknown vocabulary rule 'words'; choose one of \[") as info:
+        vocab.filter_vocabulary(tiny, "words")
+    assert "\n" not in str(info.value)
 
 
 def test_filter_on_trained_tokenizer(tiny):
     ids = {tiny.id_to_piece(i): i for i in range(tiny.vocab_size)}
-    reasons = vocab.drop_reasons(tiny)
-    expected = {
+    common = {
         "<unk>": "special",
         "<s>": "special",
         "</s>": "special",
@@ -346,41 +382,79 @@ def test_filter_on_trained_tokenizer(tiny):
         "▁horse": None,
         "▁white": None,
         "▁city": None,
-        "▁café": None,
-        "▁Город": None,
-        "山": None,
-        "▁写真": None,
         ".": "punctuation",
         ").": "punctuation",
         "1": "number",
         "▁": "whitespace",
-        "ing": "continuation",
-        "Го": "continuation",
-        "の": "continuation",
     }
-    assert {piece: reasons[ids[piece]] for piece in expected} == expected
-    kept = vocab.filter_vocabulary(tiny)
-    assert kept.dtype == np.int32 and (np.diff(kept) > 0).all()
-    np.testing.assert_array_equal(kept, [i for i, reason in enumerate(reasons) if reason is None])
+    expected = {
+        "word_start": {
+            **common,
+            "▁café": None,
+            "▁Город": None,
+            "山": None,
+            "▁写真": None,
+            "ing": "continuation",
+            "Го": "continuation",
+            "の": "continuation",
+        },
+        "lowercase_alpha": {
+            **common,
+            "▁café": "non_ascii",
+            "▁Город": "capitalised",
+            "山": "non_ascii",
+            "ing": None,
+            "▁The": "capitalised",
+            "▁a": "single_letter",
+        },
+    }
+    for rule, pieces in expected.items():
+        reasons = vocab.drop_reasons(tiny, rule)
+        assert {piece: reasons[ids[piece]] for piece in pieces} == pieces, rule
+        kept = vocab.filter_vocabulary(tiny, rule)
+        assert kept.dtype == np.int32 and (np.diff(kept) > 0).all()
+        np.testing.assert_array_equal(kept, [i for i, reason in enumerate(reasons) if reason is None])
+        np.testing.assert_array_equal(kept, vocab.filter_vocabulary(vocab.load_tokenizer(tiny.path), rule))
+    kept = vocab.filter_vocabulary(tiny, "word_start")
     assert {tiny.id_to_piece(i) for i in kept if not tiny.id_to_piece(i).startswith("▁")} == {"人", "写", "山", "真"}
-    np.testing.assert_array_equal(kept, vocab.filter_vocabulary(vocab.load_tokenizer(tiny.path)))
+    kept_pieces = [tiny.id_to_piece(i) for i in vocab.filter_vocabulary(tiny)]
+    assert all(piece.lstrip("▁").isascii() and piece.lstrip("▁").islower() for piece in kept_pieces)
 
 
 def test_filter_on_llama2(llama):
+    for rule, count in vocab.LLAMA2_KEPT_COUNTS.items():
+        assert len(vocab.filter_vocabulary(llama, rule)) == count, rule
+    assert vocab.LLAMA2_KEPT_COUNT == vocab.LLAMA2_KEPT_COUNTS["lowercase_alpha"] == 17182
+    assert abs(vocab.LLAMA2_KEPT_COUNT - 17149) / 17149 < 0.01  # the paper's V'
     kept = vocab.filter_vocabulary(llama)
-    assert len(kept) == vocab.LLAMA2_KEPT_COUNT
-    np.testing.assert_array_equal(kept, vocab.filter_vocabulary(llama))
     kept_pieces = {llama.id_to_piece(i) for i in kept}
-    for piece in ["▁horse", "▁ride", "▁white", "▁man", "▁dog", "▁Paris", "▁a", "▁city", "▁important"]:
+    for piece in ["▁horse", "▁ride", "▁white", "▁man", "▁dog", "▁city", "▁important", "er", "en", "cou"]:
         assert piece in kept_pieces, piece
-    for piece in ["<0x0A>", "<s>", '▁"', ",", "▁(", "1", "▁", "▁▁", "ing", "iding", ".", '."']:
+    assert {"er", "en", "cou", "kne", "woj"} <= {piece.lstrip("▁") for piece in kept_pieces}  # the paper's figures
+    for piece in ["<0x0A>", "<s>", '▁"', ",", "▁(", "1", "▁", "▁▁", "▁Paris", "▁a", "▁über", ".", '."']:
         assert piece not in kept_pieces, piece
-    counts = {reason: 0 for reason in vocab.DROP_REASONS}
-    for reason in vocab.drop_reasons(llama):
-        if reason is not None:
-            counts[reason] += 1
+    # Every piece whose text is lowercase a-z: the default plus the 52 single letters (26 with "▁", 26 without).
+    single = set(vocab.filter_vocabulary(llama, "lowercase_alpha_single").tolist()) - set(kept.tolist())
+    assert sorted(llama.id_to_piece(i).lstrip("▁") for i in single) == sorted("abcdefghijklmnopqrstuvwxyz" * 2)
+    counts = Counter(reason for reason in vocab.drop_reasons(llama) if reason is not None)
     assert counts["special"] == 3 and counts["byte"] == 256 and counts["whitespace"] == 16
+    assert counts["single_letter"] == 52 and "continuation" not in counts
     assert sum(counts.values()) + len(kept) == 32000
+    word_start = Counter(vocab.drop_reasons(llama, "word_start"))
+    assert word_start["continuation"] == 13405 and word_start[None] == 16754
+
+
+def test_synthetic_tokenizer_keeps_caption_words(synthetic_text):
+    """The embedded job's tokenizer (trained on synthetic captions) has every content word as one kept piece."""
+    from lexvla_jax import words
+
+    captions, tokenizer = synthetic_text
+    kept = set(vocab.filter_vocabulary(tokenizer).tolist())
+    content = sorted({w for caption in captions for w in words.content_words(caption)})
+    assert len(content) > 25
+    for word in content:
+        ids = tokenizer.encode(word)  # the dummy prefix makes it the word-start piece
+        assert len(ids) == 1 and ids[0] in kept, (word, [tokenizer.id_to_piece(i) for i in ids])
 
 
 # ---------------------------------------------------------------------------------------------------- command
@@ -398,16 +472,25 @@ def test_vocab_command_prints_count_and_writes_ids(tiny, tmp_path):
     code, stdout, _ = _run_main(["--tokenizer", tiny.path, "--examples", "5", "--out", str(out)])
     kept = vocab.filter_vocabulary(tiny)
     assert code == 0
-    assert f"kept: {len(kept)} of {tiny.vocab_size}" in stdout
-    assert "continuation" in stdout and "'▁horse'" not in stdout.split("dropped:")[1]
+    sections = stdout.split("\n\n")
+    assert len(sections) == 1 + len(vocab.RULES)
+    for rule, section in zip(vocab.RULES, sections[1:], strict=True):
+        assert section.startswith(f"rule {rule}") and "e.g." in section
+        assert f"kept: {len(vocab.filter_vocabulary(tiny, rule))} of {tiny.vocab_size}" in section
+    assert "'▁horse'" not in sections[1].split("dropped:")[1] and "single_letter" in sections[1]
     np.testing.assert_array_equal(np.load(out), kept)
+    code, stdout, _ = _run_main(["--tokenizer", tiny.path, "--rule", "word_start", "--out", str(out)])
+    assert code == 0 and stdout.count("rule ") == 1 and "continuation" in stdout
+    np.testing.assert_array_equal(np.load(out), vocab.filter_vocabulary(tiny, "word_start"))
     code, _, stderr = _run_main(["--tokenizer", str(tmp_path / "nope.model")])
     assert code == 2 and "does not exist" in stderr and stderr.count("\n") == 1
 
 
 def test_vocab_command_on_llama2(llama2_tokenizer_path):
     code, stdout, _ = _run_main(["--tokenizer", llama2_tokenizer_path])
-    assert code == 0 and f"kept: {vocab.LLAMA2_KEPT_COUNT} of 32000" in stdout
+    assert code == 0
+    for rule, count in vocab.LLAMA2_KEPT_COUNTS.items():
+        assert f"rule {rule}" in stdout and f"kept: {count} of 32000" in stdout
 
 
 def test_cli_dispatches_vocab(tiny, capsys):

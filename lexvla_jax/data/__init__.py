@@ -10,7 +10,9 @@ transforms.py  decode, RGB, crops, flip, tokenise (runs in grain workers; no JAX
 batching.py    batches carrying skip counts; totals in the consumer's iterator state
 pipeline.py    config → this process's checkpointable batch iterator (host side)
 device_batch.py  per-process rows → global jax.Arrays; on-device image normalisation
-eval_set.py    retrieval eval sets (webdataset, Karpathy json) read whole
+eval_set.py    image-text eval sets (webdataset, Karpathy json, TFDS array_record) read whole
+seg_set.py     segmentation sets for PatchDis (VOC layout, COCO instances, synthetic masks)
+masks.py       class-mask PNGs (VOC palette) and their evaluation crop
 synthetic.py   `lexvla make-synthetic`: the embedded captioned-shapes set (and its tokenizer)
 inspect_data.py  `lexvla inspect-data`
 """

@@ -17,7 +17,6 @@ from etils import epath
 from lexvla_jax.configlib import ConfigError
 
 FORMATS = ("webdataset", "array_record")
-EVAL_FORMATS = ("webdataset", "karpathy")
 RESAMPLE_FILTERS = ("bilinear", "bicubic")
 SHARD_SUFFIX = {"webdataset": ".tar", "array_record": ".array_record"}
 
@@ -58,12 +57,6 @@ def default_data_config() -> ml_collections.ConfigDict:
             "prompt_template": DEFAULT_PROMPT,
             "max_caption_tokens": 32,
             "max_length": None,  # None: template length + max_caption_tokens
-            # Evaluation.
-            "eval_format": "webdataset",  # webdataset | karpathy
-            "eval_captions_per_image": 5,
-            "karpathy_json": "",  # dataset_coco.json / dataset_flickr30k.json
-            "karpathy_image_root": "",  # folder the json's filepath/filename are relative to
-            "karpathy_split": "test",
         }
     )
 
@@ -123,8 +116,6 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, with the field named, on settings the pipeline cannot use."""
     if config.format not in FORMATS:
         raise DataConfigError(f"config.data.format={config.format!r}: use one of {', '.join(FORMATS)}")
-    if config.eval_format not in EVAL_FORMATS:
-        raise DataConfigError(f"config.data.eval_format={config.eval_format!r}: use one of {', '.join(EVAL_FORMATS)}")
     if config.resample not in RESAMPLE_FILTERS:
         raise DataConfigError(f"config.data.resample={config.resample!r}: use one of {', '.join(RESAMPLE_FILTERS)}")
     if config.num_workers < 0:

@@ -1,25 +1,32 @@
-"""Retrieval eval sets, read whole: every image with all its captions (one-to-many ground truth).
+"""Image–text eval sets, read whole: every image with all its captions (one-to-many ground truth).
 
-Two formats (`config.data.eval_format`):
-- `webdataset`: tars as written by `make-synthetic` or img2dataset; a sample's captions are its json's
-  `captions` list when present, else its `txt`.
-- `karpathy`: `dataset_coco.json` / `dataset_flickr30k.json` (images with `sentences`, `split`, `filename`
-  and for COCO `filepath`) plus the image folder; the `karpathy_split` images (default `test`).
+Sources (a `format` and its fields, as `config.evals.<name>` declares them):
+- `webdataset` (`shards`): tars as written by `make-synthetic` or img2dataset; a sample's captions are its
+  json's `captions` list when present, else its `txt`.
+- `karpathy` (`json`, `image_root`, `split`): `dataset_coco.json` / `dataset_flickr30k.json` (images with
+  `sentences`, `split`, `filename` and for COCO `filepath`) and the folder the paths are relative to;
+  `split="test"` is COCO's 5k and Flickr30k's 1k test set.
+- `tfds` (`tfds_name`, `tfds_data_dir`, `split`, `image_key`, `caption_key`): a TFDS dataset prepared with
+  `file_format="array_record"`, read through `tfds.data_source` (no TensorFlow), e.g. `coco_captions`
+  (whose `test` split is Karpathy's) with `caption_key="captions/text"`.
 
-Images get the evaluation transform (centre crop); bad ones are skipped and counted like in training.
-The order is deterministic (shard order, then tar order; json order), the same on every process.
+Images get the evaluation transform (centre crop to `image_size`); bad ones are skipped and counted like
+in training. The order is deterministic (shard order, then tar order; json order; dataset index), the same
+on every process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
 from etils import epath
+from PIL import Image
 
-from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
+from lexvla_jax.data.config import DataConfigError, resolve_shards
 from lexvla_jax.data.records import (
     CAPTION_EXTENSION,
     EMPTY_CAPTION,
@@ -30,7 +37,9 @@ from lexvla_jax.data.records import (
     skip_counts_dict,
 )
 from lexvla_jax.data.tar_reader import iter_samples
-from lexvla_jax.data.transforms import decode_caption, image_member, load_image
+from lexvla_jax.data.transforms import center_crop_box, crop_resize, decode_caption, image_member, load_image
+
+SOURCE_FORMATS = ("webdataset", "karpathy", "tfds")
 
 
 def webdataset_eval_records(paths: list[str]) -> list[dict]:
@@ -59,8 +68,18 @@ def webdataset_eval_records(paths: list[str]) -> list[dict]:
     return records
 
 
-def karpathy_eval_records(json_path: str, image_root: str, split: str) -> list[dict]:
+def check_exists(path: str, field: str, what: str) -> None:
+    """One line naming `field` when `path` is unset or missing."""
+    if not path:
+        raise DataConfigError(f"{field} is not set; point it at {what}")
+    if not epath.Path(path).exists():
+        raise DataConfigError(f"{field}={path!r} does not exist; point it at {what}")
+
+
+def karpathy_eval_records(json_path: str, image_root: str, split: str, where: str) -> list[dict]:
     """Records of the Karpathy-split json's `split` images; image bytes are read later, in parallel."""
+    check_exists(json_path, f"{where}.json", "dataset_coco.json or dataset_flickr30k.json")
+    check_exists(image_root, f"{where}.image_root", "the folder holding the json's images")
     with epath.Path(json_path).open() as f:
         entries = json.load(f)["images"]
     records = []
@@ -71,29 +90,64 @@ def karpathy_eval_records(json_path: str, image_root: str, split: str) -> list[d
         captions = [s["raw"].encode() for s in entry["sentences"]]
         records.append({"key": entry["filename"], "path": path, "captions": captions, "error": None})
     if not records:
-        raise DataConfigError(f"{json_path} has no images with split={split!r}; check config.data.karpathy_split")
+        raise DataConfigError(f"{json_path} has no images with split={split!r}; check {where}.split")
     return records
 
 
-class _DecodeEvalImage:
-    """Record → `{"image"}` (centre crop) or `{"skip": reason index}`; reads the file of a Karpathy record."""
+def _field(example: Mapping, key: str):
+    """`example["a"]["b"]` for `key="a/b"`, or the flat `example["a/b"]` (TFDS's names contain slashes)."""
+    if key in example:
+        return example[key]
+    value = example
+    for part in key.split("/"):
+        value = value[part]
+    return value
 
-    def __init__(self, config):
-        self.size, self.min_size, self.max_pixels = config.image_size, config.min_image_size, config.max_image_pixels
-        self.resample = config.resample
 
-    def __call__(self, record: dict) -> dict:
-        try:
-            data = record.get("image")
-            if data is None:
-                with epath.Path(record["path"]).open("rb") as f:
-                    data = f.read()
-            image = load_image(
-                data, self.size, max_pixels=self.max_pixels, min_size=self.min_size, resample=self.resample
-            )
-            return {"image": image}
-        except BadSample as e:
-            return {"skip": REASON_INDEX[e.reason]}
+class _TfdsRecord:
+    """A TFDS example → `{"key", "pixels", "captions", "error"}` (the image already decoded by TFDS)."""
+
+    def __init__(self, split: str, image_key: str, caption_key: str):
+        self.split, self.image_key, self.caption_key = split, image_key, caption_key
+
+    def __call__(self, index: int, example: Mapping) -> dict:
+        captions = _field(example, self.caption_key)
+        captions = [captions] if isinstance(captions, (bytes, str)) else list(captions)
+        captions = [c.encode() if isinstance(c, str) else bytes(c) for c in captions]
+        key = f"{self.split}[{index}]"
+        return {"key": key, "pixels": np.asarray(_field(example, self.image_key)), "captions": captions, "error": None}
+
+
+def _has_field(example: Mapping, key: str) -> bool:
+    try:
+        _field(example, key)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def tfds_eval_records(name: str, split: str, data_dir: str, image_key: str, caption_key: str, where: str):
+    """A `grain.MapDataset` of records read lazily from a TFDS array_record dataset."""
+    import tensorflow_datasets as tfds
+
+    if not name:
+        raise DataConfigError(f"{where}.tfds_name is not set; name a TFDS dataset such as 'coco_captions/2014'")
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    except Exception as e:  # tfds raises several types (not found, wrong file format); all mean the same here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataConfigError(
+            f"{where}: TFDS {name!r} split {split!r} cannot be read from data_dir={data_dir!r} ({first}); "
+            "prepare it there with file_format='array_record'"
+        ) from None
+    if len(source):
+        example = source[0]
+        for field, key in (("image_key", image_key), ("caption_key", caption_key)):
+            if not _has_field(example, key):
+                raise DataConfigError(
+                    f"{where}.{field}={key!r} is not a feature of {name!r}; it has {', '.join(sorted(example))}"
+                )
+    return grain.MapDataset.source(source).map_with_index(_TfdsRecord(split, image_key, caption_key))
 
 
 def _captions(raw: list[bytes], limit: int) -> list[str]:
@@ -111,53 +165,79 @@ def _captions(raw: list[bytes], limit: int) -> list[str]:
     return texts[:limit]
 
 
-def load_eval_set(config, prompt_encoder, *, max_images: int | None = None) -> dict:
-    """The eval set of `config.data`, fully in memory.
+def eval_image(record: Mapping, data_config) -> np.ndarray:
+    """The record's image (`image` bytes, a file at `path`, or decoded `pixels`) centre-cropped to `image_size`."""
+    size, resample = data_config.image_size, data_config.resample
+    if "pixels" in record:
+        pixels = np.asarray(record["pixels"], np.uint8)
+        image = Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
+        return crop_resize(image, center_crop_box(*image.size), size, resample)
+    data = record.get("image")
+    if data is None:
+        with epath.Path(record["path"]).open("rb") as f:
+            data = f.read()
+    limits = {"max_pixels": data_config.max_image_pixels, "min_size": data_config.min_image_size}
+    return load_image(data, size, resample=resample, **limits)
 
-    Returns `image` uint8 [N,S,S,3], `input_ids`/`attention_mask` int32 [T,L] for all T captions,
-    `image_of_text` int32 [T] (the image each caption belongs to), `captions` (T strings), `keys`
-    (N), and `skipped` ({reason: count}).
-    """
-    check_data_config(config)
-    if config.eval_format == "karpathy":
-        if not config.karpathy_json:
-            raise DataConfigError("config.data.karpathy_json is empty; point it at dataset_coco.json or similar")
-        records = karpathy_eval_records(config.karpathy_json, config.karpathy_image_root, config.karpathy_split)
-    else:
-        records = webdataset_eval_records(resolve_shards(config.eval_shards, "config.data.eval_shards", ".tar"))
-    if max_images is not None:
-        records = records[:max_images]
-    skipped = np.zeros(len(SKIP_REASONS), np.int64)
-    kept, captions = [], []
-    for record in records:
-        if record["error"] is not None:
-            skipped[REASON_INDEX[record["error"]]] += 1
-            continue
+
+class _DecodeEvalRecord:
+    """Record → `{"key", "image", "captions"}`, or `{"skip": reason index}` (checks run cheapest first)."""
+
+    def __init__(self, data_config, captions_per_image: int):
+        self.data_config, self.captions_per_image = data_config, captions_per_image
+
+    def __call__(self, record: dict) -> dict:
         try:
-            captions.append(_captions(record["captions"], config.eval_captions_per_image))
-            kept.append(record)
+            if record["error"] is not None:
+                raise BadSample(record["error"])
+            captions = _captions(record["captions"], self.captions_per_image)
+            return {"key": record["key"], "image": eval_image(record, self.data_config), "captions": captions}
         except BadSample as e:
-            skipped[REASON_INDEX[e.reason]] += 1
-    read = grain.ReadOptions(num_threads=max(1, config.num_workers), prefetch_buffer_size=64)
-    decoded = grain.MapDataset.source(kept).map(_DecodeEvalImage(config)).to_iter_dataset(read)
+            return {"skip": REASON_INDEX[e.reason]}
+
+
+def read_image_text_set(
+    records: Sequence[dict] | grain.MapDataset, data_config, captions_per_image: int, max_images: int | None = None
+) -> dict:
+    """Decodes `records` in parallel threads, in order.
+
+    Returns `image` uint8 [N,S,S,3], `captions` (all T captions), `image_of_text` int32 [T] (the image
+    each caption belongs to), `keys` (N) and `skipped` ({reason: count}).
+    """
+    dataset = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(list(records))
+    if max_images is not None:
+        dataset = dataset[:max_images]
+    read = grain.ReadOptions(num_threads=max(1, data_config.num_workers), prefetch_buffer_size=64)
+    decoded = dataset.map(_DecodeEvalRecord(data_config, captions_per_image)).to_iter_dataset(read)
+    skipped = np.zeros(len(SKIP_REASONS), np.int64)
     images, keys, texts, image_of_text = [], [], [], []
-    for record, element, record_captions in zip(kept, decoded, captions, strict=True):
+    for element in decoded:
         if "skip" in element:
             skipped[element["skip"]] += 1
             continue
-        texts += record_captions
-        image_of_text += [len(images)] * len(record_captions)
+        texts += element["captions"]
+        image_of_text += [len(images)] * len(element["captions"])
         images.append(element["image"])
-        keys.append(record["key"])
+        keys.append(element["key"])
     if not images:
         raise DataConfigError(f"the eval set has no usable images (skipped: {skip_counts_dict(skipped)})")
-    rows = [prompt_encoder(text) for text in texts]
     return {
         "image": np.stack(images),
-        "input_ids": np.stack([ids for ids, _ in rows]),
-        "attention_mask": np.stack([mask for _, mask in rows]),
-        "image_of_text": np.asarray(image_of_text, np.int32),
         "captions": texts,
+        "image_of_text": np.asarray(image_of_text, np.int32),
         "keys": keys,
         "skipped": skip_counts_dict(skipped),
     }
+
+
+def image_text_records(source: Mapping, where: str):
+    """The records of a source spec (`format` and its fields, see the module docstring)."""
+    kind = source["format"]
+    if kind == "webdataset":
+        return webdataset_eval_records(resolve_shards(source["shards"], f"{where}.shards", ".tar"))
+    if kind == "karpathy":
+        return karpathy_eval_records(source["json"], source["image_root"], source["split"], where)
+    if kind == "tfds":
+        keys = ("tfds_name", "split", "tfds_data_dir", "image_key", "caption_key")
+        return tfds_eval_records(*(source[k] for k in keys), where)
+    raise DataConfigError(f"{where}.format={kind!r}: use one of {', '.join(SOURCE_FORMATS)}")

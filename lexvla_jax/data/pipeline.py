@@ -19,10 +19,10 @@ a given count; restore with the count that saved).
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import os
-import signal
-import sys
+import threading
+import time
 
 import grain
 import jax
@@ -32,7 +32,6 @@ from lexvla_jax.data import streams
 from lexvla_jax.data.array_record import SUFFIX, array_record_dataset
 from lexvla_jax.data.batching import SkipCountingBatchDataset, SkipTotalsDataset
 from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
-from lexvla_jax.data.eval_set import load_eval_set  # noqa: F401  (re-exported: the eval half of the pipeline)
 from lexvla_jax.data.shuffle import WindowShuffleDataset
 from lexvla_jax.data.streams import StreamsIterator
 from lexvla_jax.data.transforms import SampleDecoder
@@ -123,20 +122,26 @@ def make_train_dataset(
         ds = grain.experimental.WithOptionsIterDataset(ds, options)
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer),
-            worker_init_fn=end_with_parent,
+            worker_init_fn=functools.partial(end_with_parent, trainer=os.getpid()),
         )
     return SkipTotalsDataset(ds, batch_size=batch_size, drop_remainder=drop_remainder)
 
 
-def end_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
-    """In a data worker: die with the trainer (Linux `PR_SET_PDEATHSIG`), even when it is SIGKILLed."""
+def end_with_parent(worker_index: int = 0, worker_count: int = 0, *, trainer: int, poll_seconds: float = 0.2) -> None:
+    """In a data worker: exit within `poll_seconds` once the trainer process `trainer` is gone (even SIGKILLed).
+
+    A daemon thread watches the parent pid. Linux's `PR_SET_PDEATHSIG` is no substitute: it fires when the
+    *thread* that started the worker ends, and grain starts workers from its prefetch threads (and orbax
+    restores from its own), so it would kill healthy workers in the middle of a write.
+    """
     del worker_index, worker_count
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the trainer died before the request took effect
+
+    def watch():
+        while os.getppid() == trainer:
+            time.sleep(poll_seconds)
         os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-trainer", daemon=True).start()
 
 
 def train_iterator(

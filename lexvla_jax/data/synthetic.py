@@ -7,7 +7,8 @@ samples also hold 5 paraphrases in `captions`), plus `DIR/manifest.json`. An ima
 a position ("a large red circle at the top") or two in a spatial relation ("a small red circle above a
 large blue square"): 6 shapes × 8 colours × 2 sizes, 4 relations, 4 backgrounds, so two eval captions
 rarely collide. Every sample is a pure function of `(seed, split, index)`, and tars are byte-identical
-for a seed (fixed member metadata).
+for a seed (fixed member metadata). Eval samples also carry `KEY.mask.png`, each pixel's class (0 the
+background, 1 + the `SHAPES` index of the object there) as a palette PNG, for PatchDis.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from concurrent import futures
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from lexvla_jax.data.masks import encode_mask_png
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLORS = {
@@ -142,25 +145,40 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     ]  # fmt: skip
 
 
+def _draw_objects(draw: ImageDraw.ImageDraw, scene: dict, side: int, fill_of) -> None:
+    """Draws the scene's objects on a `side`² canvas, each filled with `fill_of(obj)`, later ones on top."""
+    for obj in scene["objects"]:
+        r = SIZES[obj["size"]] * side / 2
+        cx, cy = obj["center"][0] * side, obj["center"][1] * side
+        fill = fill_of(obj)
+        if obj["shape"] == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif obj["shape"] == "square":
+            s = 0.85 * r
+            draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+        else:
+            draw.polygon(_shape_points(obj["shape"], cx, cy, r), fill=fill)
+
+
 def render(scene: dict, size: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [size, size, 3]: shapes drawn at 2× and box-downsampled, plus faint noise."""
     big = size * SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), BACKGROUNDS[scene["background"]])
-    draw = ImageDraw.Draw(canvas)
-    for obj in scene["objects"]:
-        r = SIZES[obj["size"]] * big / 2
-        cx, cy = obj["center"][0] * big, obj["center"][1] * big
-        color = COLORS[obj["color"]]
-        if obj["shape"] == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
-        elif obj["shape"] == "square":
-            s = 0.85 * r
-            draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=color)
-        else:
-            draw.polygon(_shape_points(obj["shape"], cx, cy, r), fill=color)
+    _draw_objects(ImageDraw.Draw(canvas), scene, big, lambda obj: COLORS[obj["color"]])
     pixels = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.int16)
     pixels = pixels + rng.integers(-6, 7, size=(size, size, 1), dtype=np.int16)
     return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def render_mask(scene: dict, size: int) -> np.ndarray:
+    """uint8 [size, size] class mask of `render`'s picture: 0 background, 1 + `SHAPES` index per object.
+
+    Drawn on the same 2× canvas; each pixel takes the label at its centre (nearest-neighbour reduction).
+    """
+    big = size * SUPERSAMPLE
+    canvas = Image.new("L", (big, big), 0)
+    _draw_objects(ImageDraw.Draw(canvas), scene, big, lambda obj: 1 + SHAPES.index(obj["shape"]))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.NEAREST), np.uint8)
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
@@ -170,7 +188,8 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
 
 
 def make_sample(seed: int, split: str, index: int, key: str, image_size: int) -> dict[str, bytes]:
-    """`{"jpg", "txt", "json"}` of one sample; eval samples carry all five captions in the json."""
+    """`{"jpg", "txt", "json"}` of one sample; eval samples carry all five captions in the json and their
+    class mask (`render_mask`) as `mask.png`, a palette PNG."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     scene = random_scene(rng)
     captions = captions_for(scene)
@@ -197,7 +216,10 @@ def make_sample(seed: int, split: str, index: int, key: str, image_size: int) ->
     }
     if split == "eval":
         meta["captions"] = captions
-    return {"jpg": encode_jpeg(pixels), "txt": caption.encode(), "json": json.dumps(meta).encode()}
+    files = {"jpg": encode_jpeg(pixels), "txt": caption.encode(), "json": json.dumps(meta).encode()}
+    if split == "eval":
+        files["mask.png"] = encode_mask_png(render_mask(scene, image_size))
+    return files
 
 
 def tar_bytes(members: Iterable[tuple[str, bytes]]) -> tuple[bytes, list[int]]:
@@ -257,7 +279,7 @@ def make_synthetic(
     else:
         paths = [write_shard(*task) for task in tasks]
     manifest = {
-        "format": "img2dataset webdataset (KEY.jpg, KEY.txt, KEY.json)",
+        "format": "img2dataset webdataset (KEY.jpg, KEY.txt, KEY.json; eval also KEY.mask.png)",
         "seed": seed,
         "image_size": image_size,
         "shard_size": shard_size,

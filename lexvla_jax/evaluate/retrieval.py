@@ -1,30 +1,129 @@
-"""Zero-shot image↔text retrieval: encode an eval set with a `LexicalEncoder`, then R@K (one-to-many)."""
+"""Zero-shot image↔text retrieval, R@K both ways with all captions of an image as positives.
+
+Three kinds of vectors (`modes`), each scored on the same encoded set:
+- `dense`: the L2-normalised lexical vectors as the model outputs them;
+- `threshold`: entries below `1/√V′` set to 0 (the paper's default; `threshold` overrides the value);
+- `topk`: all but each vector's `top_k` largest entries set to 0 (`top_k=512` is the paper's Q(512)).
+Sparse vectors are not renormalised: their dot product is what an inverted index over the kept weights
+returns. For each sparse mode the mean number of active (non-zero) words per image and per text is reported.
+
+Metric keys (after the evaluator's name): `<mode>/i2t_r@k` (an image is a hit when one of its captions is
+among its top k texts) and `<mode>/t2i_r@k` (a caption is a hit when its image is among its top k), the same
+numbers under CLIP_benchmark's names, `<mode>/text_retrieval_recall@k` (= i2t: texts retrieved for an image
+query) and `<mode>/image_retrieval_recall@k` (= t2i), `<mode>/active_words_image|text`, `chance/i2t_r@k`,
+`chance/t2i_r@k`, `num_images`, `num_texts` and `num_skipped` (bad images or captions). Recalls are
+fractions in [0, 1].
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from lexvla_jax import losses
+from lexvla_jax.data.eval_set import SOURCE_FORMATS, image_text_records, read_image_text_set
+from lexvla_jax.evaluate.base import EvalConfigError, Evaluator
+
+MODES = ("dense", "threshold", "topk")
 
 
-def retrieval_eval(encoder, eval_set: Mapping[str, np.ndarray], ks=(1, 5, 10)) -> tuple[dict, np.ndarray, np.ndarray]:
-    """R@K both ways on `eval_set` (`image`, `input_ids`, `attention_mask`, `image_of_text`).
+def sparse_vectors(s: np.ndarray, mode: str, threshold: float | None = None, top_k: int = 512) -> np.ndarray:
+    """`s` `[N, V']` as `mode` scores it (see the module docstring)."""
+    if mode == "dense":
+        return s
+    if mode == "threshold":
+        return np.asarray(losses.sparsify(s, threshold=threshold))
+    return np.asarray(losses.sparsify(s, top_k=top_k))
 
-    Returns (`{"eval/i2t_r@1": ..., "eval/t2i_r@1": ...}`, image vectors, text vectors); every process gets
-    the same results.
-    """
-    s_img = encoder.encode_images(eval_set["image"])
-    s_txt = encoder.encode_tokens(eval_set["input_ids"], eval_set["attention_mask"])
-    metrics = losses.retrieval_metrics(s_img, s_txt, np.asarray(eval_set["image_of_text"]), ks=ks)
-    return {f"eval/{k}": float(v) for k, v in metrics.items()}, s_img, s_txt
+
+def retrieval_scores(
+    s_img: np.ndarray,
+    s_txt: np.ndarray,
+    image_of_text: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+    modes: Sequence[str] = MODES,
+    threshold: float | None = None,
+    top_k: int = 512,
+) -> dict[str, float]:
+    """Recalls and active-word means of every mode (keys as in the module docstring, without `chance/`)."""
+    metrics = {}
+    for mode in modes:
+        images = sparse_vectors(s_img, mode, threshold, top_k)
+        texts = sparse_vectors(s_txt, mode, threshold, top_k)
+        recalls = losses.retrieval_metrics(images, texts, image_of_text, ks=ks)
+        for k in ks:
+            i2t, t2i = float(recalls[f"i2t_r@{k}"]), float(recalls[f"t2i_r@{k}"])
+            metrics[f"{mode}/i2t_r@{k}"] = metrics[f"{mode}/text_retrieval_recall@{k}"] = i2t
+            metrics[f"{mode}/t2i_r@{k}"] = metrics[f"{mode}/image_retrieval_recall@{k}"] = t2i
+        if mode != "dense":
+            metrics[f"{mode}/active_words_image"] = float(np.mean(np.count_nonzero(images, axis=1)))
+            metrics[f"{mode}/active_words_text"] = float(np.mean(np.count_nonzero(texts, axis=1)))
+    return metrics
+
+
+class RetrievalEvaluator(Evaluator):
+    """Image↔text retrieval on a Karpathy json, webdataset tars or a TFDS dataset (`data.eval_set`)."""
+
+    type = "retrieval"
+    defaults = {
+        "format": "webdataset",  # webdataset | karpathy | tfds
+        "shards": "",  # webdataset
+        "json": "",  # karpathy: dataset_coco.json / dataset_flickr30k.json
+        "image_root": "",  # karpathy: the folder the json's paths are relative to
+        "split": "test",  # karpathy, tfds
+        "tfds_name": "",  # tfds, e.g. "coco_captions/2014"
+        "tfds_data_dir": "",  # tfds: its data_dir ("" = TFDS's default)
+        "image_key": "image",  # tfds feature of the image
+        "caption_key": "captions/text",  # tfds feature of the captions ("a/b" reaches into nested features)
+        "captions_per_image": 5,
+        "ks": (1, 5, 10),
+        "modes": MODES,
+        "threshold": None,  # None: 1/√V′
+        "top_k": 512,
+    }
+
+    def __init__(self, name: str, settings: Mapping, data_config):
+        super().__init__(name, settings, data_config)
+        s = self.settings
+        if s["format"] not in SOURCE_FORMATS:
+            raise EvalConfigError(f"{self.where}.format={s['format']!r}: use one of {', '.join(SOURCE_FORMATS)}")
+        self.modes, self.ks = tuple(s["modes"]), tuple(int(k) for k in s["ks"])
+        if not self.modes or set(self.modes) - set(MODES):
+            raise EvalConfigError(f"{self.where}.modes={self.modes}: choose from {', '.join(MODES)}")
+        if not self.ks or min(self.ks) < 1:
+            raise EvalConfigError(f"{self.where}.ks={self.ks}: give recall cut-offs >= 1, e.g. (1, 5, 10)")
+        if int(s["top_k"]) < 1 or int(s["captions_per_image"]) < 1:
+            raise EvalConfigError(f"{self.where}: top_k and captions_per_image must be >= 1")
+        records = image_text_records(s, self.where)
+        self.data = read_image_text_set(records, data_config, int(s["captions_per_image"]), s["max_images"])
+
+    def run(self, encoder) -> dict[str, float]:
+        self.check_image_size(encoder, self.data["image"].shape[1])
+        vocab = len(encoder.kept_ids)
+        if "topk" in self.modes and self.settings["top_k"] > vocab:
+            raise EvalConfigError(
+                f"{self.where}.top_k={self.settings['top_k']} exceeds the vocabulary (V'={vocab}); lower it"
+            )
+        s_img = np.asarray(encoder.encode_images(self.data["image"]), np.float32)
+        s_txt = np.asarray(encoder.encode_texts(self.data["captions"]), np.float32)
+        metrics = retrieval_scores(
+            s_img, s_txt, self.data["image_of_text"], self.ks, self.modes, self.settings["threshold"],
+            int(self.settings["top_k"]),
+        )  # fmt: skip
+        num_images, num_texts = len(s_img), len(s_txt)
+        for k in self.ks:
+            chance = chance_recall(num_images, max(1, round(num_texts / num_images)), k)
+            metrics[f"chance/i2t_r@{k}"], metrics[f"chance/t2i_r@{k}"] = chance[f"i2t_r@{k}"], chance[f"t2i_r@{k}"]
+        metrics["num_images"], metrics["num_texts"] = num_images, num_texts
+        metrics["num_skipped"] = sum(self.data["skipped"].values())
+        return self.prefixed(metrics)
 
 
 def chance_recall(num_images: int, captions_per_image: int, k: int) -> dict[str, float]:
     """Expected R@k of a random ranking: i2t hits one of C captions among N·C; t2i one image among N."""
     total = num_images * captions_per_image
     miss = 1.0
-    for i in range(k):
-        miss *= (total - captions_per_image - i) / (total - i)
+    for i in range(min(k, total)):  # k beyond the N·C texts retrieves them all
+        miss *= max(0, total - captions_per_image - i) / (total - i)
     return {f"i2t_r@{k}": 1.0 - miss, f"t2i_r@{k}": min(1.0, k / num_images)}

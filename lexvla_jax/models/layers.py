@@ -7,6 +7,7 @@ table in the config maps them to mesh axes (see `lexvla_jax.sharding`). Layers a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -113,31 +114,45 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Multi-head / grouped-query attention.
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    is_causal: bool = False,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`.
 
     q: `[B,T,H,D]`; k, v: `[B,S,K,D]` with `H % K == 0` (K < H is grouped-query attention).
-    mask: boolean, broadcastable to `[B,1,T,S]`, True where attention is allowed.
-    Scores and softmax are computed in float32; the output has q's dtype.
+    mask: boolean, broadcastable to `[B,1,T,S]`, True where attention is allowed (e.g. padding on either
+    side); `is_causal` adds the causal mask. A query that may attend to nothing gets the mean of `v`.
+    Scores and softmax are float32 (bf16 inputs: float32 accumulation); the output has q's dtype.
+    `implementation`: "xla", "cudnn" (flash attention), or None for `attention_implementation`'s choice.
     """
-    b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    scale = 1.0 / jnp.sqrt(d).astype(jnp.float32)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))
-    if kv_heads == h:  # plain multi-head: 4-D contractions, which XLA lays out best
-        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhts,bshd->bthd", probs, v)
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B,1,1,T,S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    implementation = implementation or attention_implementation(q, k, has_mask=mask is not None)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
+
+
+@functools.cache
+def _on_cuda() -> bool:
+    return jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower()
+
+
+def attention_implementation(q: jax.Array, k: jax.Array, *, has_mask: bool) -> str:
+    """ "cudnn" where cuDNN's flash attention takes these inputs, else "xla".
+
+    cuDNN needs an NVIDIA GPU, bf16/fp16 inputs, a head size that is a multiple of 8 and at most 128
+    (256 from Hopper on; 128 holds everywhere), and, with a mask (passed as a bias), even lengths.
+    """
+    lengths_ok = not has_mask or (q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+    head = q.shape[-1]
+    if _on_cuda() and q.dtype in (jnp.bfloat16, jnp.float16) and head % 8 == 0 and head <= 128 and lengths_ok:
+        return "cudnn"
+    return "xla"
 
 
 def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -26,7 +26,9 @@ class LexVLAConfig:
     """Sizes of the joint model.
 
     vocab_size: V', the number of kept words (rows of both codebooks).
-    adapter_heads / adapter_mlp_dim: the adapter's attention heads and MLP width (Dv → mlp → Dt).
+    adapter_heads / adapter_mlp_dim: the adapter's attention heads and MLP width.
+    adapter_shape: `ADAPTER_SHAPES`; "mlp" (Dv → mlp → Dt) or "block" (a whole Dv-wide transformer block, then a
+      Dv → Dt projection). See `Adapter`.
     logit_scale_init / logit_scale_max: CLIP-style learnable temperature, stored as a log and clamped.
     max_pool_chunk: vocabulary chunk of the memory-lean max-pool.
     """
@@ -36,15 +38,34 @@ class LexVLAConfig:
     vocab_size: int
     adapter_heads: int = 16
     adapter_mlp_dim: int = 4096
+    adapter_shape: str = "mlp"
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
     max_pool_chunk: int = lexical.DEFAULT_CHUNK_SIZE
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def __post_init__(self):
+        if self.adapter_shape not in ADAPTER_SHAPES:
+            raise ValueError(f"adapter_shape={self.adapter_shape!r} unknown; choose one of {ADAPTER_SHAPES}")
+
+
+ADAPTER_SHAPES = ("mlp", "block")
+
 
 class Adapter(nnx.Module):
-    """One pre-norm self-attention block on the patch tokens, then a two-layer MLP into the text width."""
+    """Patch tokens `[B,P,Dv]` → text width `[B,P,Dt]`, in one of two shapes (`LexVLAConfig.adapter_shape`).
+
+    - "mlp" (default): `x + attn(norm(x))`, then a two-layer MLP `Dv → mlp → Dt` whose output is not added back
+      (the widths differ). For DINOv2 ViT-L into Llama-2-7B with mlp 4096: 25.2M parameters, most of them in the
+      4096 × 4096 second layer.
+    - "block": a whole pre-norm transformer block at width Dv (`x + attn(norm(x))`, `x + mlp(norm(x))` with
+      `Dv → mlp → Dv`), then a final norm and a `Dv → Dt` projection. For ViT-L into Llama-2-7B: 16.8M parameters,
+      the shape that fits the paper's reported ~17M adapter.
+    The paper's public material gives the count, not the layout. "mlp" stays the default, the layout this model
+    has always had, so checkpoints trained with it keep loading and results stay comparable; "block" is one config
+    line away (`model.adapter_shape`, `configs/variants/adapter17m.py`).
+    """
 
     def __init__(self, config: LexVLAConfig, *, rngs: nnx.Rngs):
         dv, dt = config.vision.hidden_size, config.text.hidden_size
@@ -60,13 +81,20 @@ class Adapter(nnx.Module):
         self.norm1 = layers.LayerNorm(dv, **norm)
         self.attention = dinov2.Attention(block, rngs=rngs)
         self.norm2 = layers.LayerNorm(dv, **norm)
+        self.block = config.adapter_shape == "block"
         self.fc1 = layers.Linear(dv, config.adapter_mlp_dim, ("embed", "mlp"), **linear)
-        self.fc2 = layers.Linear(config.adapter_mlp_dim, dt, ("mlp", "embed"), **linear)
+        self.fc2 = layers.Linear(config.adapter_mlp_dim, dv if self.block else dt, ("mlp", "embed"), **linear)
+        if self.block:
+            self.norm_out = layers.LayerNorm(dv, **norm)
+            self.proj = layers.Linear(dv, dt, ("embed", "mlp"), **linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attention(self.norm1(x))
         h = layers.constrain(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False), ("batch", "patches", "act_mlp"))
-        return layers.constrain(self.fc2(h), ("batch", "patches", "act_embed"))
+        out = self.fc2(h)
+        if self.block:
+            out = self.proj(self.norm_out(x + out))
+        return layers.constrain(out, ("batch", "patches", "act_embed"))
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:

@@ -229,12 +229,13 @@ class Attention(nnx.Module):
         self.v_proj = _linear(config, "v", e, k * d, ("embed", "kv_heads"), bias, rngs)
         self.o_proj = _linear(config, "o", h * d, e, ("heads", "embed"), bias, rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, padding: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """`padding`: `[B,1,1,T]`, True at real tokens (None: no padding); the causal mask is always applied."""
         b, t, _ = x.shape
         q = layers.constrain(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), _HEADS)
         k = layers.constrain(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), _HEADS)
         v = layers.constrain(self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), _HEADS)
-        out = layers.dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
+        out = layers.dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, padding, is_causal=True)
         return self.o_proj(layers.constrain(out, _HEADS).reshape(b, t, -1))
 
 
@@ -264,8 +265,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm()
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), mask, cos, sin)
+    def __call__(self, x: jax.Array, padding: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), padding, cos, sin)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return layers.constrain(x, _HIDDEN)
 
@@ -305,8 +306,7 @@ class LlamaModel(nnx.Module):
                 raise ValueError(f"{name} has shape {value.shape}; it must match input_ids' shape {(b, t)}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))[None, None]
-        mask = causal if attention_mask is None else causal & attention_mask.astype(jnp.bool_)[:, None, None, :]
+        padding = None if attention_mask is None else attention_mask.astype(jnp.bool_)[:, None, None, :]
         cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
 
         # Gather the table over `embed` first (as FSDP does for every weight); the lookup is then a plain
@@ -315,7 +315,7 @@ class LlamaModel(nnx.Module):
         x = jnp.take(table, input_ids, axis=0).astype(config.dtype)
         x = layers.constrain(x, _HIDDEN)
         stack = nnx.view(self.layers, only=nnx.Dropout, deterministic=deterministic, raise_if_not_found=False)
-        x = layers.scan_layers(stack, lambda layer, h, _: layer(h, mask, cos, sin), x, remat=config.remat)
+        x = layers.scan_layers(stack, lambda layer, h, _: layer(h, padding, cos, sin), x, remat=config.remat)
         hidden = self.norm(x)
         logits = None
         if self.lm_head is not None:

@@ -1,0 +1,1 @@
+"""Thin `lexvla` commands over a trained model's lexical vectors: explain, export, index, search."""

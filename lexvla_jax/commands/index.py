@@ -1,0 +1,69 @@
+"""`lexvla index`: build the approximate (Seismic) inverted index of an exported collection.
+
+  lexvla index DIR [--doc-words 64] [--n-postings 3500] [--centroid-fraction 0.1] [--summary-energy 0.4]
+      [--max-fraction 1.5] [--query-cut 20] [--heap-factor 0.9] [--rerank 100] [--threads 0]
+
+DIR is a directory written by `lexvla export`; the index (`seismic.index.seismic`, `seismic.json`) is saved
+into it. Documents enter Seismic with their `--doc-words` strongest words; searches re-score Seismic's best
+`--rerank` candidates exactly (`lexvla_jax.sparse.index`). The exact index needs no build: `lexvla search
+--method exact` reads `vectors.npz`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+from lexvla_jax.sparse import export, index
+
+
+def add_search_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--query-cut", type=int, help="the query's strongest words whose posting lists are read")
+    parser.add_argument("--heap-factor", type=float, help="block-skipping aggressiveness, in (0, 1]")
+    parser.add_argument("--rerank", type=int, help="Seismic candidates re-scored exactly")
+
+
+def search_settings(args) -> dict:
+    """The query-time Seismic settings given on the command line."""
+    for name in ("query_cut", "rerank"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise export.CollectionError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.heap_factor is not None and not 0 < args.heap_factor <= 1:
+        raise export.CollectionError(f"--heap-factor {args.heap_factor}: must be in (0, 1]")
+    settings = {"query_cut": args.query_cut, "heap_factor": args.heap_factor, "rerank": args.rerank}
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lexvla index", description=__doc__.splitlines()[0])
+    parser.add_argument("directory", help="a collection written by `lexvla export`")
+    defaults = index.SeismicParams()
+    parser.add_argument("--doc-words", type=int, default=defaults.doc_words, help="words per document (0: all)")
+    parser.add_argument("--n-postings", type=int, default=defaults.n_postings)
+    parser.add_argument("--centroid-fraction", type=float, default=defaults.centroid_fraction)
+    parser.add_argument("--summary-energy", type=float, default=defaults.summary_energy)
+    parser.add_argument("--max-fraction", type=float, default=defaults.max_fraction)
+    add_search_args(parser)
+    parser.add_argument("--threads", type=int, default=0, help="build threads (0: all cores)")
+    args = parser.parse_args(argv)
+    if args.n_postings < 1:
+        raise export.CollectionError(f"--n-postings {args.n_postings}: must be at least 1")
+    vectors = export.read_collection(args.directory)
+    params = index.SeismicParams(
+        doc_words=args.doc_words,
+        n_postings=args.n_postings,
+        centroid_fraction=args.centroid_fraction,
+        summary_energy=args.summary_energy,
+        max_fraction=args.max_fraction,
+    )
+    params = dataclasses.replace(params, **search_settings(args))
+    start = time.perf_counter()
+    built = index.SeismicIndex.build(vectors, params, num_threads=args.threads)
+    seconds = time.perf_counter() - start
+    path = built.save(args.directory)
+    print(f"indexed {len(vectors.ids)} vectors ({vectors.matrix.nnz} weights) in {seconds:.2f}s")
+    print(f"  {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+    return 0

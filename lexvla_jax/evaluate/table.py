@@ -1,0 +1,89 @@
+"""Evaluation results as text: retrieval laid out like the paper's Table 1, PatchDis like its Table 2.
+
+Retrieval: one column group per dataset (image-to-text R@1/5/10, text-to-image R@1/5/10), one row per
+kind of vector, in percent; then the mean active words per image / text of each sparse kind. PatchDis:
+one row per set with mIoU and the random assignment under the same protocol, in percent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from lexvla_jax.evaluate.base import Evaluator
+from lexvla_jax.evaluate.retrieval import MODES
+
+NUMBER_WIDTH = 6
+GAP = "   "
+DIRECTIONS = ("image-to-text", "text-to-image")
+
+
+def mode_label(mode: str, settings: Mapping) -> str:
+    if mode == "threshold":
+        return "≥ 1/√V′" if settings["threshold"] is None else f"≥ {settings['threshold']:g}"
+    if mode == "topk":
+        return f"top-{settings['top_k']}"
+    return mode
+
+
+def _cell(metrics: Mapping[str, float], key: str) -> str:
+    return f"{100 * metrics[key]:.1f}".rjust(NUMBER_WIDTH) if key in metrics else "-".rjust(NUMBER_WIDTH)
+
+
+def _columns(lines: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
+def retrieval_table(evaluators: Sequence[Evaluator], metrics: Mapping[str, float]) -> str:
+    """Paper Table 1's layout: datasets side by side, I→T and T→I R@K per row of vector kind."""
+    modes = [m for m in MODES if any(m in e.modes for e in evaluators)]
+    labels = {}
+    for m in modes:
+        names = {mode_label(m, e.settings) for e in evaluators if m in e.modes}
+        labels[m] = names.pop() if len(names) == 1 else m
+    left = max(len("Retrieval (%)"), *(len(label) for label in labels.values()))
+    dataset_line, direction_line, k_line = ["Retrieval (%)".ljust(left)], [" " * left], ["vectors".ljust(left)]
+    rows = {m: [labels[m].ljust(left)] for m in modes}
+    for e in evaluators:
+        width = max(len(e.ks) * (NUMBER_WIDTH + 1) - 1, *map(len, DIRECTIONS))
+        dataset_line.append(e.label.ljust(2 * width + len(GAP)))
+        direction_line.append(GAP.join(d.ljust(width) for d in DIRECTIONS))
+        k_line.append(GAP.join(" ".join(f"R@{k}".rjust(NUMBER_WIDTH) for k in e.ks).ljust(width) for _ in DIRECTIONS))
+        for m in modes:
+            cells = [[_cell(metrics, f"{e.name}/{m}/{d}_r@{k}") for k in e.ks] for d in ("i2t", "t2i")]
+            rows[m].append(GAP.join(" ".join(c).ljust(width) for c in cells))
+    lines = [GAP.join(line).rstrip() for line in (dataset_line, direction_line, k_line, *rows.values())]
+    for e in evaluators:
+        words = []
+        for m in e.modes:
+            key = f"{e.name}/{m}/active_words_image"
+            if key in metrics:
+                text = metrics[f"{e.name}/{m}/active_words_text"]
+                words.append(f"{mode_label(m, e.settings)} {metrics[key]:.1f} / {text:.1f}")
+        if words:
+            lines.append(f"active words per image / text, {e.label}: " + ", ".join(words))
+    return "\n".join(lines)
+
+
+def patchdis_table(evaluators: Sequence[Evaluator], metrics: Mapping[str, float]) -> str:
+    """Paper Table 2's numbers per set: the model's mIoU next to random assignment's, per protocol."""
+    lines = [["PatchDis (%)", "classes", "mIoU", "random", "per-image", "random", "recall", "random"]]
+    for e in evaluators:
+        prefix = f"{e.name}/"
+        line = [e.label, str(len(e.classes))]
+        for key in ("miou", "miou_per_image", "mean_class_recall"):
+            line += [_cell(metrics, prefix + key), _cell(metrics, prefix + "random_" + key)]
+        lines.append(line)
+    return _columns(lines)
+
+
+def format_results(evaluators: Sequence[Evaluator], metrics: Mapping[str, float]) -> str:
+    """Both tables (whichever kinds of evaluator ran)."""
+    parts = []
+    retrieval = [e for e in evaluators if e.type == "retrieval"]
+    patchdis = [e for e in evaluators if e.type == "patchdis"]
+    if retrieval:
+        parts.append(retrieval_table(retrieval, metrics))
+    if patchdis:
+        parts.append(patchdis_table(patchdis, metrics))
+    return "\n\n".join(parts)

@@ -1,0 +1,1 @@
+"""Lexical vectors outside the model: sparse export (JSONL / TSV / scipy `.npz`) and inverted-index search."""

@@ -1,0 +1,262 @@
+"""Local CPU clusters on 127.0.0.1 for tests: `lexvla train` (or a worker script) as N processes × K devices.
+
+A `Cluster` starts N copies of `lexvla train` on the synthetic set with K fake CPU devices each
+(`LEXVLA_COORDINATOR`, `LEXVLA_NUM_PROCESSES`, `LEXVLA_PROCESS_ID`, `config.dist.mode=explicit`); with N=1
+it is a plain single-process run. `start_workers` does the same for a test's own worker script. The
+readers below take a workdir apart: saved steps, restored train states, metrics rows and the sample keys
+each step consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lexvla_jax import configlib, vocab
+from lexvla_jax.data import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
+STEPS = 24
+
+
+def make_data(root: str, seed: int = 1) -> str:
+    """The synthetic set (600 training, 24 eval images of 32 px) and a tokenizer trained on its captions."""
+    synthetic.make_synthetic(root, num_train=600, num_eval=24, seed=seed, image_size=32, shard_size=100)
+    config = configlib.load_config(TINY_CONFIG)
+    texts = [*synthetic.all_captions(root), config.data.prompt_template]
+    vocab.train_tokenizer(texts, config.model.text.vocab_size, os.path.join(root, "tokenizer.model"))
+    return root
+
+
+def overrides(data_dir: str, **extra) -> list[str]:
+    """The tiny config cut down to seconds per step (1 layer per tower, 32 px, batch 16), then `extra`."""
+    values = {
+        "data.synthetic.dir": data_dir,
+        "data.train_shards": os.path.join(data_dir, "train"),
+        "data.eval_shards": os.path.join(data_dir, "eval"),
+        "data.tokenizer": os.path.join(data_dir, "tokenizer.model"),
+        "data.image_size": 32,
+        "data.shuffle_buffer": 50,
+        "model.vision.image_size": 32,
+        "model.vision.num_hidden_layers": 1,
+        "model.text.num_hidden_layers": 1,
+        "train.num_steps": STEPS,
+        "train.global_batch_size": 16,
+        "train.log_every": 4,
+        "train.show_top_words": 2,
+        "optim.warmup_steps": 2,
+        "checkpoint.every_steps": 4,
+        "checkpoint.keep": 10,
+        "evals.retrieval.every_steps": 0,
+        "eval.batch_size": 16,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def command(workdir, data_dir, **extra) -> list[str]:
+    args = ["--config", TINY_CONFIG, "--workdir", str(workdir)]
+    args += [f"--config.{o}" for o in overrides(data_dir, **extra)]
+    return [sys.executable, "-m", "lexvla_jax.cli", "train", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_workers(script, num_processes: int, devices: int, *args) -> list[subprocess.Popen]:
+    """`python script PROCESS_ID NUM_PROCESSES PORT DEVICES *args` for each process (the script sets up JAX)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(script)), env.get("PYTHONPATH", "")])
+    port = free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, str(script), *map(str, (i, num_processes, port, devices, *args))],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(num_processes)
+    ]
+
+
+def wait_workers(procs: list[subprocess.Popen], timeout: float = 900) -> list[str]:
+    """The outputs of `procs`; all are killed past `timeout` seconds, and each must exit 0."""
+    outputs = []
+    for p in procs:
+        try:
+            outputs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+class Cluster:
+    """`num_processes` copies of `lexvla train` with `devices` CPU devices each, logging to `<workdir>.log<i>`."""
+
+    def __init__(self, workdir, data_dir, num_processes: int, devices: int, **extra):
+        self.workdir = str(workdir)
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        if num_processes > 1:
+            extra = {"dist.mode": "explicit", **extra}
+            env.update(LEXVLA_COORDINATOR=f"127.0.0.1:{free_port()}", LEXVLA_NUM_PROCESSES=str(num_processes))
+        self.log_paths = [f"{self.workdir}.log{i}" for i in range(num_processes)]
+        self.procs = []
+        for i, log_path in enumerate(self.log_paths):
+            with open(log_path, "w") as log:
+                self.procs.append(
+                    subprocess.Popen(
+                        command(workdir, data_dir, **extra),
+                        env={**env, "LEXVLA_PROCESS_ID": str(i)},
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=REPO,
+                    )
+                )
+
+    def wait(self, timeout: float = 1200) -> list[int]:
+        """The exit codes; every process is killed (and the test fails) past `timeout` seconds."""
+        deadline = time.time() + timeout
+        try:
+            return [p.wait(timeout=max(deadline - time.time(), 1)) for p in self.procs]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"lexvla train did not finish in {timeout} s:\n{self.output(0)[-3000:]}") from None
+
+    def check(self, timeout: float = 1200) -> None:
+        """Waits; fails with the log of the first process that did not exit 0."""
+        codes = self.wait(timeout)
+        for i, code in enumerate(codes):
+            assert code == 0, f"process {i} exited {code}:\n{self.output(i)[-4000:]}"
+
+    def signal(self, sig: int, processes=None) -> None:
+        for i in range(len(self.procs)) if processes is None else processes:
+            os.kill(self.procs[i].pid, sig)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def output(self, process: int) -> str:
+        with open(self.log_paths[process]) as f:
+            return f.read()
+
+    def wait_for_checkpoint(self, timeout: float = 900) -> int:
+        """Blocks until the first checkpoint exists; returns its step."""
+        deadline = time.time() + timeout
+        while not saved_steps(self.workdir):
+            assert time.time() < deadline, f"no checkpoint after {timeout} s:\n{self.output(0)[-3000:]}"
+            assert all(p.poll() is None for p in self.procs), f"a process ended early:\n{self.output(0)[-3000:]}"
+            time.sleep(0.05)
+        return min(saved_steps(self.workdir))
+
+
+def saved_steps(workdir) -> list[int]:
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return []
+    return sorted(int(name) for name in os.listdir(path) if name.isdigit())
+
+
+def final_state(workdir, step: int) -> dict:
+    """The train state saved at `step` as host NumPy arrays (whatever processes and devices wrote it)."""
+    path = os.path.join(workdir, "checkpoints")
+    with ocp.CheckpointManager(path, item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
+        metadata = manager.item_metadata(step)["state"]
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+        args = ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=as_numpy))
+        return manager.restore(step, args=args)["state"]
+
+
+def assert_bitwise_equal(a, b):
+    flat_a, flat_b = ocp.tree.to_flat_dict(a), ocp.tree.to_flat_dict(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key]), err_msg=str(key))
+
+
+def assert_close(a, b, rtol: float, atol: float):
+    flat_a, flat_b = ocp.tree.to_flat_dict(a), ocp.tree.to_flat_dict(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_allclose(
+            np.asarray(flat_a[key]), np.asarray(flat_b[key]), rtol=rtol, atol=atol, err_msg=str(key)
+        )
+
+
+def metric_rows(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir) -> dict[int, float]:
+    """Logged training loss by step (a step logged again after a resume: its last row)."""
+    return {r["step"]: r["loss"] for r in metric_rows(workdir) if "loss" in r}
+
+
+def eval_rows(workdir) -> dict[int, dict]:
+    """Evaluation metrics by step (the evaluators' keys only, their timings left out)."""
+    out = {}
+    for r in metric_rows(workdir):
+        if "retrieval/dense/i2t_r@1" in r:
+            out[r["step"]] = {
+                k: v for k, v in r.items() if k.startswith(("retrieval/", "patchdis/")) and not k.endswith("/seconds")
+            }
+    return out
+
+
+def sample_keys(workdir) -> dict[int, list[str]]:
+    """The global batch of every step as sample keys: the rows of the processes that ran it, in process order.
+
+    A step recorded twice by one process (redone after a resume) counts with its last record.
+    """
+    folder = os.path.join(workdir, "sample_keys")
+    by_process = []
+    for name in sorted(os.listdir(folder)):
+        rows = {}
+        with open(os.path.join(folder, name)) as f:
+            for line in f:
+                row = json.loads(line)
+                rows[row["step"]] = row["keys"]
+        by_process.append(rows)
+    steps = sorted(set().union(*by_process))
+    return {s: [k for rows in by_process for k in rows.get(s, [])] for s in steps}
+
+
+def truncate_sample_keys(workdir, step: int) -> None:
+    """Drops the sample-key records of steps after `step` (a workdir made to look as it was at `step`)."""
+    folder = os.path.join(workdir, "sample_keys")
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def sigterm_then_wait(cluster: Cluster, processes, timeout: float) -> float:
+    """Sends SIGTERM to `processes` of `cluster` and returns the seconds until all processes exited."""
+    start = time.time()
+    cluster.signal(signal.SIGTERM, processes)
+    cluster.wait(timeout)
+    return time.time() - start

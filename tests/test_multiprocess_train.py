@@ -1,0 +1,318 @@
+"""The whole `lexvla train` as 2 processes × 4 CPU devices on 127.0.0.1 against 1 process × 8 devices.
+
+Two uninterrupted runs (shared by every test here) train the same 12 steps with data workers on, evaluation
+every 6 steps and checkpoints every 4; the data are 2 streams, so both process counts read the same global
+batches. The other tests stop, resume, re-evaluate or kill copies of these runs.
+"""
+
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lexvla_jax import build, configlib, inference, sharding, vocab
+from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch
+from lexvla_jax.data import pipeline, synthetic
+from lexvla_jax.program import make_program
+
+import local_cluster
+from local_cluster import Cluster
+
+STEPS = 12
+EXTRA = {
+    "train.num_steps": STEPS,
+    "train.log_every": 2,
+    "train.show_top_words": 0,
+    "train.record_sample_keys": True,
+    "evals.retrieval.every_steps": 6,
+    "eval.batch_size": 16,
+    "checkpoint.every_steps": 4,
+    "data.num_streams": 2,
+    "data.num_workers": 1,
+}
+# Final parameters of different process counts differ by the order of the cross-process sums (measured: at
+# most 2.5e-6 after 12 steps); 1e-5 is 1/300 of one AdamW step at the peak learning rate 3e-3.
+PARAMS_TOL = dict(rtol=1e-4, atol=1e-5)
+STOP_SECONDS = 120  # a stopped run must have checkpointed and exited within this after the signal
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return local_cluster.make_data(str(tmp_path_factory.mktemp("synthetic")))
+
+
+@pytest.fixture(scope="session")
+def runs(data_dir, tmp_path_factory):
+    """`{"one": workdir of 1 process × 8 devices, "two": 2 processes × 4 devices}`, both run to the end."""
+    root = tmp_path_factory.mktemp("runs")
+    one = Cluster(root / "one", data_dir, 1, 8, **EXTRA)
+    two = Cluster(root / "two", data_dir, 2, 4, **EXTRA)
+    one.check()
+    two.check()
+    outputs = [one.output(0), two.output(0), two.output(1)]
+    return {"one": one.workdir, "two": two.workdir, "outputs": outputs}
+
+
+def _copy(workdir, tmp_path, name="work") -> str:
+    target = str(tmp_path / name)
+    shutil.copytree(workdir, target)
+    return target
+
+
+def _stopped_at(output: str) -> int:
+    steps = re.findall(r"process \d+: stopped at step (\d+) on a termination signal", output)
+    assert len(steps) == 1, output[-3000:]
+    return int(steps[0])
+
+
+def _params(workdir, step=STEPS) -> dict:
+    return local_cluster.final_state(workdir, step)["params"]
+
+
+def test_two_processes_train_like_one(runs):
+    one, two = runs["one"], runs["two"]
+    losses_one, losses_two = local_cluster.losses(one), local_cluster.losses(two)
+    assert sorted(losses_two) == list(range(2, STEPS + 1, 2))
+    np.testing.assert_allclose([losses_two[s] for s in losses_one], list(losses_one.values()), rtol=1e-5)
+    assert len(set(np.round(list(losses_one.values()), 4))) > 3  # training really moved
+    local_cluster.assert_close(_params(two), _params(one), **PARAMS_TOL)
+    assert local_cluster.sample_keys(two) == local_cluster.sample_keys(one)
+    evals_one, evals_two = local_cluster.eval_rows(one), local_cluster.eval_rows(two)
+    assert sorted(evals_two) == [6, STEPS]
+    for step, metrics in evals_one.items():
+        # Recall is a ranking: a near-tie between two captions may flip under ~1e-7 of parameter noise, which
+        # moves one of 24 images' R@K by 1/24 at most.
+        for key, value in metrics.items():
+            assert abs(evals_two[step][key] - value) <= 1 / 24 + 1e-6, (step, key)
+
+
+def test_normal_exit_leaks_no_shared_memory(runs):
+    for output in runs["outputs"]:
+        assert "resource_tracker" not in output and "leaked shared_memory" not in output, output[-3000:]
+
+
+def test_evaluation_on_two_processes_equals_one_for_any_batch(runs, data_dir, tmp_path):
+    """The 1-process run's final checkpoint evaluated by 2 processes with an eval batch (12) that does not
+    divide the 8 devices: the same recall values as the 1-process evaluation with batch 16."""
+    workdir = _copy(runs["one"], tmp_path)
+    cluster = Cluster(workdir, data_dir, 2, 4, **{**EXTRA, "eval.batch_size": 12})
+    cluster.check()
+    assert f"resumed from step {STEPS}" in cluster.output(0)
+    assert local_cluster.eval_rows(workdir)[STEPS] == local_cluster.eval_rows(runs["one"])[STEPS]
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_exactly(runs, data_dir, tmp_path):
+    workdir = str(tmp_path / "work")
+    cluster = Cluster(workdir, data_dir, 2, 4, **EXTRA)
+    first = cluster.wait_for_checkpoint()
+    seconds = local_cluster.sigterm_then_wait(cluster, [1], timeout=STOP_SECONDS)
+    stops = [_stopped_at(cluster.output(i)) for i in range(2)]
+    assert stops[0] == stops[1] and first < stops[0] < STEPS, stops
+    assert cluster.wait() == [0, 0] and seconds < STOP_SECONDS
+    on_cadence = [s for s in range(4, stops[0], 4)]
+    assert local_cluster.saved_steps(workdir) == sorted({*on_cadence, stops[0]})  # one checkpoint for the stop
+
+    resumed = Cluster(workdir, data_dir, 2, 4, **EXTRA)
+    resumed.check()
+    assert f"resumed from step {stops[0]}" in resumed.output(0)
+    local_cluster.assert_bitwise_equal(
+        local_cluster.final_state(workdir, STEPS), local_cluster.final_state(runs["two"], STEPS)
+    )
+    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["two"])
+
+
+def test_sigterm_twice_to_all_processes_then_resume_on_one_process(runs, data_dir, tmp_path):
+    """Every process gets SIGTERM, then SIGTERM again while stopping; the 2-process checkpoint then resumes on
+    1 process × 8 devices: parameters restored exactly, no sample repeated or skipped."""
+    workdir = str(tmp_path / "work")
+    cluster = Cluster(workdir, data_dir, 2, 4, **EXTRA)
+    cluster.wait_for_checkpoint()
+    start = time.time()
+    cluster.signal(signal.SIGTERM)
+    time.sleep(1.0)
+    cluster.signal(signal.SIGTERM)
+    assert cluster.wait(timeout=STOP_SECONDS) == [0, 0]
+    assert time.time() - start < STOP_SECONDS
+    stops = [_stopped_at(cluster.output(i)) for i in range(2)]
+    assert stops[0] == stops[1] < STEPS, stops
+    assert max(local_cluster.saved_steps(workdir)) == stops[0]
+
+    _assert_restores_exactly_on_one_process(workdir, stops[0], data_dir)
+    resumed = Cluster(workdir, data_dir, 1, 8, **EXTRA)
+    resumed.check()
+    assert f"resumed from step {stops[0]}" in resumed.output(0)
+    local_cluster.assert_close(_params(workdir), _params(runs["one"]), **PARAMS_TOL)
+    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["one"])
+    losses = local_cluster.losses(workdir)
+    np.testing.assert_allclose(
+        [losses[s] for s in range(2, STEPS + 1, 2)], list(local_cluster.losses(runs["one"]).values()), rtol=1e-5
+    )
+
+
+def test_one_process_checkpoint_resumes_on_two_processes(runs, data_dir, tmp_path):
+    """The 1-process run as it was at its step-4 checkpoint, continued by 2 processes."""
+    workdir = _copy(runs["one"], tmp_path)
+    _truncate(workdir, step=4)
+    resumed = Cluster(workdir, data_dir, 2, 4, **EXTRA)
+    resumed.check()
+    assert "resumed from step 4" in resumed.output(0)
+    local_cluster.assert_close(_params(workdir), _params(runs["one"]), **PARAMS_TOL)
+    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["one"])
+    np.testing.assert_allclose(
+        [local_cluster.losses(workdir)[s] for s in range(6, STEPS + 1, 2)],
+        [local_cluster.losses(runs["one"])[s] for s in range(6, STEPS + 1, 2)],
+        rtol=1e-5,
+    )
+
+
+def _truncate(workdir: str, step: int) -> None:
+    """Makes a finished workdir look as it was when step `step` was checkpointed."""
+    for saved in local_cluster.saved_steps(workdir):
+        if saved > step:
+            shutil.rmtree(os.path.join(workdir, "checkpoints", str(saved)))
+    local_cluster.truncate_sample_keys(workdir, step)
+
+
+def _assert_restores_exactly_on_one_process(workdir: str, step: int, data_dir: str) -> None:
+    """Restores step `step` onto this process's 8-device mesh (as `lexvla train` does) and compares bit for bit."""
+    config = configlib.load_config(local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **EXTRA))
+    _, kept_ids = build.load_vocabulary(config)
+    mesh = sharding.mesh_from_config(config.mesh)
+    with sharding.use_mesh_rules(mesh, tuple(config.sharding.rules)):
+        program, *_ = make_program(config, mesh, build.abstract_model(config, len(kept_ids)))
+    checkpointer = Checkpointer(workdir, every_steps=4, keep=None, create=False)
+    try:
+        state = checkpointer.restore(step, program.abstract_state)
+    finally:
+        checkpointer.close()
+    saved = local_cluster.final_state(workdir, step)
+    for name in ("params", "opt_state"):
+        restored, expected = jax.tree.leaves(getattr(state, name)), jax.tree.leaves(saved[name])
+        assert len(restored) == len(expected) > 0
+        for a, b in zip(restored, expected, strict=True):
+            assert len(a.sharding.device_set) == 8
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.parametrize(
+    "setting, value, saved",
+    [("data.num_workers", 0, 1), ("data.num_streams", 4, 2)],
+    ids=["num_workers", "num_streams"],
+)
+def test_resume_with_other_data_layout_is_refused(runs, data_dir, tmp_path, setting, value, saved):
+    workdir = _copy(runs["one"], tmp_path)
+    _truncate(workdir, step=4)
+    cluster = Cluster(workdir, data_dir, 1, 2, **{**EXTRA, setting: value})
+    assert cluster.wait(timeout=600) == [1]
+    output = cluster.output(0)
+    errors = [line for line in output.splitlines() if line.startswith("lexvla train:")]
+    assert errors == [
+        f"lexvla train: the checkpoint's data position was saved with config.{setting}={saved} but this run has "
+        f"{value}; set config.{setting}={saved} to resume it exactly"
+    ], output[-3000:]
+    assert "parameters: trainable" not in output  # refused before the model was built
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return children
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")
+    except FileNotFoundError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_data_workers_end_with_their_trainer(data_dir, tmp_path):
+    """SIGKILL of the trainer alone (what the OOM killer does): its two data workers are gone within 5 s."""
+    cluster = Cluster(tmp_path / "work", data_dir, 1, 2, **{**EXTRA, "train.num_steps": 10_000})
+    trainer = cluster.procs[0].pid
+    deadline = time.time() + 600
+    workers = []
+    while len(workers) < 2:  # one worker per data stream
+        assert time.time() < deadline and cluster.procs[0].poll() is None, cluster.output(0)[-3000:]
+        time.sleep(0.1)
+        workers = [c for c in _children(trainer) if "spawn_main" in _command_line(c)]
+    children = _children(trainer)  # the workers and multiprocessing's resource tracker
+    os.kill(trainer, signal.SIGKILL)
+    assert cluster.wait(timeout=60) == [-signal.SIGKILL]
+    deadline = time.time() + 5
+    while any(map(_alive, children)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [c for c in children if _alive(c)], [_command_line(c) for c in children if _alive(c)]
+
+
+def _watch_trainer_then_sleep(trainer: int, watching) -> None:
+    pipeline.end_with_parent(trainer=trainer)
+    watching.set()
+    time.sleep(60)
+
+
+def test_a_worker_outlives_the_thread_that_started_it():
+    """grain starts workers from its prefetch threads; a worker must live on when that thread ends (Linux's
+    `PR_SET_PDEATHSIG` would kill it then: it watches the starting thread, not the process)."""
+    context = multiprocessing.get_context("spawn")
+    watching = context.Event()
+    worker = context.Process(target=_watch_trainer_then_sleep, args=(os.getpid(), watching))
+    thread = threading.Thread(target=lambda: (worker.start(), watching.wait(60)))
+    thread.start()
+    thread.join()
+    try:
+        assert watching.is_set()
+        time.sleep(2)
+        assert worker.is_alive()
+    finally:
+        worker.kill()
+        worker.join()
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(data_dir, tmp_path_factory):
+    """A tokenizer of the same size (512 pieces) trained on other text: another kept vocabulary."""
+    path = str(tmp_path_factory.mktemp("other") / "tokenizer.model")
+    texts = [caption.replace(" ", "-") for caption in synthetic.all_captions(data_dir)]
+    vocab.train_tokenizer(texts, 512, path)
+    return path
+
+
+def _kept_words(tokenizer_path: str) -> int:
+    return len(vocab.filter_vocabulary(vocab.load_tokenizer(tokenizer_path)))
+
+
+def test_resume_with_another_vocabulary_is_refused(runs, data_dir, other_tokenizer, tmp_path):
+    workdir = _copy(runs["one"], tmp_path)
+    trained, now = _kept_words(os.path.join(data_dir, "tokenizer.model")), _kept_words(other_tokenizer)
+    assert trained != now
+    cluster = Cluster(workdir, data_dir, 1, 2, **{**EXTRA, "data.tokenizer": other_tokenizer})
+    assert cluster.wait(timeout=600) == [1]
+    errors = [line for line in cluster.output(0).splitlines() if line.startswith("lexvla train:")]
+    assert len(errors) == 1, cluster.output(0)[-3000:]
+    assert f"trained on {trained} kept words of" in errors[0] and f"{other_tokenizer} gives {now} of 512" in errors[0]
+
+    config = configlib.load_config(
+        local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **{**EXTRA, "data.tokenizer": other_tokenizer})
+    )
+    with pytest.raises(VocabularyMismatch, match=rf"trained on {trained} kept words .* gives {now} of 512"):
+        inference.restore(config, workdir)
