@@ -12,11 +12,17 @@ PACKAGE = ROOT / "lexvla_jax"
 NOT_IMPORTED = {"jaxlib", "tensorflow-datasets"}
 
 
-def _install_requires() -> list[str]:
-    for node in ast.parse((ROOT / "setup.py").read_text()).body:
-        if isinstance(node, ast.Assign) and node.targets[0].id == "INSTALL_REQUIRES":
-            return ast.literal_eval(node.value)
-    raise AssertionError("setup.py defines no INSTALL_REQUIRES list")
+def _setup_requirements() -> tuple[set[str], set[str]]:
+    """Distribution names in setup.py: (INSTALL_REQUIRES, every pinned requirement, extras included)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    pinned = lambda node: {
+        _normalise(re.split(r"[\[=]", c.value)[0])
+        for c in ast.walk(node)
+        if isinstance(c, ast.Constant) and isinstance(c.value, str) and re.fullmatch(r"[\w.\-\[\]]+==\S+", c.value)
+    }
+    install = [n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "INSTALL_REQUIRES"]
+    assert install, "setup.py defines no INSTALL_REQUIRES"
+    return pinned(install[0]), pinned(tree)
 
 
 def _imported_modules() -> set[str]:
@@ -34,12 +40,12 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def test_runtime_dependencies_match_imports():
-    required = {_normalise(re.split(r"[\[=]", r)[0]) for r in _install_requires()}
+def test_dependencies_match_imports():
+    required, declared = _setup_requirements()
     distributions = importlib.metadata.packages_distributions()
     imported = {module: {_normalise(d) for d in distributions.get(module, ())} for module in _imported_modules()}
-    undeclared = sorted(module for module, dists in imported.items() if not dists & required)
-    assert not undeclared, f"imported but not in setup.py install_requires: {undeclared}"
+    undeclared = sorted(module for module, dists in imported.items() if not dists & declared)
+    assert not undeclared, f"imported but in neither install_requires nor an extra of setup.py: {undeclared}"
     provided = set().union(*imported.values())
     unused = sorted(required - provided - NOT_IMPORTED)
     assert not unused, f"in setup.py install_requires but never imported: {unused}"
