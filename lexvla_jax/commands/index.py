@@ -1,7 +1,7 @@
 """`lexvla index`: build the approximate (Seismic) inverted index of an exported collection.
 
   lexvla index DIR [--doc-words 64] [--n-postings 3500] [--centroid-fraction 0.1] [--summary-energy 0.4]
-      [--max-fraction 1.5] [--query-cut 20] [--heap-factor 0.9] [--rerank 100] [--threads 0]
+      [--max-fraction 1.5] [--query-cut 20] [--heap-factor 0.9] [--rerank 300] [--threads 0]
 
 DIR is a directory written by `lexvla export`; the index (`seismic.index.seismic`, `seismic.json`) is saved
 into it. Documents enter Seismic with their `--doc-words` strongest words; searches re-score Seismic's best
