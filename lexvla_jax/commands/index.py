@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
     built = index.SeismicIndex.build(vectors, params, num_threads=args.threads)
     seconds = time.perf_counter() - start
     path = built.save(args.directory)
-    print(f"indexed {len(vectors.ids)} vectors ({vectors.matrix.nnz} weights) in {seconds:.2f}s")
+    words = f"each cut to its {params.doc_words} strongest words" if params.doc_words else "whole"
+    print(f"indexed {len(vectors.ids)} vectors ({words}) in {seconds:.2f}s")
     print(f"  {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
     return 0
