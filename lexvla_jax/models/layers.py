@@ -7,6 +7,7 @@ table in the config maps them to mesh axes (see `lexvla_jax.sharding`). Layers a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -113,18 +114,45 @@ class LayerNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
+# On CPU, attention whose float32 scores exceed this is computed a few examples at a time (see below).
+CPU_SCORES_BLOCK_BYTES = 4 * 2**20
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Multi-head / grouped-query attention.
 
     q: `[B,T,H,D]`; k, v: `[B,S,K,D]` with `H % K == 0` (K < H is grouped-query attention).
     mask: boolean, broadcastable to `[B,1,T,S]`, True where attention is allowed.
     Scores and softmax are computed in float32; the output has q's dtype.
+
+    On CPU, when the whole batch's `[B,H,T,S]` scores are larger than `CPU_SCORES_BLOCK_BYTES`, the batch
+    is walked in blocks of examples whose scores fit in it: each block's scores, softmax and weighted sum
+    then stay in cache (twice as fast for DINOv2's 257 tokens). Other platforms compute it in one piece.
     """
+    b, t, h, _ = q.shape
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))
+    per_example = h * t * k.shape[1] * 4
+    per_block = max(1, CPU_SCORES_BLOCK_BYTES // per_example)
+    if per_block >= b:
+        return _attention(q, k, v, mask)
+    blocks = next(n for n in range(2, b + 1) if b % n == 0 and b // n <= per_block)
+    cpu = functools.partial(blocked_attention, blocks=blocks)
+    return jax.lax.platform_dependent(q, k, v, mask, cpu=cpu, default=_attention)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, blocks: int) -> jax.Array:
+    """`dot_product_attention` as a loop over `blocks` strided blocks of the batch (examples i, i + blocks, ...)."""
+    split = lambda x: None if x is None else x.reshape(x.shape[0] // blocks, blocks, *x.shape[1:]).swapaxes(0, 1)
+    out = jax.lax.map(lambda xs: _attention(*xs), (split(q), split(k), split(v), split(mask)))
+    return out.swapaxes(0, 1).reshape(q.shape)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`dot_product_attention` in one piece; `mask` is None or `[B,1,T,S]`."""
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     scale = 1.0 / jnp.sqrt(d).astype(jnp.float32)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))
     if kv_heads == h:  # plain multi-head: 4-D contractions, which XLA lays out best
         scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
         if mask is not None:
