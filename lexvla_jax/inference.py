@@ -85,6 +85,14 @@ class LexicalEncoder:
             image_size, patch_size, batch_size, _Programs.make(model, mesh),
         )  # fmt: skip
 
+    @classmethod
+    def for_program(cls, config, program, params, frozen, rest, prompt, kept_ids, patch_size: int) -> LexicalEncoder:
+        """The encoder of a training program (`program.make_program`) with `config.data`/`config.eval` sizes."""
+        return cls.create(
+            program.model, params, frozen, rest, program.mesh, program.rules, prompt, kept_ids,
+            image_size=config.data.image_size, patch_size=patch_size, batch_size=config.eval.batch_size,
+        )  # fmt: skip
+
     def with_params(self, params) -> LexicalEncoder:
         """The same encoder (same compiled functions) with other trainable parameters."""
         return dataclasses.replace(self, params=params)
@@ -180,17 +188,8 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
         state = checkpointer.restore(step, program.abstract_state)
     finally:
         checkpointer.close()
-    encoder = LexicalEncoder.create(
-        program.model,
-        state.params,
-        frozen,
-        rest,
-        mesh,
-        rules,
-        pipeline.prompt_encoder(config.data, tokenizer),
-        kept_ids,
-        image_size=config.data.image_size,
-        patch_size=model.config.vision.patch_size,
-        batch_size=config.eval.batch_size,
+    prompt = pipeline.prompt_encoder(config.data, tokenizer)
+    encoder = LexicalEncoder.for_program(
+        config, program, state.params, frozen, rest, prompt, kept_ids, model.config.vision.patch_size
     )
     return encoder, step

@@ -41,8 +41,10 @@ class StopRequest:
     """Whether to stop after this step for a termination signal, decided the same way on every process.
 
     One process: a SIGTERM handler sets a flag. Several: JAX's preemption sync manager (started by
-    `jax.distributed.initialize`) turns a SIGTERM to any process into one step at which
-    `reached_preemption_sync_point` is true on all of them; its handler stays installed.
+    `jax.distributed.initialize`, on CPU clusters too) turns a SIGTERM to any process into one step at
+    which `reached_preemption_sync_point` is true on all of them: the processes report their step to the
+    coordination service and agree on the one after the furthest. Its handler stays installed, so a
+    second SIGTERM while stopping changes nothing. Called once per step, with increasing steps.
     """
 
     def __init__(self):
@@ -111,19 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.log(f"resumed from step {latest}")
         del params
 
-        encoder = LexicalEncoder.create(
-            program.model,
-            state.params,
-            frozen,
-            rest,
-            mesh,
-            rules,
-            prompt,
-            kept_ids,
-            image_size=config.data.image_size,
-            patch_size=patch_size,
-            batch_size=config.eval.batch_size,
-        )
+        encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
         evaluator = _Evaluator(config, prompt, writer)
         config_dict = config.to_dict()
         step = int(jax.device_get(state.step))
