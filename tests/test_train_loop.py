@@ -81,7 +81,9 @@ def test_the_model_learns(data_dir, tmp_path):
         "checkpoint.every_steps": 200,
         "data.num_workers": 0,
     }
-    config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), _overrides(data_dir, **extra))
+    config = configlib.load_config(
+        os.path.join(local_cluster.REPO, "configs", "tiny.py"), local_cluster.overrides(data_dir, **extra)
+    )
     config.data.prompt_template = "[TEXT]"
     workdir = str(tmp_path / "work")
     final = train.run(config, workdir)
