@@ -77,7 +77,7 @@ def test_gradient_accumulation_matches_one_batch(setup, mesh_shape):
     np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
     np.testing.assert_allclose(metrics4["penalty_img"], metrics1["penalty_img"], rtol=1e-6)
     for g4, g1 in zip(jax.tree.leaves(grads4), jax.tree.leaves(grads1), strict=True):
-        np.testing.assert_allclose(g4, g1, rtol=2e-4, atol=1e-7)
+        np.testing.assert_allclose(g4, g1, rtol=2e-4, atol=1e-6)  # summation order differs across micro-batches
 
 
 TOKENS = 12  # tiny_batch's text length: no parameter or other activation has this size
