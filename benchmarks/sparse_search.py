@@ -371,7 +371,7 @@ def main() -> None:
     parser.add_argument("--exact-max-nnz", type=int, default=400_000_000, help="largest exact index built")
     parser.add_argument("--doc-words", type=int, default=64, help="words per document in Seismic")
     parser.add_argument("--n-postings", type=int, nargs="+", default=[1000])
-    parser.add_argument("--search", nargs="+", default=["20:0.9:100"], help="Seismic query_cut:heap_factor:rerank")
+    parser.add_argument("--search", nargs="+", default=["20:0.9:300"], help="Seismic query_cut:heap_factor:rerank")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"# {platform.node()}, one core of {os.cpu_count()}, jax {jax.__version__}; {os.getloadavg()=}")

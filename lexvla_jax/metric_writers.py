@@ -41,10 +41,10 @@ class MetricWriter:
     Every method is a no-op unless `enabled` (process 0 in multi-host runs).
     """
 
-    def __init__(self, workdir: str, total_steps: int, enabled: bool = True, console=sys.stdout):
+    def __init__(self, workdir: str, total_steps: int, enabled: bool = True, console=None):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.console = console
+        self.console = console if console is not None else sys.stdout  # the stream of now, not of import time
         self._start = time.time()
         self._start_step: int | None = None
         if not enabled:

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from lexvla_jax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,15 +25,13 @@ def test_missing_tokenizer_names_the_path_and_the_field(tmp_path, capsys):
     assert missing in err and "config.data.tokenizer" in err
 
 
-def test_missing_checkpoint_directory_names_the_path_and_the_field(tmp_path, capsys, llama2_tokenizer_path):
+def test_missing_checkpoint_directory_names_the_path_and_the_field(tmp_path):
+    from lexvla_jax import build, configlib, convert
+
     missing = str(tmp_path / "dinov2-large")
-    err = _one_line_error(
-        capsys,
-        "train",
-        *PAPER,
-        f"--config.data.tokenizer={llama2_tokenizer_path}",
-        f"--config.model.vision_checkpoint={missing}",
-        "--workdir",
-        str(tmp_path / "w"),
-    )
-    assert missing in err and "config.model.vision_checkpoint" in err
+    config = configlib.load_config(PAPER[1], [f"model.vision_checkpoint={missing}"])
+    with pytest.raises(convert.CheckpointError) as error:
+        build.vision_config(config)
+    message = str(error.value)
+    assert isinstance(error.value, configlib.ConfigError)  # `lexvla <command>` prints it as one line
+    assert missing in message and "config.model.vision_checkpoint" in message and "\n" not in message

@@ -3,8 +3,6 @@
 import io
 import json
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -342,7 +340,9 @@ def test_lexvla_eval_prints_tables_and_writes_json(tmp_path, capsys, monkeypatch
         restored.append((config.data.image_size, workdir, step))
         return encoder, 700
 
-    monkeypatch.setitem(sys.modules, "lexvla_jax.inference", types.SimpleNamespace(restore=restore))
+    from lexvla_jax import inference
+
+    monkeypatch.setattr(inference, "restore", restore)
     workdir = str(tmp_path / "run")
     assert cli.main(["eval", "--config", config_file, "--workdir", workdir, "--step", "700"]) == 0
     assert restored == [(32, workdir, 700)]

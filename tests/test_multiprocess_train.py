@@ -99,8 +99,9 @@ def test_normal_exit_leaks_no_shared_memory(runs):
 
 
 def test_evaluation_on_two_processes_equals_one_for_any_batch(runs, data_dir, tmp_path):
-    """The 1-process run's final checkpoint evaluated by 2 processes with an eval batch (12) that does not
-    divide the 8 devices: the same recall values as the 1-process evaluation with batch 16."""
+    """The 1-process run's final checkpoint restored by 2 processes and evaluated with an eval batch (12) that
+    does not divide the 8 devices: the same recall values as the 1-process evaluation with batch 16, so the
+    parameters were restored exactly and the vectors gathered across processes in order."""
     workdir = _copy(runs["one"], tmp_path)
     cluster = Cluster(workdir, data_dir, 2, 4, **{**EXTRA, "eval.batch_size": 12})
     cluster.check()

@@ -270,6 +270,7 @@ EXACT = ["--method", "exact"]
         (["search", "--index", "{images}", "--query-text", "red", *EXACT], "lexvla search: --query-text/--query-image"),
         (["search", "--index", "{images}", "--query-id", "img000"], "lexvla search: '{images}' holds no Seismic index"),
         (["search", "--index", "{images}", "--query-id", "a", "--heap-factor", "2"], "lexvla search: --heap-factor 2"),
+        (["search", "--index", "{images}", "--query-id", "a", "--rerank", "0"], "lexvla search: --rerank 0: must be"),
         (["index", "{images}", "--n-postings", "0"], "lexvla index: --n-postings 0: must be at least 1"),
         (["export", "--config", CONFIG, "--out", "{tmp}", "--scale", "0"], "lexvla export: --scale 0: must be"),
     ],

@@ -1,7 +1,7 @@
 """`lexvla index`: build the approximate (Seismic) inverted index of an exported collection.
 
   lexvla index DIR [--doc-words 64] [--n-postings 3500] [--centroid-fraction 0.1] [--summary-energy 0.4]
-      [--max-fraction 1.5] [--query-cut 20] [--heap-factor 0.9] [--rerank 100] [--threads 0]
+      [--max-fraction 1.5] [--query-cut 20] [--heap-factor 0.9] [--rerank 300] [--threads 0]
 
 DIR is a directory written by `lexvla export`; the index (`seismic.index.seismic`, `seismic.json`) is saved
 into it. Documents enter Seismic with their `--doc-words` strongest words; searches re-score Seismic's best
@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
     built = index.SeismicIndex.build(vectors, params, num_threads=args.threads)
     seconds = time.perf_counter() - start
     path = built.save(args.directory)
-    print(f"indexed {len(vectors.ids)} vectors ({vectors.matrix.nnz} weights) in {seconds:.2f}s")
+    words = f"each cut to its {params.doc_words} strongest words" if params.doc_words else "whole"
+    print(f"indexed {len(vectors.ids)} vectors ({words}) in {seconds:.2f}s")
     print(f"  {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
     return 0

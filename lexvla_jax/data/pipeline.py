@@ -3,7 +3,7 @@
     raw samples (webdataset stream + window shuffle | ArrayRecord global shuffle), this process's share
       → decode, crop, tokenise (SampleDecoder; a bad sample → skip marker)  ─┐ in each of `num_workers`
       → batch good samples, count markers by reason (batching.py)           ─┘ grain worker processes
-      → mp_prefetch (image batches through shared memory)
+      → mp_prefetch (image batches through shared memory; workers exit when the trainer dies)
       → total the counts, drop short batches (batching.py; totals are iterator state)
       → (device_batch.py) global arrays sharded over the mesh's batch axes; normalisation on the device
 

@@ -106,7 +106,7 @@ class SeismicParams:
     max_fraction: float = 1.5  # longest posting list, in units of n_postings
     query_cut: int = 20  # the query's strongest words whose posting lists are scanned
     heap_factor: float = 0.9  # a block is skipped unless summary score > heap_factor × k-th best so far
-    rerank: int = 100  # Seismic's best candidates re-scored exactly on the full vectors
+    rerank: int = 300  # Seismic's best candidates re-scored exactly on the full vectors
 
 
 def strongest_per_row(impacts: scipy.sparse.csr_array, limit: int, chunk: int = 4096) -> scipy.sparse.csr_array:
