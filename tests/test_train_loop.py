@@ -81,22 +81,18 @@ def test_the_model_learns(data_dir, tmp_path):
         "checkpoint.every_steps": 200,
         "data.num_workers": 0,
     }
-    config = configlib.load_config(
-        os.path.join(local_cluster.REPO, "configs", "tiny.py"), local_cluster.overrides(data_dir, **extra)
-    )
+    config = configlib.load_config(local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **extra))
     config.data.prompt_template = "[TEXT]"
+    del config.evals["patchdis"]
     workdir = str(tmp_path / "work")
     final = train.run(config, workdir)
     info_nce = [r["info_nce"] for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r]
-    print(
-        f"\ninfo_nce {info_nce[0]:.3f} -> {info_nce[-1]:.3f}; R@1 i2t {final['eval/i2t_r@1']:.3f}, "
-        f"t2i {final['eval/t2i_r@1']:.3f}, chance {final['eval/chance_i2t_r@1']:.3f}"
-    )
+    recall = {d: (final[f"retrieval/dense/{d}_r@1"], final[f"retrieval/chance/{d}_r@1"]) for d in ("i2t", "t2i")}
+    print(f"\ninfo_nce {info_nce[0]:.3f} -> {info_nce[-1]:.3f}; R@1 and chance: {recall}")
     assert len(info_nce) == 10 and info_nce[-1] < 0.7 * info_nce[0]
-    for direction in ("i2t", "t2i"):
-        chance = final[f"eval/chance_{direction}_r@1"]
+    for r_at_1, chance in recall.values():
         assert 0 < chance < 0.05  # 24 eval images, 5 captions each
-        assert final[f"eval/{direction}_r@1"] > 0.3  # measured 0.75 (i2t) and 0.73 (t2i)
+        assert r_at_1 > 0.3  # measured 0.71 (i2t) and 0.53 (t2i); info_nce 3.65 -> 1.94
 
 
 def _interrupt(workdir, data_dir, env, sig):
