@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import threading
 from typing import Any
 
 import numpy as np
@@ -81,11 +83,21 @@ class StreamsIterator:
         for s, it in self.iterators.items():
             it.set_state(states[str(s)])
 
-    def close(self) -> None:
-        for it in self.iterators.values():
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+    def close(self, timeout: float = 60.0) -> None:
+        """Stops the streams' data workers; if their shutdown hangs past `timeout` s, kills them instead."""
+
+        def close_all() -> None:
+            for it in self.iterators.values():
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+
+        closer = threading.Thread(target=close_all, name="lexvla-data-close", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():  # a worker died mid-message and its queue never drains: end the workers
+            for child in multiprocessing.active_children():
+                child.kill()
 
 
 class StreamsCheckpointHandler(ocp.CheckpointHandler):
