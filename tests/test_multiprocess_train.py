@@ -211,7 +211,7 @@ def test_resume_with_other_data_layout_is_refused(runs, data_dir, tmp_path, sett
     workdir = _copy(runs["one"], tmp_path)
     _truncate(workdir, step=4)
     cluster = Cluster(workdir, data_dir, 1, 2, **{**EXTRA, setting: value})
-    assert cluster.wait(timeout=600) == [1]
+    assert cluster.wait(timeout=600) == [2]  # a user error: one line, exit code 2
     output = cluster.output(0)
     errors = [line for line in output.splitlines() if line.startswith("lexvla train:")]
     assert errors == [
@@ -307,7 +307,7 @@ def test_resume_with_another_vocabulary_is_refused(runs, data_dir, other_tokeniz
     trained, now = _kept_words(os.path.join(data_dir, "tokenizer.model")), _kept_words(other_tokenizer)
     assert trained != now
     cluster = Cluster(workdir, data_dir, 1, 2, **{**EXTRA, "data.tokenizer": other_tokenizer})
-    assert cluster.wait(timeout=600) == [1]
+    assert cluster.wait(timeout=600) == [2]  # a user error: one line, exit code 2
     errors = [line for line in cluster.output(0).splitlines() if line.startswith("lexvla train:")]
     assert len(errors) == 1, cluster.output(0)[-3000:]
     assert f"trained on {trained} kept words of" in errors[0] and f"{other_tokenizer} gives {now} of 512" in errors[0]
