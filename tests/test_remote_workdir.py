@@ -97,7 +97,8 @@ def test_checkpointer_round_trip_in_gcs(gcs_emulator, data_dir, tmp_path, monkey
     assert reopened.all_steps() == [4]
     resumed_iterator = pipeline.train_iterator(config.data, 8, prompt_encoder=prompt)
     target = _abstract_on(state, jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,)))
-    restored = reopened.restore(4, target, resumed_iterator)
+    reopened.restore_data(4, resumed_iterator)
+    restored = reopened.restore(4, target)
     resumed = [next(resumed_iterator) for _ in range(3)]
     resumed_iterator.close()
     for path, value in ocp.tree.to_flat_dict(state).items():
