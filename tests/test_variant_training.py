@@ -5,6 +5,7 @@ batch 16). The loss function is wrapped so that each step also logs numbers comp
 same lexical vectors (`probe/...`), which the checks compare with what the step reported.
 """
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 from test_train_loop import data_dir  # noqa: F401 (fixture)
 
-from lexvla_jax import configlib, losses, train
+from lexvla_jax import configlib, inference, losses, train
 from lexvla_jax import step as step_lib
+from lexvla_jax.evaluate import registry
 
 import local_cluster
 
@@ -44,43 +46,66 @@ def _bag_of_words(s_img, s_txt, scale):
 PROBES = {"qflops": _flops, "registers": None, "adapter17m": None, "q512": _top_k, "qbow": _bag_of_words}
 
 
+@dataclasses.dataclass
+class Run:
+    """A finished few-step run: its logged train rows, final trainable parameters (flat) and evaluation."""
+
+    rows: list
+    params: dict
+    final: dict
+    config: object
+    workdir: str
+
+
 def _count(params, part: str) -> int:
     return sum(int(np.prod(v.shape)) for k, v in params.items() if k[0] == part)
 
 
-def _check_qflops(rows, params, final):
-    for r in rows:  # the logged penalties are SPLADE's FLOPs regulariser of the step's vectors
+def _check_qflops(run):
+    for r in run.rows:  # the logged penalties are SPLADE's FLOPs regulariser of the step's vectors
         assert r["penalty_img"] == pytest.approx(r["probe/flops_img"], rel=1e-5)
         assert r["penalty_txt"] == pytest.approx(r["probe/flops_txt"], rel=1e-5)
 
 
-def _check_registers(rows, params, final):
-    assert params[("vision", "register_tokens", "value")].shape == (1, 4, 64)
+def _check_registers(run):
+    assert run.params[("vision", "register_tokens", "value")].shape == (1, 4, 64)
 
 
-def _check_adapter17m(rows, params, final):
+def _check_adapter17m(run):
     dv = dt = 64  # tiny vision / text widths
     m = 128  # tiny adapter MLP width
     block = 4 * (dv * dv + dv) + 3 * 2 * dv + (dv * m + m) + (m * dv + dv) + (dv * dt + dt)
-    assert _count(params, "adapter") == block and ("adapter", "proj", "kernel", "value") in params
+    assert _count(run.params, "adapter") == block and ("adapter", "proj", "kernel", "value") in run.params
 
 
-def _check_q512(rows, params, final):
-    for r in rows:  # InfoNCE saw the top-16 vectors, not the whole ones
+def _check_q512(run):
+    for r in run.rows:  # InfoNCE saw the top-16 vectors, not the whole ones
         assert r["info_nce"] == pytest.approx(r["probe/topk_info_nce"], rel=1e-5)
         assert r["info_nce"] != pytest.approx(r["probe/dense_info_nce"], rel=1e-4)
         assert r["topk_words_img"] == r["topk_words_txt"] == TOP_K
-    assert final["retrieval/topk/active_words_image"] == final["retrieval/topk/active_words_text"] == TOP_K
+    assert run.final["retrieval/topk/active_words_image"] == run.final["retrieval/topk/active_words_text"] == TOP_K
 
 
-def _check_qbow(rows, params, final):
-    assert not [k for k in params if k[0].startswith("text")]  # no language model, no text codebook
-    for r in rows:  # every text vector is a unit bag of words; no caption of the synthetic set is empty
+def _check_qbow(run):
+    assert not [k for k in run.params if k[0].startswith("text")]  # no language model, no text codebook
+    for r in run.rows:  # every text vector is a unit bag of words; no caption of the synthetic set is empty
         assert r["probe/bow_deviation"] < 1e-6 and 4 <= r["probe/bow_words"] <= 8 and r["empty_txt"] == 0
+    final = run.final
     assert final["retrieval/num_empty_texts"] == 0 and final["retrieval/num_texts"] == 120
     assert 0 <= final["patchdis/miou"] <= 1  # class names → bags of words
-    first, last = np.mean([r["loss"] for r in rows[:2]]), np.mean([r["loss"] for r in rows[-2:]])
+    first, last = np.mean([r["loss"] for r in run.rows[:2]]), np.mean([r["loss"] for r in run.rows[-2:]])
     assert last < first
+    # `lexvla eval`'s path: the restored encoder reads bags of words and reproduces the final evaluation.
+    encoder, step = inference.restore(run.config, run.workdir)
+    s = encoder.encode_texts(["a small red circle above it", "what is it"])
+    assert step == STEPS and np.count_nonzero(s[0]) == 3 and not s[1].any()
+    np.testing.assert_allclose(s[0][s[0] > 0], 3**-0.5, rtol=1e-6)
+    assert [encoder.words[j] for j in np.flatnonzero(s[0])] == sorted(
+        ["small", "red", "circle"], key=encoder.words.index
+    )
+    again = registry.run_evaluators(registry.build_evaluators(run.config), encoder)
+    for key in ("retrieval/dense/i2t_r@1", "retrieval/dense/t2i_r@5", "patchdis/miou"):
+        assert again[key] == pytest.approx(final[key], abs=1e-6)
 
 
 CHECKS = {
@@ -124,7 +149,7 @@ def test_variant_trains_a_few_steps(name, data_dir, tmp_path, monkeypatch):  # n
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert np.all(np.isfinite(losses_seen)) and len(set(losses_seen)) == STEPS
     assert 0 <= final["retrieval/dense/i2t_r@1"] <= 1 and 0 <= final["retrieval/topk/t2i_r@1"] <= 1
-    CHECKS[name](rows, params, final)
+    CHECKS[name](Run(rows, params, final, config, workdir))
 
 
 def _flatten(tree, prefix=()) -> dict:
