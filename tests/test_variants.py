@@ -241,3 +241,13 @@ def test_qbow_with_a_text_checkpoint_is_one_line():
     config = configlib.load_config(os.path.join(VARIANTS, "qbow.py"), ["model.text_encoder=gpt"])
     with pytest.raises(configlib.ConfigError, match=r"text_encoder='gpt' unknown; choose one of \('llm', 'bow'\)"):
         build.model_config(config, 10)
+
+
+def test_compile_shapes_of_the_bow_text_rows():
+    """`lexvla compile` feeds the step text rows of the text side's length: prompt or bag of words."""
+    from lexvla_jax import aot
+
+    paper = configlib.load_config(os.path.join(REPO, "configs", "lexvla_cc12m.py"))
+    qbow = configlib.load_config(os.path.join(VARIANTS, "qbow.py"))
+    assert aot._vocab_and_length(paper) == (17149, paper.data.max_length)
+    assert aot._vocab_and_length(qbow) == (17149, qbow.data.max_caption_tokens) != (17149, paper.data.max_length)
