@@ -84,8 +84,8 @@ def get_config(arg=None):
         log_every=100,
     )
 
-    # train_top_k > 0: InfoNCE on each vector's top k entries (configs/variants/q512.py); 0: whole vectors.
-    config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=100, train_top_k=0)
+    # top_k > 0: InfoNCE on each vector's top k entries (configs/variants/q512.py); 0: whole vectors.
+    config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=100, top_k=0)
     config.optim = dict(
         learning_rate=3e-3,
         warmup_steps=50,

@@ -54,9 +54,9 @@ def make_program(config: ml_collections.ConfigDict, mesh: Mesh, model: nnx.Modul
     tc = config.train
     sharding.check_batch_size(tc.global_batch_size, mesh, rules, tc.micro_batches)
     loss_config = step_lib.LossConfig(**config.loss.to_dict())
-    if not 0 <= loss_config.train_top_k <= model.config.vocab_size:
+    if not 0 <= loss_config.top_k <= model.config.vocab_size:
         raise ConfigError(
-            f"config.loss.train_top_k={loss_config.train_top_k} must be in [0, V'={model.config.vocab_size}] "
+            f"config.loss.top_k={loss_config.top_k} must be in [0, V'={model.config.vocab_size}] "
             "(0: InfoNCE on the whole vectors)"
         )
     graphdef, params, frozen, rest = nnx.split(model, step_lib.trainable_filter(tc.trainable), nnx.Param, ...)

@@ -45,8 +45,8 @@ def _abstract(config, num_words: int) -> lexvla.LexVLA:
         ("registers", "tiny", {"model.vision.num_register_tokens": (None, 4)}),
         ("adapter17m", "paper", {"model.adapter_shape": ("mlp", "block")}),
         ("adapter17m", "tiny", {"model.adapter_shape": ("mlp", "block")}),
-        ("q512", "paper", {"loss.train_top_k": (0, 512)}),  # the paper config's evaluators score top-512 already
-        ("q512", "tiny", {"loss.train_top_k": (0, 16)}),  # and the tiny one's top-16
+        ("q512", "paper", {"loss.top_k": (0, 512)}),  # the paper config's evaluators score top-512 already
+        ("q512", "tiny", {"loss.top_k": (0, 16)}),  # and the tiny one's top-16
         ("qbow", "paper", {"model.text_encoder": ("llm", "bow")}),
         ("qbow", "tiny", {"model.text_encoder": ("llm", "bow")}),
     ],
@@ -129,12 +129,12 @@ def test_q512_sets_training_and_evaluation_top_k():
     paper = configlib.load_config(os.path.join(VARIANTS, "q512.py"))
     tiny = configlib.load_config(os.path.join(VARIANTS, "q512.py") + ":tiny")
     for config, k in ((paper, 512), (tiny, 16)):
-        assert config.loss.train_top_k == k
+        assert config.loss.top_k == k
         retrieval = [e for e in config.evals.values() if e.type == "retrieval"]
         assert retrieval and all("topk" in e.modes and e.top_k == k for e in retrieval)
 
 
-def test_train_top_k_loss_is_info_nce_of_the_sparsified_vectors():
+def test_top_k_loss_is_info_nce_of_the_sparsified_vectors():
     s_img, s_txt, k = _lexical(0), _lexical(1), 7
     kwargs = dict(lambda_img=0.5, lambda_txt=0.25, penalty="overuse")
     loss, metrics = losses.lexvla_loss(s_img, s_txt, 10.0, top_k=k, **kwargs)
@@ -165,10 +165,10 @@ def test_train_top_k_loss_is_info_nce_of_the_sparsified_vectors():
         losses.lexvla_loss(s_img, s_txt, 10.0, top_k=-1, **kwargs)
 
 
-def test_train_top_k_beyond_the_vocabulary_is_one_line():
-    config = configlib.load_config(os.path.join(VARIANTS, "q512.py") + ":tiny", ["loss.train_top_k=13"])
+def test_top_k_beyond_the_vocabulary_is_one_line():
+    config = configlib.load_config(os.path.join(VARIANTS, "q512.py") + ":tiny", ["loss.top_k=13"])
     mesh = sharding.mesh_from_config(config.mesh)
-    with pytest.raises(configlib.ConfigError, match=r"^config.loss.train_top_k=13 must be in \[0, V'=12\]"):
+    with pytest.raises(configlib.ConfigError, match=r"^config.loss.top_k=13 must be in \[0, V'=12\]"):
         make_program(config, mesh, build.abstract_model(config, 12))
 
 

@@ -1,6 +1,6 @@
 """Q(512), Table 1: every lexical vector keeps only its 512 largest entries, in training and in evaluation.
 
-Training (`config.loss.train_top_k`): InfoNCE scores the top-k vectors of both towers, not renormalised, so
+Training (`config.loss.top_k`): InfoNCE scores the top-k vectors of both towers, not renormalised, so
 training ranks pairs by the same dot products that top-k retrieval computes; the gradient reaches the kept
 entries only, and the overuse penalty still sees the whole vectors (`losses.lexvla_loss`). Evaluation: every
 retrieval evaluator scores its "topk" mode at the same k (LexVLA itself averages ~1,081 active words).
@@ -19,7 +19,7 @@ TOP_K = {"paper": 512, "tiny": 16}
 def get_config(arg=None):
     config = configlib.variant_base(__file__, arg)
     k = TOP_K[arg or "paper"]
-    config.loss.train_top_k = k
+    config.loss.top_k = k
     for entry in config.evals.values():
         if entry.type == "retrieval":
             entry.modes = tuple(dict.fromkeys((*entry.modes, "topk")))

@@ -131,7 +131,7 @@ class LexVLA(nnx.Module):
         self.config = config
         self.vision = dinov2.Dinov2Model(config.vision, rngs=rngs)
         with_text = config.text_encoder == "llm"
-        if with_text:
+        if with_text:  # before the codebook, as always: the same seed gives the same "llm" model
             self.text = llama.LlamaModel(config.text, with_lm_head=False, rngs=rngs)
         shape = (config.vocab_size, config.text.hidden_size)
         codebook = nnx.initializers.normal(0.02)(rngs.params(), shape, config.param_dtype)
