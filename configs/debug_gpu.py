@@ -73,7 +73,8 @@ def get_config(arg=None):
         lora=dict(rank=8, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down")),
     )
 
-    config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=50)
+    # top_k > 0: InfoNCE on each vector's top k entries (configs/variants/q512.py); 0: whole vectors.
+    config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=50, top_k=0)
     config.optim = dict(
         learning_rate=2e-4, warmup_steps=20, end_lr_fraction=0.0, grad_clip_norm=1.0, b1=0.9, b2=0.98, weight_decay=0.1
     )

@@ -58,6 +58,7 @@ def get_config(arg=None):
         vocab_filter="lowercase_alpha",  # vocab.RULES
         adapter_heads=4,
         adapter_shape="mlp",  # or "block": models/lexvla.py:Adapter, configs/variants/adapter17m.py
+        text_encoder="llm",  # or "bow": models/lexvla.py:LexVLAConfig, configs/variants/qbow.py
         adapter_mlp_dim=128,
         logit_scale_init=20.0,
         logit_scale_max=100.0,
@@ -83,7 +84,8 @@ def get_config(arg=None):
         log_every=100,
     )
 
-    config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=100)
+    # top_k > 0: InfoNCE on each vector's top k entries (configs/variants/q512.py); 0: whole vectors.
+    config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=100, top_k=0)
     config.optim = dict(
         learning_rate=3e-3,
         warmup_steps=50,

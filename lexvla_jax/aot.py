@@ -151,18 +151,19 @@ def topology_devices(name: str):
 
 
 def _vocab_and_length(config) -> tuple[int, int]:
-    """V' and the prompt length, from the tokenizer when there is one, else from config fields."""
+    """V' and the text row length (prompt, or bag of words: `build.caption_encoder`), from the tokenizer when
+    there is one, else from config fields."""
     data = config.data
     if data.tokenizer and os.path.exists(data.tokenizer):
         tokenizer = vocab.load_tokenizer(data.tokenizer)
-        prompt = vocab.PromptEncoder(tokenizer, data.prompt_template, data.max_caption_tokens, data.max_length)
-        rule = config.model.get("vocab_filter", vocab.DEFAULT_RULE)
-        return len(vocab.filter_vocabulary(tokenizer, rule)), prompt.max_length
-    if not config.model.vocab_size or not data.max_length:
+        kept_ids = vocab.filter_vocabulary(tokenizer, config.model.get("vocab_filter", vocab.DEFAULT_RULE))
+        return len(kept_ids), build.caption_encoder(config, tokenizer, kept_ids).max_length
+    bow = build.text_encoder(config) == "bow"
+    if not config.model.vocab_size or not (data.max_length or bow):
         raise SystemExit(
             "lexvla compile: without a tokenizer file, set config.model.vocab_size and config.data.max_length"
         )
-    return config.model.vocab_size, data.max_length
+    return config.model.vocab_size, data.max_caption_tokens if bow else data.max_length
 
 
 def compile_train_step(config, devices, topology: str = "") -> CompileReport:

@@ -3,7 +3,8 @@
 `config.model.vision` / `config.model.text` name a preset (`preset`) and/or set architecture fields;
 `config.model.vision_checkpoint` / `text_checkpoint` point at local Hugging Face directories (empty:
 random initialisation, e.g. for debugging or ahead-of-time compiles). The rows of both codebooks are the
-kept vocabulary (`vocab.filter_vocabulary` of `config.data.tokenizer`).
+kept vocabulary (`vocab.filter_vocabulary` of `config.data.tokenizer`). `config.model.text_encoder="bow"`
+(Q(BoW)) builds no language model and no text codebook, and reads no text checkpoint.
 
 Every variable is created directly in its sharded layout (`convert.load_model`): checkpoint tensors are
 read shard by shard on the processes that own them, everything else is initialised under `jit`. Trainable
@@ -23,7 +24,7 @@ from flax import nnx
 from flax.nnx import filterlib
 from jax.sharding import Mesh
 
-from lexvla_jax import convert, step, vocab
+from lexvla_jax import bow, convert, step, vocab
 from lexvla_jax.configlib import ConfigError
 from lexvla_jax.hf_layout import Source
 from lexvla_jax.models import dinov2, lexvla, llama
@@ -68,8 +69,33 @@ def text_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
     return llama.LlamaConfig(**fields)
 
 
+def text_encoder(config: ml_collections.ConfigDict) -> str:
+    """`config.model.text_encoder` ("llm" when absent), checked: "bow" loads no language model."""
+    m = config.model
+    name = m.get("text_encoder", "llm")
+    if name not in lexvla.TEXT_ENCODERS:
+        raise ConfigError(f"config.model.text_encoder={name!r} unknown; choose one of {lexvla.TEXT_ENCODERS}")
+    if name == "bow" and m.text_checkpoint:
+        raise ConfigError(
+            "config.model.text_encoder='bow' uses no language model; set config.model.text_checkpoint='' "
+            "(the visual codebook then starts from random rows)"
+        )
+    return name
+
+
+def caption_encoder(config: ml_collections.ConfigDict, tokenizer: vocab.Tokenizer, kept_ids: np.ndarray):
+    """What the text side reads of a caption: prompt rows ("llm", `vocab.PromptEncoder`) or kept-vocabulary
+    columns ("bow", `bow.BowEncoder`, at most `config.data.max_caption_tokens` of them)."""
+    if text_encoder(config) == "bow":
+        return bow.BowEncoder(tokenizer, kept_ids, config.data.max_caption_tokens)
+    from lexvla_jax.data import pipeline
+
+    return pipeline.prompt_encoder(config.data, tokenizer)
+
+
 def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.LexVLAConfig:
     m = config.model
+    encoder = text_encoder(config)
     return lexvla.LexVLAConfig(
         vision=vision_config(config),
         text=text_config(config),
@@ -77,6 +103,7 @@ def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.Le
         adapter_heads=m.adapter_heads,
         adapter_mlp_dim=m.adapter_mlp_dim,
         adapter_shape=m.get("adapter_shape", "mlp"),
+        text_encoder=encoder,
         logit_scale_init=m.logit_scale_init,
         logit_scale_max=m.logit_scale_max,
         max_pool_chunk=m.max_pool_chunk,

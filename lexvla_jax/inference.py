@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lexvla_jax import sharding, vocab
+from lexvla_jax import bow, sharding, vocab
 from lexvla_jax.data.device_batch import normalize_images
 from lexvla_jax.step import SplitModel
 
@@ -68,7 +68,7 @@ class LexicalEncoder:
     mesh: jax.sharding.Mesh
     rules: tuple
     tokenizer: vocab.Tokenizer
-    prompt: vocab.PromptEncoder
+    prompt: vocab.PromptEncoder | bow.BowEncoder  # caption → the text side's rows (`build.caption_encoder`)
     kept_ids: np.ndarray
     image_size: int
     patch_size: int
@@ -130,12 +130,13 @@ class LexicalEncoder:
         return self._batches(self.programs.images, [self._check_images(images)])
 
     def encode_texts(self, captions: Sequence[str]) -> np.ndarray:
-        """Captions → float32 `[N,V']` normalised text lexical vectors (prompt → LM → last token → codebook)."""
+        """Captions → float32 `[N,V']` normalised text lexical vectors (prompt → LM → last token → codebook, or the
+        bag of the caption's content words for `text_encoder="bow"`)."""
         batch = self.prompt.batch(list(captions))
         return self.encode_tokens(batch["input_ids"], batch["attention_mask"])
 
     def encode_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Prompt token rows (as `PromptEncoder` makes them) → float32 `[N,V']`."""
+        """Text rows (as `self.prompt` makes them) → float32 `[N,V']`."""
         return self._batches(self.programs.texts, [np.asarray(input_ids), np.asarray(attention_mask)])
 
     def encode_patches(self, images: np.ndarray, project: np.ndarray | None = None) -> np.ndarray:
@@ -166,7 +167,6 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
     """The trained parameters of `workdir` (latest step, or `step`) on the config's mesh, and that step."""
     from lexvla_jax import build
     from lexvla_jax.checkpoints import Checkpointer, CheckpointNotFound
-    from lexvla_jax.data import pipeline
     from lexvla_jax.program import make_program
 
     sharding.initialize_distributed(config.dist)
@@ -188,7 +188,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
         state = checkpointer.restore(step, program.abstract_state)
     finally:
         checkpointer.close()
-    prompt = pipeline.prompt_encoder(config.data, tokenizer)
+    prompt = build.caption_encoder(config, tokenizer, kept_ids)
     patch_size = model.config.vision.patch_size
     encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
     return encoder, step

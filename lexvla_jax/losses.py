@@ -167,13 +167,20 @@ def lexvla_loss(
     penalty: str = "overuse",
     step: jax.Array | int | None = None,
     warmup_steps: int = 0,
+    top_k: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`info_nce + λ_img · pen(s_img) + λ_txt · pen(s_txt)`, with `pen` the overuse or FLOPs penalty.
 
     With `warmup_steps > 0` both λs ramp linearly, `λ · min(1, step / warmup_steps)` (so `step` is then
-    required). Returns `(loss, metrics)`: `loss`, `info_nce`, `penalty_img` and `penalty_txt` (unweighted),
+    required). With `top_k > 0` (Q(512)), InfoNCE scores `sparsify(s, top_k=top_k)` of both sides: each
+    vector's `top_k` largest entries, not renormalised, so training ranks pairs by the very dot products that
+    top-k retrieval (`evaluate/retrieval.py`, mode "topk") and an inverted index over the kept weights compute.
+    The gradient reaches the kept entries only; the penalties still see the whole vectors, which decide what
+    the top k are. Returns `(loss, metrics)`: `loss`, `info_nce`, `penalty_img` and `penalty_txt` (unweighted),
     `lambda_img` and `lambda_txt` (in effect), `active_words_img` and `active_words_txt` (mean per vector
-    at the default `1/√V` threshold) and `logit_scale`.
+    at the default `1/√V` threshold), `empty_img` and `empty_txt` (all-zero vectors in the batch, e.g. a
+    bag-of-words text with no kept word), `logit_scale`, and with `top_k` `topk_words_img` and
+    `topk_words_txt` (mean non-zero entries per vector that InfoNCE saw).
     """
     if penalty not in PENALTIES:
         raise ValueError(f"penalty={penalty!r} unknown; choose one of {PENALTIES}")
@@ -184,8 +191,11 @@ def lexvla_loss(
         if step is None:
             raise ValueError(f"warmup_steps={warmup_steps} needs the current step; pass step=")
         ramp = jnp.minimum(1.0, _float(step) / warmup_steps)
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0: InfoNCE on the whole vectors)")
     penalty_fn = overuse_penalty if penalty == "overuse" else flops_penalty
-    contrastive = info_nce(s_img, s_txt, logit_scale)
+    scored_img, scored_txt = (sparsify(s, top_k=top_k) for s in (s_img, s_txt)) if top_k else (s_img, s_txt)
+    contrastive = info_nce(scored_img, scored_txt, logit_scale)
     penalty_img = penalty_fn(s_img)
     penalty_txt = penalty_fn(s_txt)
     weight_img = lambda_img * ramp
@@ -200,6 +210,11 @@ def lexvla_loss(
         "lambda_txt": weight_txt,
         "active_words_img": jnp.mean(active_words(sparsify(s_img)).astype(jnp.float32)),
         "active_words_txt": jnp.mean(active_words(sparsify(s_txt)).astype(jnp.float32)),
+        "empty_img": jnp.sum(jnp.all(s_img == 0, axis=1), dtype=jnp.int32),
+        "empty_txt": jnp.sum(jnp.all(s_txt == 0, axis=1), dtype=jnp.int32),
         "logit_scale": _float(logit_scale),
     }
+    if top_k:
+        metrics["topk_words_img"] = jnp.mean(active_words(scored_img).astype(jnp.float32))
+        metrics["topk_words_txt"] = jnp.mean(active_words(scored_txt).astype(jnp.float32))
     return loss, metrics

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lexvla_jax import sharding
 from lexvla_jax import step as step_lib
+from lexvla_jax.configlib import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,12 @@ def make_program(config: ml_collections.ConfigDict, mesh: Mesh, model: nnx.Modul
     rules = tuple(tuple(r) for r in config.sharding.rules)
     tc = config.train
     sharding.check_batch_size(tc.global_batch_size, mesh, rules, tc.micro_batches)
+    loss_config = step_lib.LossConfig(**config.loss.to_dict())
+    if not 0 <= loss_config.top_k <= model.config.vocab_size:
+        raise ConfigError(
+            f"config.loss.top_k={loss_config.top_k} must be in [0, V'={model.config.vocab_size}] "
+            "(0: InfoNCE on the whole vectors)"
+        )
     graphdef, params, frozen, rest = nnx.split(model, step_lib.trainable_filter(tc.trainable), nnx.Param, ...)
     tx, schedule = step_lib.make_optimizer(config.optim, tc.num_steps)
     init = functools.partial(step_lib.init_train_state, tx=tx, seed=tc.seed)
@@ -75,7 +82,7 @@ def make_program(config: ml_collections.ConfigDict, mesh: Mesh, model: nnx.Modul
             split_model,
             tx,
             schedule,
-            step_lib.LossConfig(**config.loss.to_dict()),
+            loss_config,
             tc.micro_batches,
             frozen_shardings=frozen_shardings,
             rest_shardings=rest_shardings,

@@ -60,6 +60,7 @@ class LossConfig:
     lambda_txt: float = 1e-3
     penalty: str = "overuse"
     warmup_steps: int = 0
+    top_k: int = 0  # > 0: InfoNCE on each vector's top k entries (Q(512), config.loss.top_k)
 
 
 def _decay_mask(params: nnx.State):
@@ -171,6 +172,7 @@ def loss_and_grads(model: SplitModel, loss_config: LossConfig, num_micro: int, p
         penalty=loss_config.penalty,
         step=step,
         warmup_steps=loss_config.warmup_steps,
+        top_k=loss_config.top_k,
     )
     micro_rngs = jax.random.split(rng, num_micro)
     micro = split_micro(batch, num_micro)

@@ -80,7 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     prepare.prepare(config, writer.log)
     tokenizer, kept_ids = build.load_vocabulary(config)
     vocabulary = vocabulary_record(tokenizer, kept_ids, config.data.tokenizer)
-    prompt = pipeline.prompt_encoder(config.data, tokenizer)
+    prompt = build.caption_encoder(config, tokenizer, kept_ids)
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir, every_steps=ck.every_steps, keep=ck.keep, async_save=ck.async_save)
     train_iter = pipeline.train_iterator(

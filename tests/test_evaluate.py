@@ -153,6 +153,16 @@ def test_retrieval_evaluator_on_a_karpathy_json(karpathy_coco):
     assert metrics["ret/chance/t2i_r@1"] == pytest.approx(1 / 6)
 
 
+def test_retrieval_counts_all_zero_text_vectors(karpathy_coco):
+    json_path, root = karpathy_coco
+    ret = retrieval_evaluator(format="karpathy", json=json_path, image_root=root, top_k=4)
+    s_img, s_txt = vectors_for(ret.data)
+    s_txt[[3, 7]] = 0.0  # e.g. bag-of-words captions with no kept word
+    texts = dict(zip(ret.data["captions"], s_txt, strict=True))
+    metrics = ret.run(FakeEncoder(32, image_vectors=dict(enumerate(s_img)), text_vectors=texts))
+    assert metrics["ret/num_empty_texts"] == 2 and metrics["ret/num_texts"] == 15
+
+
 def test_karpathy_flickr_layout_and_bad_paths(tmp_path):
     (tmp_path / "flickr30k-images").mkdir()
     entries = []

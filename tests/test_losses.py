@@ -261,6 +261,7 @@ def test_lexvla_loss_sums_terms_and_reports_metrics(penalty):
     assert float(metrics["active_words_txt"]) == pytest.approx((s_txt >= 25**-0.5).sum(1).mean())
     assert float(metrics["logit_scale"]) == 5.0
     assert float(metrics["lambda_img"]) == pytest.approx(0.3)
+    assert int(metrics["empty_img"]) == int(metrics["empty_txt"]) == 0 and "topk_words_img" not in metrics
 
 
 def test_lexvla_loss_warms_up_the_lambdas_linearly():

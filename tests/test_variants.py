@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lexvla_jax import build, configlib, losses
-from lexvla_jax.models import dinov2, lexvla, llama
+from lexvla_jax import bow, build, configlib, losses, sharding, vocab, words
+from lexvla_jax.models import dinov2, lexical, lexvla, llama
+from lexvla_jax.program import make_program
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = os.path.join(REPO, "configs", "variants")
@@ -44,12 +45,18 @@ def _abstract(config, num_words: int) -> lexvla.LexVLA:
         ("registers", "tiny", {"model.vision.num_register_tokens": (None, 4)}),
         ("adapter17m", "paper", {"model.adapter_shape": ("mlp", "block")}),
         ("adapter17m", "tiny", {"model.adapter_shape": ("mlp", "block")}),
+        ("q512", "paper", {"loss.top_k": (0, 512)}),  # the paper config's evaluators score top-512 already
+        ("q512", "tiny", {"loss.top_k": (0, 16)}),  # and the tiny one's top-16
+        ("qbow", "paper", {"model.text_encoder": ("llm", "bow")}),
+        ("qbow", "tiny", {"model.text_encoder": ("llm", "bow")}),
     ],
 )
 def test_variant_changes_exactly_its_setting(name, base, expected):
     path = os.path.join(VARIANTS, f"{name}.py")
     spec = path if base == "paper" else f"{path}:{base}"
     base_config = configlib.load_config(os.path.join(REPO, "configs", configlib.VARIANT_BASES[base]))
+    if name == "qbow" and base_config.model.text_checkpoint:  # a base that loads a language model
+        expected = {**expected, "model.text_checkpoint": (base_config.model.text_checkpoint, "")}
     assert _diff(configlib.load_config(spec), base_config) == expected
 
 
@@ -109,3 +116,138 @@ def test_block_adapter_shapes_and_parameter_count():
     assert sizes["block"] == attention + 3 * norm + (dv * m + m) + (m * dv + dv) + (dv * dt + dt)
     with pytest.raises(ValueError, match=r"adapter_shape='wide' unknown; choose one of \('mlp', 'block'\)"):
         lexvla.LexVLAConfig(vision=vision, text=text, vocab_size=10, adapter_shape="wide")
+
+
+# ------------------------------------------------------------------------------------------------------ Q(512)
+
+
+def _lexical(seed: int, shape=(6, 40)) -> jax.Array:
+    return lexical.l2_normalize(jax.nn.softplus(2 * jax.random.normal(jax.random.key(seed), shape)))
+
+
+def test_q512_sets_training_and_evaluation_top_k():
+    paper = configlib.load_config(os.path.join(VARIANTS, "q512.py"))
+    tiny = configlib.load_config(os.path.join(VARIANTS, "q512.py") + ":tiny")
+    for config, k in ((paper, 512), (tiny, 16)):
+        assert config.loss.top_k == k
+        retrieval = [e for e in config.evals.values() if e.type == "retrieval"]
+        assert retrieval and all("topk" in e.modes and e.top_k == k for e in retrieval)
+
+
+def test_top_k_loss_is_info_nce_of_the_sparsified_vectors():
+    s_img, s_txt, k = _lexical(0), _lexical(1), 7
+    kwargs = dict(lambda_img=0.5, lambda_txt=0.25, penalty="overuse")
+    loss, metrics = losses.lexvla_loss(s_img, s_txt, 10.0, top_k=k, **kwargs)
+
+    def by_hand(x):  # the k largest entries of each row, the rest zero, not renormalised
+        x = np.asarray(x)
+        keep = np.zeros_like(x, bool)
+        np.put_along_axis(keep, np.argsort(-x, axis=1)[:, :k], True, axis=1)
+        return np.where(keep, x, 0.0)
+
+    expected = losses.info_nce(by_hand(s_img), by_hand(s_txt), 10.0)
+    np.testing.assert_allclose(metrics["info_nce"], expected, rtol=1e-6)
+    penalties = 0.5 * losses.overuse_penalty(s_img) + 0.25 * losses.overuse_penalty(s_txt)  # the whole vectors
+    np.testing.assert_allclose(loss, expected + penalties, rtol=1e-6)
+    assert float(metrics["info_nce"]) != pytest.approx(float(losses.info_nce(s_img, s_txt, 10.0)), rel=1e-3)
+    assert float(metrics["topk_words_img"]) == float(metrics["topk_words_txt"]) == k
+
+    # The contrastive gradient reaches the kept entries only (penalties off: λ = 0), and every kept entry whose
+    # word the other side keeps somewhere.
+    g_img, g_txt = jax.grad(
+        lambda a, b: losses.lexvla_loss(a, b, 10.0, lambda_img=0.0, lambda_txt=0.0, top_k=k)[0], argnums=(0, 1)
+    )(s_img, s_txt)
+    for g, s, other in ((g_img, s_img, s_txt), (g_txt, s_txt, s_img)):
+        kept, shared = by_hand(s) != 0, np.any(by_hand(other) != 0, axis=0)
+        assert np.all(np.asarray(g)[~kept] == 0) and np.all(np.asarray(g)[kept & shared] != 0)
+        assert np.count_nonzero(kept & shared) > len(s)
+    with pytest.raises(ValueError, match=r"top_k=-1 must be >= 0"):
+        losses.lexvla_loss(s_img, s_txt, 10.0, top_k=-1, **kwargs)
+
+
+def test_top_k_beyond_the_vocabulary_is_one_line():
+    config = configlib.load_config(os.path.join(VARIANTS, "q512.py") + ":tiny", ["loss.top_k=13"])
+    mesh = sharding.mesh_from_config(config.mesh)
+    with pytest.raises(configlib.ConfigError, match=r"^config.loss.top_k=13 must be in \[0, V'=12\]"):
+        make_program(config, mesh, build.abstract_model(config, 12))
+
+
+# ------------------------------------------------------------------------------------------------------ Q(BoW)
+
+
+@pytest.fixture(scope="module")
+def bow_setup(synthetic_text):
+    """The tiny Q(BoW) model (kept vocabulary of the synthetic tokenizer) and its bag-of-words encoder."""
+    captions, tokenizer = synthetic_text
+    config = configlib.load_config(os.path.join(VARIANTS, "qbow.py") + ":tiny")
+    kept_ids = vocab.filter_vocabulary(tokenizer, config.model.vocab_filter)
+    encoder = build.caption_encoder(config, tokenizer, kept_ids)
+    model = lexvla.LexVLA(build.model_config(config, len(kept_ids)), rngs=nnx.Rngs(0))
+    return captions, tokenizer, kept_ids, encoder, model
+
+
+def test_bow_vector_is_the_unit_indicator_of_the_content_words(bow_setup):
+    captions, tokenizer, kept_ids, encoder, model = bow_setup
+    assert isinstance(encoder, bow.BowEncoder)
+    kept = {int(t): c for c, t in enumerate(kept_ids)}
+    texts = [*captions[:20], "Potted plants: a small red circle, a small red circle!"]
+    batch = encoder.batch(texts)
+    s = np.asarray(model.encode_text(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])))
+    for text, row in zip(texts, s, strict=True):
+        expected = {kept[t] for w in words.content_words(text) for t in tokenizer.encode(w) if t in kept}
+        assert expected and set(np.flatnonzero(row)) == expected, text
+        np.testing.assert_allclose(row[sorted(expected)], len(expected) ** -0.5, rtol=1e-6)  # repeats count once
+        np.testing.assert_allclose(np.linalg.norm(row), 1.0, rtol=1e-6)
+    pieces = [tokenizer.id_to_piece(int(kept_ids[c])) for c in encoder.columns(captions[0])]
+    print(f"\n{captions[0]!r} → {pieces}")
+
+
+def test_bow_text_without_kept_words_is_the_zero_vector_and_counted(bow_setup):
+    captions, _, _, encoder, model = bow_setup
+    texts = [captions[0], "What is it?", captions[1], "   "]
+    batch = encoder.batch(texts)
+    assert batch["attention_mask"][[1, 3]].sum() == 0
+    s_txt = model.encode_text(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+    np.testing.assert_array_equal(np.asarray(s_txt)[[1, 3]], 0.0)
+    s_img = _lexical(2, (4, s_txt.shape[1]))
+    loss, metrics = losses.lexvla_loss(s_img, s_txt, 10.0, lambda_img=1e-3, lambda_txt=1e-3)
+    assert np.isfinite(float(loss)) and int(metrics["empty_txt"]) == 2 and int(metrics["empty_img"]) == 0
+    grads = jax.grad(lambda a: losses.lexvla_loss(a, s_txt, 10.0, lambda_img=1e-3, lambda_txt=1e-3)[0])(s_img)
+    assert np.all(np.isfinite(np.asarray(grads)))
+
+
+def test_bow_rows_keep_the_first_max_words_columns(bow_setup):
+    captions, tokenizer, kept_ids, _, _ = bow_setup
+    short = bow.BowEncoder(tokenizer, kept_ids, max_words=2)
+    full = bow.BowEncoder(tokenizer, kept_ids, max_words=24).columns(captions[0])
+    ids, mask = short(captions[0])
+    assert len(full) > 2 and list(ids) == full[:2] and list(mask) == [1, 1]
+
+
+def test_qbow_paper_builds_without_a_text_tower():
+    bow_model = _abstract(configlib.load_config(os.path.join(VARIANTS, "qbow.py")), PAPER_WORDS)
+    llm_model = _abstract(configlib.load_config(os.path.join(REPO, "configs", "lexvla_cc12m.py")), PAPER_WORDS)
+    bow_state, llm_state = nnx.state(bow_model, nnx.Param), nnx.state(llm_model, nnx.Param)
+    assert set(bow_state.keys()) == {"vision", "adapter", "visual_codebook", "logit_scale"}
+    assert _count(bow_state) == _count(llm_state) - _count(llm_state["text"]) - _count(llm_state["text_codebook"])
+    assert bow_state["visual_codebook"].shape == (PAPER_WORDS, 4096)  # Llama-2-7B's width, random rows
+    assert _count(llm_state["text"]) > 6.6e9 and _count(bow_state) < 0.4e9
+
+
+def test_qbow_with_a_text_checkpoint_is_one_line():
+    config = configlib.load_config(os.path.join(VARIANTS, "qbow.py"), ["model.text_checkpoint=/ckpt/llama"])
+    with pytest.raises(configlib.ConfigError, match=r"^config.model.text_encoder='bow' uses no language model; set"):
+        build.model_config(config, 10)
+    config = configlib.load_config(os.path.join(VARIANTS, "qbow.py"), ["model.text_encoder=gpt"])
+    with pytest.raises(configlib.ConfigError, match=r"text_encoder='gpt' unknown; choose one of \('llm', 'bow'\)"):
+        build.model_config(config, 10)
+
+
+def test_compile_shapes_of_the_bow_text_rows():
+    """`lexvla compile` feeds the step text rows of the text side's length: prompt or bag of words."""
+    from lexvla_jax import aot
+
+    paper = configlib.load_config(os.path.join(REPO, "configs", "lexvla_cc12m.py"))
+    qbow = configlib.load_config(os.path.join(VARIANTS, "qbow.py"))
+    assert aot._vocab_and_length(paper) == (17149, paper.data.max_length)
+    assert aot._vocab_and_length(qbow) == (17149, qbow.data.max_caption_tokens) != (17149, paper.data.max_length)

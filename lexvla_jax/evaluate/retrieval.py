@@ -11,8 +11,9 @@ Metric keys (after the evaluator's name): `<mode>/i2t_r@k` (an image is a hit wh
 among its top k texts) and `<mode>/t2i_r@k` (a caption is a hit when its image is among its top k), the same
 numbers under CLIP_benchmark's names, `<mode>/text_retrieval_recall@k` (= i2t: texts retrieved for an image
 query) and `<mode>/image_retrieval_recall@k` (= t2i), `<mode>/active_words_image|text`, `chance/i2t_r@k`,
-`chance/t2i_r@k`, `num_images`, `num_texts` and `num_skipped` (bad images or captions). Recalls are
-fractions in [0, 1].
+`chance/t2i_r@k`, `num_images`, `num_texts`, `num_skipped` (bad images or captions) and `num_empty_texts`
+(captions whose vector is all zero: a bag-of-words text with no kept word, `bow.py`). Recalls are fractions in
+[0, 1].
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class RetrievalEvaluator(Evaluator):
             metrics[f"chance/i2t_r@{k}"], metrics[f"chance/t2i_r@{k}"] = chance[f"i2t_r@{k}"], chance[f"t2i_r@{k}"]
         metrics["num_images"], metrics["num_texts"] = num_images, num_texts
         metrics["num_skipped"] = sum(self.data["skipped"].values())
+        metrics["num_empty_texts"] = int(np.sum(~s_txt.any(axis=1)))
         return self.prefixed(metrics)
 
 

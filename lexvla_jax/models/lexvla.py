@@ -6,6 +6,11 @@ text  ─ prompt ─ Llama (+LoRA) ─ final-norm hidden of the last real token 
 ```
 `Z_txt` holds the rows of Llama's `lm_head` for the kept vocabulary (frozen); `Z_img` starts as a copy
 of it and trains. Which parameters train is decided by the optimiser's filter, not here.
+
+With `text_encoder="bow"` (Q(BoW), `configs/variants/qbow.py`) there is no language model and no text codebook:
+the text side reads kept-vocabulary columns (`bow.BowEncoder`) and its vector is their L2-normalised indicator,
+`s_txt = L2(bag_of_words)`. The image side is unchanged; its codebook `Z_img [V',Dt]` (Dt: the text config's
+hidden size, only a width here) starts from random rows, having no `lm_head` to copy.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class LexVLAConfig:
     adapter_heads / adapter_mlp_dim: the adapter's attention heads and MLP width.
     adapter_shape: `ADAPTER_SHAPES`; "mlp" (Dv → mlp → Dt) or "block" (a whole Dv-wide transformer block, then a
       Dv → Dt projection). See `Adapter`.
+    text_encoder: `TEXT_ENCODERS`; "llm" (Llama + text codebook) or "bow" (bag of words, no text tower; `text`
+      then only gives the codebook width Dt).
     logit_scale_init / logit_scale_max: CLIP-style learnable temperature, stored as a log and clamped.
     max_pool_chunk: vocabulary chunk of the memory-lean max-pool.
     """
@@ -39,6 +46,7 @@ class LexVLAConfig:
     adapter_heads: int = 16
     adapter_mlp_dim: int = 4096
     adapter_shape: str = "mlp"
+    text_encoder: str = "llm"
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
     max_pool_chunk: int = lexical.DEFAULT_CHUNK_SIZE
@@ -48,9 +56,12 @@ class LexVLAConfig:
     def __post_init__(self):
         if self.adapter_shape not in ADAPTER_SHAPES:
             raise ValueError(f"adapter_shape={self.adapter_shape!r} unknown; choose one of {ADAPTER_SHAPES}")
+        if self.text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoder={self.text_encoder!r} unknown; choose one of {TEXT_ENCODERS}")
 
 
 ADAPTER_SHAPES = ("mlp", "block")
+TEXT_ENCODERS = ("llm", "bow")
 
 
 class Adapter(nnx.Module):
@@ -103,6 +114,12 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(attention_mask.astype(bool), positions, -1), axis=1)
 
 
+def bag_of_words(columns: jax.Array, mask: jax.Array, vocab_size: int) -> jax.Array:
+    """`[B,V]` float32: 1 at each row's `columns [B,L]` where `mask [B,L]` is set, 0 elsewhere (repeats count once)."""
+    rows = jnp.arange(columns.shape[0])[:, None]
+    return jnp.zeros((columns.shape[0], vocab_size), jnp.float32).at[rows, columns].max(mask.astype(jnp.float32))
+
+
 class LexVLA(nnx.Module):
     """The two towers, the adapter, both codebooks and the logit scale, randomly initialised.
 
@@ -113,11 +130,14 @@ class LexVLA(nnx.Module):
     def __init__(self, config: LexVLAConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.vision = dinov2.Dinov2Model(config.vision, rngs=rngs)
-        self.text = llama.LlamaModel(config.text, with_lm_head=False, rngs=rngs)
+        with_text = config.text_encoder == "llm"
+        if with_text:  # before the codebook, as always: the same seed gives the same "llm" model
+            self.text = llama.LlamaModel(config.text, with_lm_head=False, rngs=rngs)
         shape = (config.vocab_size, config.text.hidden_size)
-        text_codebook = nnx.initializers.normal(0.02)(rngs.params(), shape, config.param_dtype)
-        self.text_codebook = nnx.Param(text_codebook, sharding_names=("vocab", "embed"))
-        self.visual_codebook = nnx.Param(jnp.array(text_codebook), sharding_names=("vocab", "embed"))
+        codebook = nnx.initializers.normal(0.02)(rngs.params(), shape, config.param_dtype)
+        if with_text:
+            self.text_codebook = nnx.Param(codebook, sharding_names=("vocab", "embed"))
+        self.visual_codebook = nnx.Param(jnp.array(codebook), sharding_names=("vocab", "embed"))
         self.adapter = Adapter(config, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(math.log(config.logit_scale_init), jnp.float32))
 
@@ -143,10 +163,16 @@ class LexVLA(nnx.Module):
         return lexical.patch_lexical(h, self.visual_codebook[...].astype(self.config.dtype), normalize=normalize)
 
     def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """Normalised text lexical vectors `[B,V']` read at each row's last real token (float32)."""
-        hidden = self.text(input_ids, attention_mask, deterministic=deterministic).last_hidden_state
-        last = hidden[jnp.arange(hidden.shape[0]), last_token_index(attention_mask)]
-        codebook = self.text_codebook[...].astype(self.config.dtype)
-        scores = jnp.einsum("bd,vd->bv", last, codebook, preferred_element_type=jnp.float32)
-        scores = layers.constrain(scores, ("batch", "act_vocab"))
-        return lexical.l2_normalize(lexical.elu1p(scores))
+        """Normalised text lexical vectors `[B,V']` (float32).
+
+        "llm": `input_ids` are prompt tokens; the vector is read at each row's last real token. "bow": `input_ids`
+        are kept-vocabulary columns (`bow.BowEncoder`); a row with none gives the zero vector.
+        """
+        if self.config.text_encoder == "bow":
+            weights = bag_of_words(input_ids, attention_mask, self.config.vocab_size)
+        else:
+            hidden = self.text(input_ids, attention_mask, deterministic=deterministic).last_hidden_state
+            last = hidden[jnp.arange(hidden.shape[0]), last_token_index(attention_mask)]
+            codebook = self.text_codebook[...].astype(self.config.dtype)
+            weights = lexical.elu1p(jnp.einsum("bd,vd->bv", last, codebook, preferred_element_type=jnp.float32))
+        return lexical.l2_normalize(layers.constrain(weights, ("batch", "act_vocab")))

@@ -1,0 +1,158 @@
+"""Every variant in configs/variants trains a few steps of the tiny job (`:tiny`), with its setting in effect.
+
+Each run is the real `train.run` on the small synthetic set of `test_train_loop` (1 layer per tower, 32 px,
+batch 16). The loss function is wrapped so that each step also logs numbers computed independently from the
+same lexical vectors (`probe/...`), which the checks compare with what the step reported.
+"""
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train_loop import data_dir  # noqa: F401 (fixture)
+
+from lexvla_jax import configlib, inference, losses, train
+from lexvla_jax import step as step_lib
+from lexvla_jax.evaluate import registry
+
+import local_cluster
+
+VARIANTS = os.path.join(local_cluster.REPO, "configs", "variants")
+STEPS = 8
+TOP_K = 16  # q512's k on :tiny
+
+
+def _flops(s_img, s_txt, scale):
+    return {"flops_img": jnp.sum(jnp.mean(s_img, 0) ** 2), "flops_txt": jnp.sum(jnp.mean(s_txt, 0) ** 2)}
+
+
+def _top_k(s_img, s_txt, scale):
+    top = lambda s: losses.sparsify(s, top_k=TOP_K)
+    return {
+        "topk_info_nce": losses.info_nce(top(s_img), top(s_txt), scale),
+        "dense_info_nce": losses.info_nce(s_img, s_txt, scale),
+    }
+
+
+def _bag_of_words(s_img, s_txt, scale):
+    """How far each text vector is from `1/√n` on its n non-zero entries (0 for a unit bag of words)."""
+    on = (s_txt > 0).astype(jnp.float32)
+    unit = on / jnp.sqrt(jnp.maximum(jnp.sum(on, axis=1, keepdims=True), 1.0))
+    return {"bow_deviation": jnp.max(jnp.abs(s_txt - unit)), "bow_words": jnp.mean(jnp.sum(on, axis=1))}
+
+
+PROBES = {"qflops": _flops, "registers": None, "adapter17m": None, "q512": _top_k, "qbow": _bag_of_words}
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished few-step run: its logged train rows, final trainable parameters (flat) and evaluation."""
+
+    rows: list
+    params: dict
+    final: dict
+    config: object
+    workdir: str
+
+
+def _count(params, part: str) -> int:
+    return sum(int(np.prod(v.shape)) for k, v in params.items() if k[0] == part)
+
+
+def _check_qflops(run):
+    for r in run.rows:  # the logged penalties are SPLADE's FLOPs regulariser of the step's vectors
+        assert r["penalty_img"] == pytest.approx(r["probe/flops_img"], rel=1e-5)
+        assert r["penalty_txt"] == pytest.approx(r["probe/flops_txt"], rel=1e-5)
+
+
+def _check_registers(run):
+    assert run.params[("vision", "register_tokens", "value")].shape == (1, 4, 64)
+
+
+def _check_adapter17m(run):
+    dv = dt = 64  # tiny vision / text widths
+    m = 128  # tiny adapter MLP width
+    block = 4 * (dv * dv + dv) + 3 * 2 * dv + (dv * m + m) + (m * dv + dv) + (dv * dt + dt)
+    assert _count(run.params, "adapter") == block and ("adapter", "proj", "kernel", "value") in run.params
+
+
+def _check_q512(run):
+    for r in run.rows:  # InfoNCE saw the top-16 vectors, not the whole ones
+        assert r["info_nce"] == pytest.approx(r["probe/topk_info_nce"], rel=1e-5)
+        assert r["info_nce"] != pytest.approx(r["probe/dense_info_nce"], rel=1e-4)
+        assert r["topk_words_img"] == r["topk_words_txt"] == TOP_K
+    assert run.final["retrieval/topk/active_words_image"] == run.final["retrieval/topk/active_words_text"] == TOP_K
+
+
+def _check_qbow(run):
+    assert not [k for k in run.params if k[0].startswith("text")]  # no language model, no text codebook
+    for r in run.rows:  # every text vector is a unit bag of words; no caption of the synthetic set is empty
+        assert r["probe/bow_deviation"] < 1e-6 and 4 <= r["probe/bow_words"] <= 8 and r["empty_txt"] == 0
+    final = run.final
+    assert final["retrieval/num_empty_texts"] == 0 and final["retrieval/num_texts"] == 120
+    assert 0 <= final["patchdis/miou"] <= 1  # class names → bags of words
+    first, last = np.mean([r["loss"] for r in run.rows[:2]]), np.mean([r["loss"] for r in run.rows[-2:]])
+    assert last < first
+    # `lexvla eval`'s path: the restored encoder reads bags of words and reproduces the final evaluation.
+    encoder, step = inference.restore(run.config, run.workdir)
+    s = encoder.encode_texts(["a small red circle above it", "what is it"])
+    assert step == STEPS and np.count_nonzero(s[0]) == 3 and not s[1].any()
+    np.testing.assert_allclose(s[0][s[0] > 0], 3**-0.5, rtol=1e-6)
+    assert [encoder.words[j] for j in np.flatnonzero(s[0])] == sorted(
+        ["small", "red", "circle"], key=encoder.words.index
+    )
+    again = registry.run_evaluators(registry.build_evaluators(run.config), encoder)
+    for key in ("retrieval/dense/i2t_r@1", "retrieval/dense/t2i_r@5", "patchdis/miou"):
+        assert again[key] == pytest.approx(final[key], abs=1e-6)
+
+
+CHECKS = {
+    "qflops": _check_qflops,
+    "registers": _check_registers,
+    "adapter17m": _check_adapter17m,
+    "q512": _check_q512,
+    "qbow": _check_qbow,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_variant_trains_a_few_steps(name, data_dir, tmp_path, monkeypatch):  # noqa: F811
+    probe, real_loss = PROBES[name], losses.lexvla_loss
+
+    def probed_loss(s_img, s_txt, logit_scale, **kwargs):
+        loss, metrics = real_loss(s_img, s_txt, logit_scale, **kwargs)
+        extra = probe(s_img, s_txt, logit_scale) if probe else {}
+        return loss, {**metrics, **{f"probe/{k}": v for k, v in extra.items()}}
+
+    monkeypatch.setattr(step_lib.losses, "lexvla_loss", probed_loss)
+    extra = {
+        "train.num_steps": STEPS,
+        "train.log_every": 1,
+        "train.show_top_words": 0,
+        "checkpoint.every_steps": STEPS,
+        "data.num_workers": 0,
+        "model.text_checkpoint": "",  # from scratch, whatever the tiny base loads
+    }
+    config = configlib.load_config(f"{VARIANTS}/{name}.py:tiny", local_cluster.overrides(data_dir, **extra))
+    if name != "qbow":
+        del config.evals["patchdis"]
+    workdir = str(tmp_path / "work")
+    final = train.run(config, workdir)
+    rows = [r for r in local_cluster.metric_rows(workdir) if "loss" in r]
+    flat = local_cluster.final_state(workdir, STEPS)
+    params = {k[1:]: v for k, v in _flatten(flat).items() if k[0] == "params"}
+    losses_seen = [r["loss"] for r in rows]
+    print(f"\n{name}: loss {' '.join(f'{x:.3f}' for x in losses_seen)}")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert np.all(np.isfinite(losses_seen)) and len(set(losses_seen)) == STEPS
+    assert 0 <= final["retrieval/dense/i2t_r@1"] <= 1 and 0 <= final["retrieval/topk/t2i_r@1"] <= 1
+    CHECKS[name](Run(rows, params, final, config, workdir))
+
+
+def _flatten(tree, prefix=()) -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, (*prefix, key)).items()}
+    return {prefix: tree}
