@@ -11,7 +11,8 @@ PyTorch's float32 `n × n` matmul timed in the same repetitions.
 Reference shapes (a CPU-sized stand-in for the paper config): DINOv2 ViT-S/14 at 224 px, frozen; Llama with
 8 layers, width 512, 8 heads, FFN 1376, vocabulary 32,000, frozen with LoRA r=8 on all seven linears;
 V' = 17,149; adapter with 6 heads and MLP 1536; batch 32; text length 64; float32; one device.
-`--tiny` runs the main job's `configs/tiny.py` instead (its tokenizer gives V' and the prompt length).
+`--tiny` runs the main job's model (`configs/tiny.py:scratch`: random towers, no stage 1) instead (its tokenizer gives
+V' and the prompt length).
 
     JAX_PLATFORMS=cpu python benchmarks/train_step.py [--reps 7] [--batch 32] [--breakdown] [--no-torch]
     JAX_PLATFORMS=cpu python benchmarks/train_step.py --tiny --breakdown
@@ -39,7 +40,7 @@ def reference_config(args):
     """`configs/tiny.py` with the reference shapes; towers come from the checkpoints written later."""
     from lexvla_jax import configlib
 
-    config = configlib.load_config_file(str(REPO / "configs" / "tiny.py"))
+    config = configlib.load_config_file(str(REPO / "configs" / "tiny.py") + ":scratch")
     m = config.model
     m.vision.update(
         preset="",
@@ -73,7 +74,7 @@ def tiny_config(args):
     from lexvla_jax.data import pipeline
 
     os.chdir(REPO)
-    config = configlib.load_config_file(str(REPO / "configs" / "tiny.py"))
+    config = configlib.load_config_file(str(REPO / "configs" / "tiny.py") + ":scratch")
     prepare.prepare(config)
     tokenizer, kept_ids = build.load_vocabulary(config)
     return config, len(kept_ids), pipeline.prompt_encoder(config.data, tokenizer).max_length

@@ -100,8 +100,9 @@ def _bar_chart(ax, words: Sequence[str], weights: np.ndarray) -> None:
     ax.set_xlabel("weight")
 
 
-def plot_image_words(image: np.ndarray, explained: ImageWords, path: str, title: str = "") -> str:
-    """One PNG: the image, one heat map per top word over it, and a bar chart of the words' weights."""
+def plot_image_words(image: np.ndarray, explained: ImageWords, path, title: str = "") -> str:
+    """One PNG (`path`: a file name or a binary file): the image, one heat map per top word over it, and a bar
+    chart of the words' weights."""
     maps = explained.maps(image.shape[:2])
     panels = 1 + len(maps)
     columns = min(MAP_COLUMNS, panels)

@@ -22,7 +22,8 @@ The model (`config.model.text`, no LoRA) is saved as a Hugging Face Llama direct
 `LlamaForCausalLM` both load: the same path as the paper's Llama-2-7B. `ensure_pretrained_lm` skips the stage
 when that directory is complete.
 
-`lexvla pretrain-lm --config configs/tiny.py` runs it alone.
+`lexvla train` runs it first (`prepare.py`) when `config.model.text_checkpoint` is `lm_pretrain.dir`, as in
+configs/tiny.py; `lexvla pretrain-lm --config configs/tiny.py` runs it alone.
 """
 
 from __future__ import annotations
@@ -147,9 +148,12 @@ def read_eval_captions(spec: str) -> list[str]:
 
 
 def lm_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
-    """`config.model.text` as a plain float32 language model: no LoRA, no remat."""
+    """`config.model.text` as a plain float32 language model: no LoRA, no remat (whatever `text_checkpoint` says:
+    stage 1 makes that checkpoint)."""
+    fields = ml_collections.ConfigDict(config.to_dict())
+    fields.model.text_checkpoint = ""
     return dataclasses.replace(
-        build.text_config(config),
+        build.text_config(fields),
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         remat="none",

@@ -1,4 +1,5 @@
-"""What a run needs before it trains: the embedded synthetic set and its tokenizer, when the config asks.
+"""What a run needs before it trains, when the config asks: the embedded synthetic set, its tokenizer, and the
+pretrained language model of stage 1 (`lm_pretrain.py`) when `config.model.text_checkpoint` is its directory.
 
 Runs on the main process only; the others wait at a barrier, so every process then reads the same files.
 """
@@ -10,7 +11,7 @@ import os
 import jax
 import ml_collections
 
-from lexvla_jax import sharding, vocab
+from lexvla_jax import lm_pretrain, sharding, vocab
 from lexvla_jax.data import synthetic
 
 
@@ -31,10 +32,19 @@ def prepare_synthetic(config: ml_collections.ConfigDict, log=print) -> None:
         )
 
 
+def uses_pretrained_lm(config: ml_collections.ConfigDict) -> bool:
+    """Whether the text tower loads stage 1's language model (`config.lm_pretrain.dir`)."""
+    stage = config.get("lm_pretrain")
+    checkpoint = config.model.get("text_checkpoint")
+    return bool(stage and checkpoint) and os.path.abspath(checkpoint) == os.path.abspath(stage.dir)
+
+
 def prepare(config: ml_collections.ConfigDict, log=print) -> None:
     """Everything the run reads that the project generates itself, made once, on the main process."""
     if sharding.is_main_process():
         prepare_synthetic(config, log)
+        if uses_pretrained_lm(config):
+            lm_pretrain.ensure_pretrained_lm(config, log=log)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

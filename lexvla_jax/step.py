@@ -68,8 +68,32 @@ def _decay_mask(params: nnx.State):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def _group_of(path) -> set[str]:
+    """The names along a parameter's path, with "lora" for a LoRA weight (`lora_a`, `lora_b`)."""
+    names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+    return names | ({"lora"} if names & {"lora_a", "lora_b"} else set())
+
+
+def scale_by_group(lr_scales: dict[str, float]) -> optax.GradientTransformation:
+    """Multiplies the update of every parameter whose path names a group of `lr_scales` by that group's scale
+    (groups as in `trainable_filter`: "lora" or a name on the path; the first listed group that matches wins):
+    a per-group learning rate, weight decay included."""
+    lr_scales = dict(lr_scales)
+
+    def scale_of(path) -> float:
+        names = _group_of(path)
+        return next((float(v) for k, v in lr_scales.items() if k in names), 1.0)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda path, u: u * scale_of(path), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(opt_config, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with warm-up + cosine decay and global-norm clipping, from `config.optim`."""
+    """AdamW with warm-up + cosine decay and global-norm clipping, from `config.optim`; `optim.lr_scales`
+    (optional, e.g. `{"lora": 0.1}`) scales the learning rate of parameter groups."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=opt_config.learning_rate,
@@ -83,6 +107,9 @@ def make_optimizer(opt_config, num_steps: int) -> tuple[optax.GradientTransforma
             schedule, b1=opt_config.b1, b2=opt_config.b2, weight_decay=opt_config.weight_decay, mask=_decay_mask
         ),
     )
+    lr_scales = opt_config.get("lr_scales") or {}
+    if lr_scales:
+        tx = optax.chain(tx, scale_by_group(lr_scales))
     return tx, schedule
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import textwrap
 
 import jax
 import ml_collections
@@ -176,6 +177,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if evaluators:
             writer.log(f"final evaluation (step {step}):\n{table.format_results(evaluators, final)}")
         _show_top_words(final_encoder, evaluators, tc.show_top_words, writer.log)
+        maps = _write_word_maps(final_encoder, evaluators, tc.get("word_maps", 0), workdir_path(workdir) / "word_maps")
+        if maps:
+            writer.log(f"word maps of {len(maps)} eval images in {maps[0].parent}")
         return {**last_metrics, **final}
     finally:
         profiler.close()
@@ -213,6 +217,26 @@ def _show_top_words(encoder: LexicalEncoder, evaluators, count: int, log) -> Non
         log(f"eval image {i}: {words(s_img[i])}")
         log(f"  caption {data['captions'][first_caption[i]]!r}")
         log(f"  caption words: {words(s_txt[i])}")
+
+
+def _write_word_maps(encoder: LexicalEncoder, evaluators, count: int, directory) -> list:
+    """PNGs of the top words of the first `count` images of the first retrieval set over their patch grids
+    (`explain.plot_image_words`), titled with each image's first caption; written by the main process."""
+    data = next((e.data for e in evaluators if e.type == "retrieval"), None)
+    if not count or data is None:
+        return []
+    count = min(count, len(data["image"]))
+    explained = explain.explain_images(encoder, data["image"][:count])  # every process: the encoder is collective
+    if not sharding.is_main_process():
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, words in enumerate(explained):
+        caption = data["captions"][int(np.flatnonzero(data["image_of_text"] == i)[0])]
+        paths.append(directory / f"eval-image-{i}.png")
+        with paths[-1].open("wb") as f:
+            explain.plot_image_words(data["image"][i], words, f, title=textwrap.shorten(caption, 48))
+    return paths
 
 
 def main(argv: list[str]) -> int:

@@ -25,7 +25,7 @@ from lexvla_jax import configlib, vocab
 from lexvla_jax.data import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py")
+TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py:scratch")  # no stage 1: a from-scratch text tower
 STEPS = 24
 
 

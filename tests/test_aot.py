@@ -13,7 +13,7 @@ from lexvla_jax import aot, configlib  # noqa: E402
 
 TOPOLOGY = "v5p:2x2x1"
 # The tiny config without its tokenizer file: shapes come from these fields.
-TINY = ["--config", "configs/tiny.py", "--config.data.tokenizer=", "--config.model.vocab_size=64"]
+TINY = ["--config", "configs/tiny.py:scratch", "--config.data.tokenizer=", "--config.model.vocab_size=64"]
 TINY += ["--config.data.max_length=40"]
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from lexvla_jax import cli, configlib
 from lexvla_jax.data import synthetic
 from lexvla_jax.data.config import DataConfigError, default_data_config
-from lexvla_jax.evaluate import registry, retrieval, table
+from lexvla_jax.evaluate import registry, retrieval, table, word_precision
 from lexvla_jax.evaluate.base import EvalConfigError, entry_settings
 from lexvla_jax.evaluate.retrieval import RetrievalEvaluator
 
@@ -135,6 +135,7 @@ def test_retrieval_evaluator_on_a_karpathy_json(karpathy_coco):
         image_vectors=dict(enumerate(s_img)),
         text_vectors=dict(zip(data["captions"], s_txt, strict=True)),
     )
+    encoder.words[:2] = ["picture", "caption"]  # content words of every caption
     metrics = ret.run(encoder)
     assert encoder.calls == [("images", 6), ("texts", 15)]
     positive = data["image_of_text"][None, :] == np.arange(6)[:, None]  # [images, texts]
@@ -151,6 +152,11 @@ def test_retrieval_evaluator_on_a_karpathy_json(karpathy_coco):
     assert all(0 < metrics[f"ret/{m}/{d}_r@1"] < 1 for m in retrieval.MODES for d in ("i2t", "t2i"))
     assert metrics["ret/num_texts"] == 15 and metrics["ret/num_skipped"] == 0
     assert metrics["ret/chance/t2i_r@1"] == pytest.approx(1 / 6)
+    # Word precision of the same dense vectors (top 5 words against the captions' content words).
+    words = word_precision.word_precision(s_img, s_txt, data["image_of_text"], data["captions"], encoder.words)
+    assert {k: metrics[f"ret/word_precision/{k}"] for k in words} == pytest.approx(words)
+    assert metrics["ret/word_precision/image_random"] == pytest.approx(2 / 32)
+    assert 0 < metrics["ret/word_precision/image"] < 1
 
 
 def test_retrieval_counts_all_zero_text_vectors(karpathy_coco):
@@ -280,6 +286,8 @@ def test_table_is_laid_out_like_the_papers(karpathy_coco):
             if mode != "dense":
                 metrics[f"{name}/{mode}/active_words_image"] = 1081.25 if mode == "threshold" else 512
                 metrics[f"{name}/{mode}/active_words_text"] = 35.5 if mode == "threshold" else 512
+    for key, value in (("image", 0.9), ("image_random", 0.046), ("text", 0.95), ("text_random", 0.033)):
+        metrics[f"coco/word_precision/{key}"] = value
     lines = table.format_results(evaluators, metrics).splitlines()
     assert lines[0].split() == ["Retrieval", "(%)", "MSCOCO", "5k", "Flickr30k", "1k"]
     assert lines[1].split() == ["image-to-text", "text-to-image"] * 2
@@ -289,7 +297,8 @@ def test_table_is_laid_out_like_the_papers(karpathy_coco):
     assert lines[4].startswith("≥ 1/√V′") and lines[5].startswith("top-512") and lines[5].split()[1] == "55.6"
     assert lines[3].index("83.9") == lines[2].index("R@1", lines[2].index("R@10") + 30) - 1  # columns line up
     assert lines[6] == "active words per image / text, MSCOCO 5k: ≥ 1/√V′ 1081.2 / 35.5, top-512 512.0 / 512.0"
-    assert lines[7].startswith("active words per image / text, Flickr30k 1k: ")
+    assert lines[7] == "word precision@5 (%), MSCOCO 5k: images 90.0 (random 4.6), captions 95.0 (random 3.3)"
+    assert lines[8].startswith("active words per image / text, Flickr30k 1k: ")
 
 
 # ---------------------------------------------------------------------------------------- lexvla eval

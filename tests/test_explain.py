@@ -11,7 +11,7 @@ from lexvla_jax.commands import common
 
 from fake_lexical_encoder import FakeLexicalEncoder
 
-CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py") + ":scratch"
 PATCH = 8
 
 

@@ -27,7 +27,7 @@ HF_CONFIGS = {
     "gqa": dict(num_key_value_heads=2, rope_theta=5000.0),
     "mqa": dict(num_key_value_heads=1, rope_theta=500000.0, attention_bias=True, mlp_bias=True),
 }
-TINY_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
+TINY_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py") + ":scratch"
 LENGTHS = (10, 7, 4, 1)  # real tokens per row; rows are padded to 10
 
 

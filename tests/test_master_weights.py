@@ -59,7 +59,7 @@ def test_bfloat16_frozen_towers_with_float32_lora_train():
         "optim.warmup_steps=2",
         "mesh.shape=(1,1,1)",
     ]
-    config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), overrides)
+    config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py:scratch"), overrides)
     mesh = sharding.mesh_from_config(config.mesh, devices=jax.devices()[:1])
     rules = tuple(config.sharding.rules)
     with sharding.use_mesh_rules(mesh, rules):

@@ -34,7 +34,7 @@ from local_cluster import REPO
 from local_cluster import command as _command
 from local_cluster import overrides as _overrides
 
-TINY = os.path.join(REPO, "configs", "tiny.py")
+TINY = os.path.join(REPO, "configs", "tiny.py:scratch")
 
 
 def _assert_no_local_copy(*roots):

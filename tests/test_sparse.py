@@ -17,7 +17,7 @@ from lexvla_jax.sparse import export, index
 
 from fake_lexical_encoder import FakeLexicalEncoder
 
-CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py") + ":scratch"
 EXTRA_WORDS = [f"w{i}" for i in range(40)]
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 

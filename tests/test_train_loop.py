@@ -213,7 +213,7 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
 def test_eval_explain_and_export_read_the_trained_checkpoint(uninterrupted, data_dir, tmp_path, capsys):
     """`lexvla eval`, `explain` and `export` restore the run's checkpoint and agree with its final evaluation."""
     workdir = str(uninterrupted[0])
-    config_args = ["--config", os.path.join(local_cluster.REPO, "configs", "tiny.py")]
+    config_args = ["--config", local_cluster.TINY_CONFIG]
     config_args += [f"--config.{o}" for o in local_cluster.overrides(data_dir)]
     code, out, err = _cli(capsys, "eval", *config_args, "--workdir", workdir)
     assert code == 0, err

@@ -239,3 +239,26 @@ def test_sharded_step_equals_single_device(setup, mesh_shape):
     new, ref = tiny.as_numpy(state.params), tiny.as_numpy(ref_state.params)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_lr_scales_scale_the_update_of_their_group(setup):
+    """`optim.lr_scales={"lora": 0.1}`: LoRA weights move a tenth as far as without it, everything else as far."""
+    graphdef, params, frozen, rest, *_ = setup
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
+    scaled = tiny.OPTIM.copy_and_resolve_references()
+    scaled.lr_scales = {"lora": 0.1}
+    updates = {}
+    for name, config in (("plain", tiny.OPTIM), ("scaled", scaled)):
+        tx, _ = step_lib.make_optimizer(config, num_steps=10)
+        state = tx.init(params)
+        for _ in range(2):  # past the schedule's first step (learning rate 0)
+            update, state = tx.update(grads, state, params)
+        updates[name] = dict(nnx.to_flat_state(update))
+    lora = 0
+    for path, plain in updates["plain"].items():
+        plain, scaled_update = np.asarray(plain[...]), np.asarray(updates["scaled"][path][...])
+        is_lora = path[-1] in ("lora_a", "lora_b")
+        lora += is_lora
+        assert np.any(plain != 0), path
+        np.testing.assert_allclose(scaled_update, plain * (0.1 if is_lora else 1.0), rtol=1e-6, err_msg=str(path))
+    assert lora > 0

@@ -80,7 +80,7 @@ def test_registers_variant_builds_dinov2_with_registers():
     model = _abstract(configlib.load_config(os.path.join(VARIANTS, "registers.py")), PAPER_WORDS)
     assert model.vision.config.num_register_tokens == 4 and model.vision.num_prefix_tokens == 5
     assert model.vision.register_tokens.shape == (1, 4, 1024) and model.vision.config.pos_embed_antialias
-    tiny = configlib.load_config(os.path.join(VARIANTS, "registers.py") + ":tiny")
+    tiny = configlib.load_config(os.path.join(VARIANTS, "registers.py") + ":tiny", ["model.text_checkpoint="])
     model = nnx.eval_shape(lambda: lexvla.LexVLA(build.model_config(tiny, 12), rngs=nnx.Rngs(0)))
     pixels = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
     # 8×8 patches of width 64: CLS and the 4 registers are dropped.

@@ -14,6 +14,10 @@ query) and `<mode>/image_retrieval_recall@k` (= t2i), `<mode>/active_words_image
 `chance/t2i_r@k`, `num_images`, `num_texts`, `num_skipped` (bad images or captions) and `num_empty_texts`
 (captions whose vector is all zero: a bag-of-words text with no kept word, `bow.py`). Recalls are fractions in
 [0, 1].
+
+From the same dense vectors, word precision (`word_precision.py`): `word_precision/image` and
+`word_precision/text`, the share of each image's (caption's) `word_k` strongest words that are content words of
+its captions (its own), and `word_precision/image_random`, `word_precision/text_random` for random words.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 from lexvla_jax import losses
 from lexvla_jax.data.eval_set import SOURCE_FORMATS, image_text_records, read_image_text_set
+from lexvla_jax.evaluate import word_precision
 from lexvla_jax.evaluate.base import EvalConfigError, Evaluator
 
 MODES = ("dense", "threshold", "topk")
@@ -82,6 +87,7 @@ class RetrievalEvaluator(Evaluator):
         "modes": MODES,
         "threshold": None,  # None: 1/√V′
         "top_k": 512,
+        "word_k": 5,  # word precision of the `word_k` strongest words (0: not computed)
     }
 
     def __init__(self, name: str, settings: Mapping, data_config):
@@ -96,6 +102,8 @@ class RetrievalEvaluator(Evaluator):
             raise EvalConfigError(f"{self.where}.ks={self.ks}: give recall cut-offs >= 1, e.g. (1, 5, 10)")
         if int(s["top_k"]) < 1 or int(s["captions_per_image"]) < 1:
             raise EvalConfigError(f"{self.where}: top_k and captions_per_image must be >= 1")
+        if int(s["word_k"]) < 0:
+            raise EvalConfigError(f"{self.where}.word_k={s['word_k']}: give 0 (off) or the number of words, e.g. 5")
         records = image_text_records(s, self.where)
         self.data = read_image_text_set(records, data_config, int(s["captions_per_image"]), s["max_images"])
 
@@ -112,6 +120,12 @@ class RetrievalEvaluator(Evaluator):
             s_img, s_txt, self.data["image_of_text"], self.ks, self.modes, self.settings["threshold"],
             int(self.settings["top_k"]),
         )  # fmt: skip
+        word_k = int(self.settings["word_k"])
+        if word_k:
+            words = word_precision.word_precision(
+                s_img, s_txt, self.data["image_of_text"], self.data["captions"], encoder.words, min(word_k, vocab)
+            )
+            metrics.update({f"word_precision/{k}": v for k, v in words.items()})
         num_images, num_texts = len(s_img), len(s_txt)
         for k in self.ks:
             chance = chance_recall(num_images, max(1, round(num_texts / num_images)), k)

@@ -1,7 +1,8 @@
 """Evaluation results as text: retrieval laid out like the paper's Table 1, PatchDis like its Table 2.
 
 Retrieval: one column group per dataset (image-to-text R@1/5/10, text-to-image R@1/5/10), one row per
-kind of vector, in percent; then the mean active words per image / text of each sparse kind. PatchDis:
+kind of vector, in percent; then the mean active words per image / text of each sparse kind and the word
+precision of images and captions next to random words' (when the evaluator computed it). PatchDis:
 one row per set with mIoU and the random assignment under the same protocol, in percent.
 """
 
@@ -62,6 +63,15 @@ def retrieval_table(evaluators: Sequence[Evaluator], metrics: Mapping[str, float
                 words.append(f"{mode_label(m, e.settings)} {metrics[key]:.1f} / {text:.1f}")
         if words:
             lines.append(f"active words per image / text, {e.label}: " + ", ".join(words))
+        if f"{e.name}/word_precision/image" in metrics:
+            w = {
+                k: 100 * metrics[f"{e.name}/word_precision/{k}"]
+                for k in ("image", "image_random", "text", "text_random")
+            }
+            lines.append(
+                f"word precision@{e.settings['word_k']} (%), {e.label}: images {w['image']:.1f} "
+                f"(random {w['image_random']:.1f}), captions {w['text']:.1f} (random {w['text_random']:.1f})"
+            )
     return "\n".join(lines)
 
 

@@ -1,0 +1,107 @@
+"""The embedded main job, shortened: stage 1 then stage 2 make an image's strongest dimensions words of its captions.
+
+`configs/tiny.py` as the README runs it, on a small synthetic set with few steps of each stage.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lexvla_jax import configlib, lm_pretrain, prepare, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def short_job(root: str) -> list[str]:
+    data = os.path.join(root, "data")
+    values = {
+        "data.synthetic.dir": data,
+        "data.synthetic.train": 1500,
+        "data.synthetic.eval": 40,
+        "data.train_shards": os.path.join(data, "train"),
+        "data.eval_shards": os.path.join(data, "eval"),
+        "data.tokenizer": os.path.join(data, "tokenizer.model"),
+        "lm_pretrain.dir": os.path.join(data, "lm"),
+        "lm_pretrain.steps": 150,
+        "lm_pretrain.log_every": 50,
+        "train.num_steps": 150,
+        "train.log_every": 50,
+        "checkpoint.every_steps": 150,
+        "evals.retrieval.every_steps": 0,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.mark.slow
+def test_short_main_job_names_the_words_of_its_images(tmp_path, capsys):
+    config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), short_job(str(tmp_path)))
+    assert config.model.text_checkpoint == config.lm_pretrain.dir  # stage 2 reads what stage 1 writes
+    workdir = tmp_path / "work"
+    metrics = train.run(config, str(workdir))
+    out = capsys.readouterr().out
+    assert "stage 1 (language model): step 150/150" in out and "saved to" in out
+
+    image, random = metrics["retrieval/word_precision/image"], metrics["retrieval/word_precision/image_random"]
+    assert image >= 3 * random, (image, random)  # measured 0.445 against 0.045
+    assert metrics["retrieval/word_precision/text"] >= 3 * metrics["retrieval/word_precision/text_random"]
+    assert 0.0 <= metrics["patchdis/miou"] <= 1.0
+    assert "word precision@5" in out and "PatchDis" in out
+
+    maps = sorted(os.listdir(workdir / "word_maps"))
+    assert maps == [f"eval-image-{i}.png" for i in range(config.train.word_maps)]
+    width, height = Image.open(workdir / "word_maps" / maps[0]).size
+    assert width > 400 and height > 200
+
+    # A second invocation finds stage 1's directory complete and leaves it as it was.
+    weights = os.path.join(config.lm_pretrain.dir, "model.safetensors")
+    assert lm_pretrain.is_complete(config.lm_pretrain.dir)
+    before = os.stat(weights).st_mtime_ns
+    logged = []
+    prepare.prepare(config, logged.append)
+    assert logged == [f"stage 1 (language model): using {config.lm_pretrain.dir}"]
+    assert os.stat(weights).st_mtime_ns == before
+
+
+def test_scratch_config_has_no_stage_1():
+    """`configs/tiny.py:scratch`: a random text tower that trains, and `prepare` pretrains nothing."""
+    tiny = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"))
+    scratch = configlib.load_config(os.path.join(REPO, "configs", "tiny.py") + ":scratch")
+    assert prepare.uses_pretrained_lm(tiny) and not prepare.uses_pretrained_lm(scratch)
+    assert "text" not in tiny.train.trainable and "text" in scratch.train.trainable
+    moved = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), ["lm_pretrain.dir=/elsewhere/lm"])
+    assert moved.model.text_checkpoint == "/elsewhere/lm"
+    off = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), ["model.text_checkpoint="])
+    assert off.lm_pretrain.dir == tiny.lm_pretrain.dir and not prepare.uses_pretrained_lm(off)
+    with pytest.raises(configlib.ConfigError, match="only argument is :scratch"):
+        configlib.load_config(os.path.join(REPO, "configs", "tiny.py") + ":huge")
+
+
+def test_word_maps_are_written_for_the_first_eval_images(tmp_path):
+    """`train._write_word_maps`: one PNG per requested image of the retrieval set, none without one."""
+
+    class Retrieval:
+        type = "retrieval"
+        data = {
+            "image": np.zeros((3, 16, 16, 3), np.uint8),
+            "captions": ["a red circle", "a blue square", "a green star"],
+            "image_of_text": np.arange(3),
+        }
+
+    class Encoder:
+        words = ["red", "blue", "green", "circle", "square", "star", "small", "large", "left", "right"]
+        patch_grid = (2, 2)
+
+        def encode_images(self, images):
+            return np.tile(np.arange(10, dtype=np.float32), (len(images), 1))
+
+        def encode_patches(self, images, project):
+            return np.ones((len(images), 4, project.shape[1]), np.float32)
+
+    from etils import epath
+
+    paths = train._write_word_maps(Encoder(), [Retrieval()], 2, epath.Path(tmp_path) / "maps")
+    assert sorted(os.listdir(tmp_path / "maps")) == ["eval-image-0.png", "eval-image-1.png"]
+    assert [p.name for p in paths] == ["eval-image-0.png", "eval-image-1.png"]
+    assert train._write_word_maps(Encoder(), [], 2, epath.Path(tmp_path) / "none") == []
