@@ -166,7 +166,9 @@ def test_top_k_loss_is_info_nce_of_the_sparsified_vectors():
 
 
 def test_top_k_beyond_the_vocabulary_is_one_line():
-    config = configlib.load_config(os.path.join(VARIANTS, "q512.py") + ":tiny", ["loss.top_k=13"])
+    config = configlib.load_config(
+        os.path.join(VARIANTS, "q512.py") + ":tiny", ["loss.top_k=13", "model.text_checkpoint="]
+    )
     mesh = sharding.mesh_from_config(config.mesh)
     with pytest.raises(configlib.ConfigError, match=r"^config.loss.top_k=13 must be in \[0, V'=12\]"):
         make_program(config, mesh, build.abstract_model(config, 12))
