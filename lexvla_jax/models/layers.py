@@ -66,7 +66,11 @@ class Linear(nnx.Module):
         y = x @ self.kernel[...].astype(self.dtype)
         if self.lora_rank:
             h = self.lora_dropout(x) if self.lora_dropout is not None else x
-            y = y + (h @ self.lora_a[...].astype(self.dtype)) @ (self.lora_b[...] * self.lora_scale).astype(self.dtype)
+            # On 2-D rows: with [B,T,·] activations XLA:CPU transposes the whole output gradient for B's
+            # gradient (a quarter of a LoRA Llama's backward time); on [B·T,·] it does not.
+            h = h.reshape(-1, h.shape[-1])
+            delta = (h @ self.lora_a[...].astype(self.dtype)) @ (self.lora_b[...] * self.lora_scale).astype(self.dtype)
+            y = y + delta.reshape(y.shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
