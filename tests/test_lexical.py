@@ -156,3 +156,9 @@ def test_bad_shapes_and_chunk_size_are_rejected():
         lexical.lexical_max_pool(jnp.ones((2, 3, 4)), jnp.ones((10, 4)), chunk_size=0)
     with pytest.raises(ValueError, match="backward='dense' unknown"):
         lexical.lexical_max_pool(jnp.ones((2, 3, 4)), jnp.ones((10, 4)), backward="dense")
+
+
+def test_first_argmax_equals_jnp_argmax_with_ties():
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, (4, 9, 11)), jnp.float32)  # many ties
+    got = lexical._first_argmax(x, jnp.max(x, axis=1))
+    np.testing.assert_array_equal(got, jnp.argmax(x, axis=1))

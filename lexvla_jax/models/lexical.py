@@ -73,6 +73,16 @@ def _chunk_start(i: jax.Array, vocab: int, chunk_size: int) -> jax.Array:
     return jnp.minimum(i * chunk_size, vocab - chunk_size)
 
 
+def _first_argmax(x: jax.Array, top: jax.Array) -> jax.Array:
+    """`argmax` over axis 1 of `x [B,P,C]` (first on ties) given its max `top [B,C]`, as a plain min-reduction.
+
+    Same result as `jnp.argmax` for finite scores (a NaN column gives the last patch), without the (value, index)
+    pair reduction that XLA:CPU does not vectorise.
+    """
+    patches = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    return jnp.min(jnp.where(x == top[:, None], patches, x.shape[1] - 1), axis=1)
+
+
 def _max_logits(h: jax.Array, codebook: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
     """`max_p` and `argmax_p` (first on ties) of `H Zᵀ`, one vocabulary chunk at a time → `[B,V]` each."""
     batch, vocab = h.shape[0], codebook.shape[0]
@@ -82,8 +92,9 @@ def _max_logits(h: jax.Array, codebook: jax.Array, chunk_size: int) -> tuple[jax
         start = _chunk_start(i, vocab, chunk_size)
         z = jax.lax.dynamic_slice_in_dim(codebook, start, chunk_size)
         x = jnp.einsum("bpd,cd->bpc", h, z, preferred_element_type=jnp.float32)
-        maxima = jax.lax.dynamic_update_slice_in_dim(maxima, jnp.max(x, axis=1), start, axis=1)
-        argmaxes = jax.lax.dynamic_update_slice_in_dim(argmaxes, jnp.argmax(x, axis=1).astype(jnp.int32), start, axis=1)
+        top = jnp.max(x, axis=1)
+        maxima = jax.lax.dynamic_update_slice_in_dim(maxima, top, start, axis=1)
+        argmaxes = jax.lax.dynamic_update_slice_in_dim(argmaxes, _first_argmax(x, top), start, axis=1)
         return maxima, argmaxes
 
     init = (jnp.zeros((batch, vocab), jnp.float32), jnp.zeros((batch, vocab), jnp.int32))
