@@ -105,3 +105,27 @@ def test_cudnn_chosen_only_where_it_applies(monkeypatch, dtype, head, length, ha
     monkeypatch.setattr(layers, "_on_cuda", lambda: True)
     q = jax.ShapeDtypeStruct((2, length, 4, head), dtype)
     assert layers.attention_implementation(q, q, has_mask=has_mask) == expected
+
+
+def test_large_cpu_attention_is_split_into_batch_blocks(monkeypatch):
+    q = jax.ShapeDtypeStruct((32, 257, 6, 64), jnp.float32)  # DINOv2 ViT-S/14 at 224 px: 1.6 MB of scores each
+    assert layers.cpu_attention_blocks(q, q) == 16
+    small = jax.ShapeDtypeStruct((32, 64, 8, 64), jnp.float32)  # the whole batch's scores fit in 4 MiB
+    assert layers.cpu_attention_blocks(small, small) == 1
+    monkeypatch.setattr(layers, "CPU_SCORES_BLOCK_BYTES", 2 * 4 * 7 * 7 * 4)  # two examples of `inputs` per block
+    assert layers.cpu_attention_blocks(*inputs(t=7, b=6)[:2]) == 3
+    assert layers.cpu_attention_blocks(*inputs(t=7, b=3)[:2]) == 3  # 3 has no divisor giving blocks of 2
+
+
+def test_blocked_attention_matches_one_piece_in_values_and_gradients(monkeypatch):
+    q, k, v = inputs(kv_heads=2, b=6)
+    pad = jnp.asarray(np.concatenate([PADDING, PADDING[::-1]]))[:, None, None, :]
+    # A fresh function per trace: the block size is read when tracing, and traces are cached per function.
+    loss = lambda: lambda *a: jnp.sum(jnp.sin(layers.dot_product_attention(*a, pad, is_causal=True)))
+    one_piece = jax.jit(jax.value_and_grad(loss(), argnums=(0, 1, 2)))(q, k, v)
+    assert "while" not in jax.jit(loss()).lower(q, k, v).as_text()
+    monkeypatch.setattr(layers, "CPU_SCORES_BLOCK_BYTES", 2 * 4 * 7 * 7 * 4)
+    blocked = jax.jit(jax.value_and_grad(loss(), argnums=(0, 1, 2)))(q, k, v)
+    assert "while" in jax.jit(loss()).lower(q, k, v).as_text()  # the CPU branch loops over the 3 blocks
+    for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(one_piece), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)  # the loss sums in another order

@@ -156,3 +156,24 @@ def test_bad_shapes_and_chunk_size_are_rejected():
         lexical.lexical_max_pool(jnp.ones((2, 3, 4)), jnp.ones((10, 4)), chunk_size=0)
     with pytest.raises(ValueError, match="backward='dense' unknown"):
         lexical.lexical_max_pool(jnp.ones((2, 3, 4)), jnp.ones((10, 4)), backward="dense")
+
+
+def test_first_argmax_equals_jnp_argmax_with_ties():
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, (4, 9, 11)), jnp.float32)  # many ties
+    got = lexical._first_argmax(x, jnp.max(x, axis=1))
+    np.testing.assert_array_equal(got, jnp.argmax(x, axis=1))
+
+
+def test_cpu_forward_walks_the_batch_in_blocks_with_the_same_result(monkeypatch):
+    assert lexical.cpu_score_blocks(32, 256, 1024) == 8  # reference shapes: 4 examples' scores (4 MiB) per block
+    assert lexical.cpu_score_blocks(64, 64, 256) == 1  # the tiny config: the whole batch's scores fit
+    h, codebook, probe = inputs(6, 7, 16, 50)
+    pool = lambda: functools.partial(lexical.lexical_max_pool, chunk_size=16)  # a fresh function per trace
+    one_piece = jax.jit(pool())(h, codebook), grads(pool(), h, codebook, probe)
+    assert "platform_index" not in str(jax.make_jaxpr(pool())(h, codebook))
+    monkeypatch.setattr(lexical, "CPU_SCORES_BLOCK_BYTES", 2 * 7 * 16 * 4)  # two examples per block
+    assert lexical.cpu_score_blocks(6, 7, 16) == 3
+    assert "platform_index" in str(jax.make_jaxpr(pool())(h, codebook))  # the CPU / other-platform switch
+    blocked = jax.jit(pool())(h, codebook), grads(pool(), h, codebook, probe)
+    for got, want in zip(jax.tree.leaves(blocked), jax.tree.leaves(one_piece), strict=True):
+        np.testing.assert_array_equal(got, want)

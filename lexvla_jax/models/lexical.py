@@ -4,7 +4,8 @@ For patch features `H [B,P,D]` and a visual codebook `Z [V,D]`, `s = normalize(m
 Written directly, `H Zᵀ` is a `[B,P,V]` array (B=64, P=256, V=17,149 is 1.1 GB in float32; its forward
 and backward need several such buffers, see `benchmarks/maxpool_memory.py`). `lexical_max_pool` never
 builds it: it walks the vocabulary in chunks, keeps only each word's largest pre-activation and the patch
-it came from (`[B,V]` each), and its custom backward pass sends each word's gradient to that one patch,
+it came from (`[B,V]` each; on CPUs a chunk's batch is walked a few examples at a time so their scores stay in
+cache), and its custom backward pass sends each word's gradient to that one patch,
 again chunk by chunk. Peak memory is `O(B·V + B·P·chunk)` plus the inputs and their gradients.
 
 The backward pass has two forms with equal results. On accelerators it is two one-hot matmuls per
@@ -73,17 +74,64 @@ def _chunk_start(i: jax.Array, vocab: int, chunk_size: int) -> jax.Array:
     return jnp.minimum(i * chunk_size, vocab - chunk_size)
 
 
+def _first_argmax(x: jax.Array, top: jax.Array) -> jax.Array:
+    """`argmax` over axis 1 of `x [B,P,C]` (first on ties) given its max `top [B,C]`, as a plain min-reduction.
+
+    Same result as `jnp.argmax` for finite scores (a NaN column gives the last patch), without the (value, index)
+    pair reduction that XLA:CPU does not vectorise.
+    """
+    patches = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    return jnp.min(jnp.where(x == top[:, None], patches, x.shape[1] - 1), axis=1)
+
+
+# On CPU, each vocabulary chunk's scores are made a few examples at a time, at most this many bytes of them.
+CPU_SCORES_BLOCK_BYTES = 4 * 2**20
+
+
+def _chunk_max(h: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`max_p` and first `argmax_p` of `H zᵀ` for one chunk `z [C,D]` → `[B,C]` each."""
+    x = jnp.einsum("bpd,cd->bpc", h, z, preferred_element_type=jnp.float32)
+    top = jnp.max(x, axis=1)
+    return top, _first_argmax(x, top)
+
+
+def _chunk_max_in_blocks(blocks: int, h: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`_chunk_max` over `blocks` strided blocks of the batch (examples i, i + blocks, ...), one after another:
+    each block's `[b,P,C]` scores stay in cache between the matmul and the reductions."""
+    split = h.reshape(h.shape[0] // blocks, blocks, *h.shape[1:]).swapaxes(0, 1)
+    merge = lambda x: x.swapaxes(0, 1).reshape(h.shape[0], *x.shape[2:])
+    top, arg = jax.lax.map(lambda hb: _chunk_max(hb, z), split)
+    return merge(top), merge(arg)
+
+
+def cpu_score_blocks(batch: int, patches: int, chunk_size: int) -> int:
+    """Into how many strided batch blocks the CPU forward splits each chunk: the fewest whose float32 scores fit in
+    `CPU_SCORES_BLOCK_BYTES` (1 when the whole batch's do)."""
+    per_block = max(1, CPU_SCORES_BLOCK_BYTES // (patches * chunk_size * 4))
+    if per_block >= batch:
+        return 1
+    return next(n for n in range(2, batch + 1) if batch % n == 0 and batch // n <= per_block)
+
+
 def _max_logits(h: jax.Array, codebook: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-    """`max_p` and `argmax_p` (first on ties) of `H Zᵀ`, one vocabulary chunk at a time → `[B,V]` each."""
+    """`max_p` and `argmax_p` (first on ties) of `H Zᵀ`, one vocabulary chunk at a time → `[B,V]` each.
+
+    On CPU a chunk's batch is walked in blocks (`cpu_score_blocks`); elsewhere it is one matmul.
+    """
     batch, vocab = h.shape[0], codebook.shape[0]
+    blocks = cpu_score_blocks(batch, h.shape[1], chunk_size)
+    if blocks == 1:
+        chunk_max = _chunk_max
+    else:
+        cpu = functools.partial(_chunk_max_in_blocks, blocks)
+        chunk_max = lambda h, z: jax.lax.platform_dependent(h, z, cpu=cpu, default=_chunk_max)
 
     def one_chunk(i, carry):
         maxima, argmaxes = carry
         start = _chunk_start(i, vocab, chunk_size)
-        z = jax.lax.dynamic_slice_in_dim(codebook, start, chunk_size)
-        x = jnp.einsum("bpd,cd->bpc", h, z, preferred_element_type=jnp.float32)
-        maxima = jax.lax.dynamic_update_slice_in_dim(maxima, jnp.max(x, axis=1), start, axis=1)
-        argmaxes = jax.lax.dynamic_update_slice_in_dim(argmaxes, jnp.argmax(x, axis=1).astype(jnp.int32), start, axis=1)
+        top, arg = chunk_max(h, jax.lax.dynamic_slice_in_dim(codebook, start, chunk_size))
+        maxima = jax.lax.dynamic_update_slice_in_dim(maxima, top, start, axis=1)
+        argmaxes = jax.lax.dynamic_update_slice_in_dim(argmaxes, arg, start, axis=1)
         return maxima, argmaxes
 
     init = (jnp.zeros((batch, vocab), jnp.float32), jnp.zeros((batch, vocab), jnp.int32))
