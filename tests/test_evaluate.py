@@ -187,6 +187,20 @@ def test_karpathy_flickr_layout_and_bad_paths(tmp_path):
         retrieval_evaluator(format="karpathy", json=str(json_path), image_root=str(tmp_path / "gone"))
     with pytest.raises(DataConfigError, match=r"no images with split='restval'; check config.evals.ret.split"):
         retrieval_evaluator(format="karpathy", json=str(json_path), image_root=root, split="restval")
+    # An image root that exists but is not the one the json's paths start from; then one image file missing.
+    wrong = rf"^config.evals.ret.image_root='{tmp_path}' does not hold the json's images \(.*1.jpg does not exist\)"
+    with pytest.raises(DataConfigError, match=wrong + "; point it at the folder the json's filename paths start from$"):
+        retrieval_evaluator(format="karpathy", json=str(json_path), image_root=str(tmp_path))
+    os.remove(os.path.join(root, "2.jpg"))
+    with pytest.raises(DataConfigError, match=r"^config.evals.ret: 2.jpg: \[Errno 2\] No such file or directory: .*$"):
+        retrieval_evaluator(format="karpathy", json=str(json_path), image_root=root)
+
+
+def test_karpathy_coco_image_root_is_the_folder_above_filepath(karpathy_coco):
+    json_path, root = karpathy_coco
+    message = r"image_root='.*val2014' does not hold the json's images \(.*val2014/val2014/COCO_val2014_000000000000"
+    with pytest.raises(DataConfigError, match=message + r".*the json's filepath/filename paths start from$"):
+        retrieval_evaluator(format="karpathy", json=json_path, image_root=os.path.join(root, "val2014"))
 
 
 def test_tfds_array_record_reader(tmp_path):

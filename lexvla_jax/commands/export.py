@@ -85,8 +85,9 @@ def main(argv: list[str]) -> int:
     if args.scale < 1:
         raise configlib.ConfigError(f"--scale {args.scale}: must be a positive integer, e.g. {export.DEFAULT_SCALE}")
     name, source = _source(config, args.source)
-    records = image_text_records(source, f"config.evals.{name}")
-    eval_set = read_image_text_set(records, config.data, source.get("captions_per_image", 5), args.max_images)
+    where = f"config.evals.{name}"
+    records = image_text_records(source, where)
+    eval_set = read_image_text_set(records, config.data, source.get("captions_per_image", 5), args.max_images, where)
     encoder = common.restore_encoder(config, args.workdir, args.step)
     written = export_eval_set(
         encoder, eval_set, args.out, args.what, threshold=args.threshold, top_k=args.top_k, scale=args.scale

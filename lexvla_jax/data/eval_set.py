@@ -91,6 +91,12 @@ def karpathy_eval_records(json_path: str, image_root: str, split: str, where: st
         records.append({"key": entry["filename"], "path": path, "captions": captions, "error": None})
     if not records:
         raise DataConfigError(f"{json_path} has no images with split={split!r}; check {where}.split")
+    if not epath.Path(records[0]["path"]).exists():
+        layout = "filepath/filename" if entries and "filepath" in entries[0] else "filename"
+        raise DataConfigError(
+            f"{where}.image_root={image_root!r} does not hold the json's images ({records[0]['path']} does not "
+            f"exist); point it at the folder the json's {layout} paths start from"
+        )
     return records
 
 
@@ -181,7 +187,8 @@ def eval_image(record: Mapping, data_config) -> np.ndarray:
 
 
 class _DecodeEvalRecord:
-    """Record → `{"key", "image", "captions"}`, or `{"skip": reason index}` (checks run cheapest first)."""
+    """Record → `{"key", "image", "captions"}`, `{"skip": reason index}` (checks run cheapest first), or
+    `{"error": line}` when an image file cannot be read (a missing file is an error, not a skipped sample)."""
 
     def __init__(self, data_config, captions_per_image: int):
         self.data_config, self.captions_per_image = data_config, captions_per_image
@@ -194,12 +201,18 @@ class _DecodeEvalRecord:
             return {"key": record["key"], "image": eval_image(record, self.data_config), "captions": captions}
         except BadSample as e:
             return {"skip": REASON_INDEX[e.reason]}
+        except OSError as e:
+            return {"error": f"{record['key']}: {e}"}
 
 
 def read_image_text_set(
-    records: Sequence[dict] | grain.MapDataset, data_config, captions_per_image: int, max_images: int | None = None
+    records: Sequence[dict] | grain.MapDataset,
+    data_config,
+    captions_per_image: int,
+    max_images: int | None = None,
+    where: str = "the eval set",
 ) -> dict:
-    """Decodes `records` in parallel threads, in order.
+    """Decodes `records` in parallel threads, in order; an unreadable image file is a one-line error naming `where`.
 
     Returns `image` uint8 [N,S,S,3], `captions` (all T captions), `image_of_text` int32 [T] (the image
     each caption belongs to), `keys` (N) and `skipped` ({reason: count}).
@@ -212,6 +225,8 @@ def read_image_text_set(
     skipped = np.zeros(len(SKIP_REASONS), np.int64)
     images, keys, texts, image_of_text = [], [], [], []
     for element in decoded:
+        if "error" in element:
+            raise DataConfigError(f"{where}: {element['error']}")
         if "skip" in element:
             skipped[element["skip"]] += 1
             continue

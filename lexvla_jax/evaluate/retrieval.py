@@ -105,7 +105,7 @@ class RetrievalEvaluator(Evaluator):
         if int(s["word_k"]) < 0:
             raise EvalConfigError(f"{self.where}.word_k={s['word_k']}: give 0 (off) or the number of words, e.g. 5")
         records = image_text_records(s, self.where)
-        self.data = read_image_text_set(records, data_config, int(s["captions_per_image"]), s["max_images"])
+        self.data = read_image_text_set(records, data_config, int(s["captions_per_image"]), s["max_images"], self.where)
 
     def run(self, encoder) -> dict[str, float]:
         self.check_image_size(encoder, self.data["image"].shape[1])
