@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import sys
 import tarfile
 
 import numpy as np
@@ -273,6 +275,18 @@ def test_coco_bad_input(coco_files, tmp_path):
         evaluator(format="coco", json=json_path)
     with pytest.raises(DataConfigError, match=r"classes='ade20k' is not a class list for coco data; use coco or voc"):
         evaluator(format="coco", json=json_path, image_root=image_root, classes="ade20k")
+    parent = os.path.dirname(image_root)  # the folder above val2017/: exists, but the images are not in it
+    message = rf"^config.evals.seg.image_root='{parent}' does not hold the json's images \(.*/000000000005.jpg does not"
+    with pytest.raises(DataConfigError, match=message + r" exist\); point it at the folder the json's file_name paths"):
+        evaluator(format="coco", json=json_path, image_root=parent)
+
+
+def test_coco_without_pycocotools_is_a_one_line_error(coco_files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools.coco", None)  # import fails as when it is not installed
+    json_path, image_root = coco_files
+    message = r"^config.evals.seg: COCO instance masks need pycocotools: pip install 'lexvla_jax\[eval\]'$"
+    with pytest.raises(DataConfigError, match=message):
+        evaluator(format="coco", json=json_path, image_root=image_root)
 
 
 # ---------------------------------------------------------------------------------------- synthetic set

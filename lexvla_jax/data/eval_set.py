@@ -76,6 +76,15 @@ def check_exists(path: str, field: str, what: str) -> None:
         raise DataConfigError(f"{field}={path!r} does not exist; point it at {what}")
 
 
+def check_image_root(first_image: str, image_root: str, where: str, layout: str) -> None:
+    """One line when a json's first image is not under `image_root` (e.g. the folder one level too deep)."""
+    if not epath.Path(first_image).exists():
+        raise DataConfigError(
+            f"{where}.image_root={image_root!r} does not hold the json's images ({first_image} does not "
+            f"exist); point it at the folder the json's {layout} paths start from"
+        )
+
+
 def karpathy_eval_records(json_path: str, image_root: str, split: str, where: str) -> list[dict]:
     """Records of the Karpathy-split json's `split` images; image bytes are read later, in parallel."""
     check_exists(json_path, f"{where}.json", "dataset_coco.json or dataset_flickr30k.json")
@@ -91,12 +100,8 @@ def karpathy_eval_records(json_path: str, image_root: str, split: str, where: st
         records.append({"key": entry["filename"], "path": path, "captions": captions, "error": None})
     if not records:
         raise DataConfigError(f"{json_path} has no images with split={split!r}; check {where}.split")
-    if not epath.Path(records[0]["path"]).exists():
-        layout = "filepath/filename" if entries and "filepath" in entries[0] else "filename"
-        raise DataConfigError(
-            f"{where}.image_root={image_root!r} does not hold the json's images ({records[0]['path']} does not "
-            f"exist); point it at the folder the json's {layout} paths start from"
-        )
+    layout = "filepath/filename" if "filepath" in entries[0] else "filename"
+    check_image_root(records[0]["path"], image_root, where, layout)
     return records
 
 

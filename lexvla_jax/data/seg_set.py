@@ -29,7 +29,7 @@ from etils import epath
 from PIL import Image
 
 from lexvla_jax.data.config import DataConfigError, resolve_shards
-from lexvla_jax.data.eval_set import check_exists, eval_image
+from lexvla_jax.data.eval_set import check_exists, check_image_root, eval_image
 from lexvla_jax.data.masks import IGNORE, crop_mask, open_mask
 from lexvla_jax.data.records import MISSING_IMAGE, REASON_INDEX, SKIP_REASONS, BadSample, skip_counts_dict
 from lexvla_jax.data.synthetic import SHAPES
@@ -107,8 +107,12 @@ class _CocoMasks:
 
 def coco_records(json_path: str, image_root: str, classes: str, where: str) -> tuple[list[dict], tuple[str, ...]]:
     """Records with the image's path and `coco_mask` (a painter); the class names in label order."""
-    from pycocotools.coco import COCO
-
+    try:
+        from pycocotools.coco import COCO
+    except ImportError:
+        raise DataConfigError(
+            f"{where}: COCO instance masks need pycocotools: pip install 'lexvla_jax[eval]'"
+        ) from None
     check_exists(json_path, f"{where}.json", "a COCO instances json such as instances_val2017.json")
     check_exists(image_root, f"{where}.image_root", "the folder holding the json's images")
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -129,6 +133,8 @@ def coco_records(json_path: str, image_root: str, classes: str, where: str) -> t
         info = coco.imgs[image_id]
         path = os.path.join(image_root, info["file_name"])
         records.append({"key": info["file_name"], "path": path, "coco_id": image_id, "coco_mask": painter})
+    if records:
+        check_image_root(records[0]["path"], image_root, where, "file_name")
     return records, names
 
 
