@@ -170,14 +170,10 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
     from lexvla_jax.program import make_program
 
     sharding.initialize_distributed(config.dist)
-    mesh = sharding.mesh_from_config(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding.rules)
     tokenizer, kept_ids = build.load_vocabulary(config)
-    with sharding.use_mesh_rules(mesh, rules):
-        model = build.build_model(config, mesh, kept_ids)
-        program, _, frozen, rest = make_program(config, mesh, model)
     checkpointer = Checkpointer(workdir, every_steps=1, keep=None, async_save=False, create=False)
     try:
+        # The checkpoint and its vocabulary are checked before the model is built: user errors come fast.
         step = checkpointer.latest_step() if step is None else step
         if step is None or step not in checkpointer.all_steps():
             raise CheckpointNotFound(
@@ -185,6 +181,11 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
                 "pass the workdir `lexvla train` wrote (and an existing --step)"
             )
         checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
+        mesh = sharding.mesh_from_config(config.mesh)
+        rules = tuple(tuple(r) for r in config.sharding.rules)
+        with sharding.use_mesh_rules(mesh, rules):
+            model = build.build_model(config, mesh, kept_ids)
+            program, _, frozen, rest = make_program(config, mesh, model)
         state = checkpointer.restore(step, program.abstract_state)
     finally:
         checkpointer.close()

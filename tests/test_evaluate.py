@@ -406,3 +406,27 @@ def test_tiny_config_declares_retrieval_and_patchdis(tmp_path):
     paper = configlib.load_config(os.path.join(REPO, "configs", "lexvla_cc12m.py"))
     assert {n: e.type for n, e in paper.evals.items()} == dict(coco="retrieval", flickr="retrieval", voc="patchdis")
     assert paper.evals.coco.top_k == 512 and paper.evals.voc.format == "voc"
+
+
+def test_lexvla_eval_without_a_checkpoint_is_one_line(tmp_path, capsys, monkeypatch, synthetic_text):
+    """The checkpoint is looked for before the model is built; no checkpoint (or no such step) is one line."""
+    from lexvla_jax import build
+
+    monkeypatch.setattr(build, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    out = str(tmp_path / "synthetic")
+    synthetic.make_synthetic(out, num_train=0, num_eval=2, seed=0, image_size=32, shard_size=100)
+    args = [
+        "--config",
+        os.path.join(REPO, "configs", "tiny.py:scratch"),
+        "--config.data.tokenizer",
+        synthetic_text[1].path,
+    ]
+    args += [f"--config.data.eval_shards={out}/eval", "--config.data.image_size=32", "--config.data.num_workers=0"]
+    for workdir, step, expected in (
+        (tmp_path / "none", [], f"no checkpoint under {tmp_path / 'none' / 'checkpoints'}; pass the workdir"),
+        (tmp_path / "empty", ["--step", "5"], f"no checkpoint at step 5 under {tmp_path / 'empty' / 'checkpoints'}"),
+    ):
+        (tmp_path / "empty" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        assert cli.main(["eval", *args, "--workdir", str(workdir), *step]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lexvla eval: {expected}") and err.count("\n") == 1, err
