@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -313,6 +314,29 @@ def test_table_is_laid_out_like_the_papers(karpathy_coco):
     assert lines[6] == "active words per image / text, MSCOCO 5k: ≥ 1/√V′ 1081.2 / 35.5, top-512 512.0 / 512.0"
     assert lines[7] == "word precision@5 (%), MSCOCO 5k: images 90.0 (random 4.6), captions 95.0 (random 3.3)"
     assert lines[8].startswith("active words per image / text, Flickr30k 1k: ")
+
+
+def test_patchdis_table_puts_random_assignment_next_to_the_model():
+    voc = types.SimpleNamespace(type="patchdis", name="voc", label="VOC 2012 val", classes=["c"] * 20)
+    shapes = types.SimpleNamespace(type="patchdis", name="shapes", label="shapes", classes=["c"] * 6)
+    metrics = {"voc/miou": 0.363, "voc/random_miou": 0.0256, "voc/miou_per_image": 0.41,
+               "voc/random_miou_per_image": 0.05, "voc/mean_class_recall": 0.45, "voc/random_mean_class_recall": 0.05,
+               "shapes/miou": 0.089, "shapes/random_miou": 0.086}  # fmt: skip
+    lines = table.format_results([voc, shapes], metrics).splitlines()
+    assert lines[0].split() == [
+        "PatchDis",
+        "(%)",
+        "classes",
+        "mIoU",
+        "random",
+        "per-image",
+        "random",
+        "recall",
+        "random",
+    ]
+    assert lines[1].split() == ["VOC", "2012", "val", "20", "36.3", "2.6", "41.0", "5.0", "45.0", "5.0"]
+    assert lines[2].split() == ["shapes", "6", "8.9", "8.6", "-", "-", "-", "-"]
+    assert lines[1].index("36.3") + len("36.3") == lines[0].index("mIoU") + len("mIoU")  # numbers under their heads
 
 
 # ---------------------------------------------------------------------------------------- lexvla eval

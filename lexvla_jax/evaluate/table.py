@@ -31,8 +31,12 @@ def _cell(metrics: Mapping[str, float], key: str) -> str:
 
 
 def _columns(lines: list[list[str]]) -> str:
+    """Cells in columns: the first left-aligned, the others (numbers and their heads) right-aligned."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+    return "\n".join(
+        "  ".join([line[0].ljust(widths[0]), *(c.strip().rjust(w) for c, w in zip(line[1:], widths[1:], strict=True))])
+        for line in lines
+    )
 
 
 def retrieval_table(evaluators: Sequence[Evaluator], metrics: Mapping[str, float]) -> str:
