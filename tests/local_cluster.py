@@ -64,10 +64,11 @@ def overrides(data_dir: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def command(workdir, data_dir, **extra) -> list[str]:
+def command(workdir, data_dir, *, command_name: str = "train", **extra) -> list[str]:
+    """`lexvla <command_name>` (train, eval) on the cut-down tiny config."""
     args = ["--config", TINY_CONFIG, "--workdir", str(workdir)]
     args += [f"--config.{o}" for o in overrides(data_dir, **extra)]
-    return [sys.executable, "-m", "lexvla_jax.cli", "train", *args]
+    return [sys.executable, "-m", "lexvla_jax.cli", command_name, *args]
 
 
 def free_port() -> int:
@@ -109,9 +110,10 @@ def wait_workers(procs: list[subprocess.Popen], timeout: float = 900) -> list[st
 
 
 class Cluster:
-    """`num_processes` copies of `lexvla train` with `devices` CPU devices each, logging to `<workdir>.log<i>`."""
+    """`num_processes` copies of `lexvla train` (or `command_name`) with `devices` CPU devices each, logging to
+    `<workdir>.log<i>`."""
 
-    def __init__(self, workdir, data_dir, num_processes: int, devices: int, **extra):
+    def __init__(self, workdir, data_dir, num_processes: int, devices: int, *, command_name: str = "train", **extra):
         self.workdir = str(workdir)
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
@@ -124,7 +126,7 @@ class Cluster:
             with open(log_path, "w") as log:
                 self.procs.append(
                     subprocess.Popen(
-                        command(workdir, data_dir, **extra),
+                        command(workdir, data_dir, command_name=command_name, **extra),
                         env={**env, "LEXVLA_PROCESS_ID": str(i)},
                         stdout=log,
                         stderr=subprocess.STDOUT,

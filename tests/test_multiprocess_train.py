@@ -5,6 +5,7 @@ every 6 steps and checkpoints every 4; the data are 2 streams, so both process c
 batches. The other tests stop, resume, re-evaluate or kill copies of these runs.
 """
 
+import json
 import multiprocessing
 import os
 import re
@@ -107,6 +108,21 @@ def test_evaluation_on_two_processes_equals_one_for_any_batch(runs, data_dir, tm
     cluster.check()
     assert f"resumed from step {STEPS}" in cluster.output(0)
     assert local_cluster.eval_rows(workdir)[STEPS] == local_cluster.eval_rows(runs["one"])[STEPS]
+
+
+def test_lexvla_eval_on_two_processes_writes_the_runs_final_evaluation(runs, data_dir, tmp_path):
+    """`lexvla eval` as 2 processes × 4 devices on the 1-process run's last checkpoint: eval/step_12.json holds
+    the numbers of the run's own final evaluation (retrieval and PatchDis); only process 0 prints tables."""
+    workdir = _copy(runs["one"], tmp_path)
+    cluster = Cluster(workdir, data_dir, 2, 4, command_name="eval", **EXTRA)
+    cluster.check()
+    with open(os.path.join(workdir, "eval", f"step_{STEPS}.json")) as f:
+        written = json.load(f)
+    metrics = {k: v for k, v in written["metrics"].items() if not k.endswith("/seconds")}
+    assert written["step"] == STEPS and metrics == local_cluster.eval_rows(runs["one"])[STEPS]
+    assert "patchdis/miou" in metrics and "retrieval/threshold/active_words_image" in metrics
+    for table in ("Retrieval (%)", "PatchDis (%)"):
+        assert table in cluster.output(0) and table not in cluster.output(1)
 
 
 def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_exactly(runs, data_dir, tmp_path):
