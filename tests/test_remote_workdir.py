@@ -13,6 +13,7 @@ import json
 import os
 import struct
 import subprocess
+import types
 
 import jax
 import numpy as np
@@ -27,6 +28,7 @@ from test_train_loop import data_dir  # noqa: F401 (fixture)
 from lexvla_jax import build, configlib, inference
 from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch, vocabulary_record
 from lexvla_jax.data import pipeline
+from lexvla_jax.evaluate import command as eval_command
 from lexvla_jax.metric_writers import MetricWriter
 
 from gcs_emulator import LOCAL_SUSPECTS, gcs_emulator, local_traces  # noqa: F401 (fixture)
@@ -163,6 +165,23 @@ def test_metric_writer_in_gcs(gcs_emulator, tmp_path, monkeypatch):  # noqa: F81
     assert sorted(gcs_emulator.objects(workdir)) == sorted(
         ["metrics.jsonl", *(f"tensorboard/{file.name}" for file in files)]
     )
+    _assert_no_local_copy(tmp_path)
+
+
+def test_eval_results_in_gcs(gcs_emulator, tmp_path, monkeypatch):  # noqa: F811
+    """`lexvla eval`'s record, `<workdir>/eval/step_<N>.json`, is written through epath to the bucket."""
+    monkeypatch.chdir(tmp_path)
+    workdir = gcs_emulator.new_workdir()
+    coco = types.SimpleNamespace(name="coco", type="retrieval", settings={"top_k": 512, "ks": (1, 5)})
+    path = eval_command.write_results(workdir, 700, [coco], {"coco/dense/i2t_r@1": 0.5})
+    assert str(path) == f"{workdir}/eval/step_700.json" and gcs_emulator.objects(workdir) == ["eval/step_700.json"]
+    record = json.loads(epath.Path(path).read_text())
+    assert record == {
+        "step": 700,
+        "workdir": workdir,
+        "evals": {"coco": {"type": "retrieval", "top_k": 512, "ks": [1, 5]}},
+        "metrics": {"coco/dense/i2t_r@1": 0.5},
+    }
     _assert_no_local_copy(tmp_path)
 
 
