@@ -131,3 +131,27 @@ def test_every_command_names_a_function():
     for name, (target, _) in cli.COMMANDS.items():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function, None)), name
+
+
+def _layout_block() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    return [line.split()[0] for line in block.splitlines() if re.match(r"  \S", line)]  # lexvla_jax/'s entries
+
+
+def test_readme_layout_lists_the_package_files():
+    listed = set(_layout_block())
+    files = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    folders = {f"{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} - {"models/"}
+    models = {f"models/{p.name}" for p in (PACKAGE / "models").glob("*.py") if p.name != "__init__.py"}
+    present = files | folders | models
+    assert present == listed, f"missing from README: {sorted(present - listed)}; gone: {sorted(listed - present)}"
+
+
+def test_architecture_doc_names_files_that_exist():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"[\w/]+\.py\b", text))
+    files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if ".venv" not in p.parts]
+    assert len(named) > 20
+    gone = sorted(n for n in named if not any(f == n or f.endswith("/" + n) for f in files))
+    assert not gone, f"docs/architecture.md names files that do not exist: {gone}"
