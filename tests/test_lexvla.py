@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lexvla_jax import build, configlib, sharding
+from lexvla_jax import build, configlib, convert, sharding
 from lexvla_jax.models import lexical
 
 import tiny_hf
@@ -24,10 +24,9 @@ def hf_dirs(tmp_path_factory):
     return tiny_hf.write_tiny_hf(tmp_path_factory.mktemp("hf"))
 
 
-@pytest.fixture(scope="module")
-def model(hf_dirs):
-    vision_dir, text_dir, _, _ = hf_dirs
-    config = configlib.load_config(
+def _config(vision_dir: str = "", text_dir: str = ""):
+    """configs/tiny.py with these checkpoints ("": random towers)."""
+    return configlib.load_config(
         os.path.join(REPO, "configs", "tiny.py"),
         [
             f"model.vision_checkpoint={vision_dir}",
@@ -37,8 +36,12 @@ def model(hf_dirs):
             "model.lora.targets=('q','v','down')",
         ],
     )
-    mesh = sharding.make_mesh((2, 2, 2))
-    return build.build_model(config, mesh, KEPT)
+
+
+@pytest.fixture(scope="module")
+def model(hf_dirs):
+    vision_dir, text_dir, _, _ = hf_dirs
+    return build.build_model(_config(vision_dir, text_dir), sharding.make_mesh((2, 2, 2)), KEPT)
 
 
 def test_codebooks_are_the_kept_lm_head_rows(hf_dirs, model):
@@ -86,3 +89,25 @@ def test_logit_scale_is_clamped(model):
     clone.logit_scale[...] = jnp.float32(10.0)  # exp(10) > logit_scale_max
     assert float(clone.logit_scale_value()) == pytest.approx(clone.config.logit_scale_max)
     assert float(model.logit_scale_value()) == pytest.approx(model.config.logit_scale_init, rel=1e-5)
+
+
+def test_random_and_loaded_models_are_made_one_way_in_their_rule_shardings(model, monkeypatch):
+    """A random build goes through `convert.load_model` like a loaded one, and every variable of both is
+    created in the sharding the rules give it (split over the mesh, not replicated then moved)."""
+    made = []
+    load_model = convert.load_model
+    monkeypatch.setattr(convert, "load_model", lambda *a, **k: made.append(a[1]) or load_model(*a, **k))
+    mesh = sharding.make_mesh((2, 2, 2))
+    random = build.build_model(_config(), mesh, KEPT)
+    assert made == [()]  # no checkpoint parts: the random-initialisation path of the same function
+    for built in (random, model):
+        state = nnx.state(built)
+        rules = sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES)
+        split = 0
+        for (path, variable), (_, want) in zip(nnx.to_flat_state(state), nnx.to_flat_state(rules), strict=True):
+            value = variable.get_value()
+            assert value.sharding.is_equivalent_to(want.get_value(), value.ndim), path
+            split += value.sharding.shard_shape(value.shape) != value.shape
+        assert split > 10
+    kernel = random.adapter.fc1.kernel[...]
+    assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape  # a randomly initialised weight, split
