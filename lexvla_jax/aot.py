@@ -32,7 +32,7 @@ libtpu_env.quiet_libtpu_without_tpu()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lexvla_jax import build, configlib, sharding, vocab  # noqa: E402
+from lexvla_jax import build, configlib, sharding  # noqa: E402
 from lexvla_jax.program import make_program, with_shardings  # noqa: E402
 
 GIB = 1024**3
@@ -155,8 +155,7 @@ def _vocab_and_length(config) -> tuple[int, int]:
     there is one, else from config fields."""
     data = config.data
     if data.tokenizer and os.path.exists(data.tokenizer):
-        tokenizer = vocab.load_tokenizer(data.tokenizer)
-        kept_ids = vocab.filter_vocabulary(tokenizer, config.model.get("vocab_filter", vocab.DEFAULT_RULE))
+        tokenizer, kept_ids = build.load_vocabulary(config)
         return len(kept_ids), build.caption_encoder(config, tokenizer, kept_ids).max_length
     bow = build.text_encoder(config) == "bow"
     if not config.model.vocab_size or not (data.max_length or bow):
