@@ -1,13 +1,11 @@
 """LexVLA assembled from Hugging Face checkpoints: codebooks, towers, text read at the last real token."""
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lexvla_jax import build, configlib, convert, sharding
+from lexvla_jax import build, convert, sharding
 from lexvla_jax.models import lexical
 
 import tiny_hf
@@ -15,8 +13,7 @@ import tiny_hf
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEPT = np.array([3, 5, 8, 13, 21, 34, 55, 89, 100, 120], np.int32)
+KEPT = tiny_hf.KEPT
 
 
 @pytest.fixture(scope="module")
@@ -24,24 +21,10 @@ def hf_dirs(tmp_path_factory):
     return tiny_hf.write_tiny_hf(tmp_path_factory.mktemp("hf"))
 
 
-def _config(vision_dir: str = "", text_dir: str = ""):
-    """configs/tiny.py with these checkpoints ("": random towers)."""
-    return configlib.load_config(
-        os.path.join(REPO, "configs", "tiny.py"),
-        [
-            f"model.vision_checkpoint={vision_dir}",
-            f"model.text_checkpoint={text_dir}",
-            "data.tokenizer=",
-            "model.adapter_mlp_dim=16",
-            "model.lora.targets=('q','v','down')",
-        ],
-    )
-
-
 @pytest.fixture(scope="module")
 def model(hf_dirs):
     vision_dir, text_dir, _, _ = hf_dirs
-    return build.build_model(_config(vision_dir, text_dir), sharding.make_mesh((2, 2, 2)), KEPT)
+    return build.build_model(tiny_hf.lexvla_config(vision_dir, text_dir), sharding.make_mesh((2, 2, 2)), KEPT)
 
 
 def test_codebooks_are_the_kept_lm_head_rows(hf_dirs, model):
@@ -98,7 +81,7 @@ def test_random_and_loaded_models_are_made_one_way_in_their_rule_shardings(model
     load_model = convert.load_model
     monkeypatch.setattr(convert, "load_model", lambda *a, **k: made.append(a[1]) or load_model(*a, **k))
     mesh = sharding.make_mesh((2, 2, 2))
-    random = build.build_model(_config(), mesh, KEPT)
+    random = build.build_model(tiny_hf.lexvla_config(), mesh, KEPT)
     assert made == [()]  # no checkpoint parts: the random-initialisation path of the same function
     for built in (random, model):
         state = nnx.state(built)
