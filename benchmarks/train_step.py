@@ -5,7 +5,7 @@ directory): ours through `build.build_model` and `program.make_program` (exactly
 PyTorch's from `Dinov2Model` + `LlamaForCausalLM` with LoRA (`benchmarks/torch_step.py`), with our adapter,
 LoRA and visual codebook copied in, so the first losses agree. One process times them interleaved
 (ours, PyTorch, matmul peak, ours, ...) and reports medians: the load of a shared machine then hits both
-alike. FLOPs are the matmuls of our step's jaxpr (`aot.matmul_flops`); the peak is the faster of XLA's and
+alike. FLOPs are the matmuls of our step's jaxpr (`throughput.matmul_flops`); the peak is the faster of XLA's and
 PyTorch's float32 `n × n` matmul timed in the same repetitions.
 
 Reference shapes (a CPU-sized stand-in for the paper config): DINOv2 ViT-S/14 at 224 px, frozen; Llama with
@@ -139,7 +139,7 @@ class Ours:
     def __init__(self, config, num_words: int, host_batch):
         from flax import nnx
 
-        from lexvla_jax import aot, build, sharding
+        from lexvla_jax import build, sharding, throughput
         from lexvla_jax import step as step_lib
         from lexvla_jax.data.device_batch import make_global_batch
         from lexvla_jax.program import make_program
@@ -156,7 +156,7 @@ class Ours:
         self.state = self.program.init_state(jax.tree.map(jnp.copy, params))
         self.batch = make_global_batch(host_batch, mesh, rules)
         traced = self.program.step.trace(self.frozen, self.rest, self.state, self.batch)
-        self.flops = aot.matmul_flops(traced.jaxpr, mesh.devices.flat[0].platform)
+        self.flops = throughput.matmul_flops(traced.jaxpr, mesh.devices.flat[0].platform)
         self.mesh, self.rules, self.host_batch = mesh, rules, host_batch
         start = time.perf_counter()
         self.first_loss = self.step()

@@ -9,9 +9,9 @@ per-device argument / temporary / output bytes from XLA's memory analysis, the d
 used and the step's FLOPs per device; the last line is `fits` or `does not fit` (also when the compiler
 itself refuses the program for lack of HBM).
 
-FLOPs per device are counted from the step's jaxpr (matmuls and convolutions, scan bodies times their
-length, divided by the devices). XLA's `cost_analysis()['flops']` is per device too, but counts a while
-loop's body once, so for scanned layers it is far lower; it is printed alongside.
+FLOPs per device are counted from the step's jaxpr (`throughput.matmul_flops`: matmuls and convolutions,
+scan bodies times their length, divided by the devices). XLA's `cost_analysis()['flops']` is per device
+too, but counts a while loop's body once, so for scanned layers it is far lower; it is printed alongside.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ libtpu_env.quiet_libtpu_without_tpu()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lexvla_jax import build, configlib, sharding, vocab  # noqa: E402
+from lexvla_jax import build, configlib, sharding  # noqa: E402
 from lexvla_jax.program import make_program, with_shardings  # noqa: E402
+from lexvla_jax.throughput import matmul_flops  # noqa: E402
 
 GIB = 1024**3
 # HBM the compiler may use per device, by `device_kind`: the "available HBM" libtpu 0.0.42 states when a
@@ -100,45 +101,6 @@ class CompileReport:
         ]
 
 
-def matmul_flops(jaxpr, platform: str | None = None) -> float:
-    """FLOPs of the `dot_general`s and convolutions in a (closed) jaxpr, scan bodies times their length.
-
-    Nested jaxprs (jit, remat, custom derivatives, scan, while) are walked; a `while` body counts once
-    and a `cond` counts its most expensive branch, except a `jax.lax.platform_dependent` one when
-    `platform` ("tpu", "cpu", "gpu") is given: that counts the branch compiled for `platform`.
-    """
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    count = functools.partial(matmul_flops, platform=platform)
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            lhs, rhs = (v.aval.shape for v in eqn.invars)
-            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
-            rhs_free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
-            total += 2.0 * math.prod(lhs) * math.prod(rhs_free)
-        elif name == "conv_general_dilated":
-            out, kernel = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
-            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
-            total += 2.0 * math.prod(out) * math.prod(kernel) / out_features
-        elif name == "cond" and platform and eqn.params.get("branches_platforms"):
-            total += count(_platform_branch(eqn.params, platform))
-        elif name == "cond":
-            total += max(count(branch) for branch in eqn.params["branches"])
-        else:
-            inner = sum(count(v) for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
-            total += inner * (eqn.params["length"] if name == "scan" else 1)
-    return total
-
-
-def _platform_branch(params, platform: str):
-    """The branch of a `platform_dependent` cond that `platform` runs (the default branch has platforms None)."""
-    for branch, platforms in zip(params["branches"], params["branches_platforms"], strict=True):
-        if platforms is None or platform in platforms:
-            return branch
-    raise ValueError(f"platform_dependent has no branch for platform {platform!r}")
-
-
 def topology_devices(name: str):
     """The devices of a named TPU topology (compile-only)."""
     from jax.experimental import topologies
@@ -155,8 +117,7 @@ def _vocab_and_length(config) -> tuple[int, int]:
     there is one, else from config fields."""
     data = config.data
     if data.tokenizer and os.path.exists(data.tokenizer):
-        tokenizer = vocab.load_tokenizer(data.tokenizer)
-        kept_ids = vocab.filter_vocabulary(tokenizer, config.model.get("vocab_filter", vocab.DEFAULT_RULE))
+        tokenizer, kept_ids = build.load_vocabulary(config)
         return len(kept_ids), build.caption_encoder(config, tokenizer, kept_ids).max_length
     bow = build.text_encoder(config) == "bow"
     if not config.model.vocab_size or not (data.max_length or bow):

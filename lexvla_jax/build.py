@@ -24,9 +24,8 @@ from flax import nnx
 from flax.nnx import filterlib
 from jax.sharding import Mesh
 
-from lexvla_jax import bow, convert, step, vocab
+from lexvla_jax import bow, convert, hf_layout, step, vocab
 from lexvla_jax.configlib import ConfigError
-from lexvla_jax.hf_layout import Source
 from lexvla_jax.models import dinov2, lexvla, llama
 
 
@@ -152,7 +151,7 @@ def recipe(config: ml_collections.ConfigDict, kept_ids: np.ndarray) -> ModelReci
         ckpt = convert.HFCheckpoint(m.text_checkpoint)
         text = convert.llama_part(ckpt, cfg.text, prefix="text", with_lm_head=False)
         # Both codebooks start as the lm_head rows of the kept words; the visual one then trains.
-        rows = Source(convert.hf_layout.llama_lm_head_key(cfg.text), rows=tuple(int(i) for i in kept_ids))
+        rows = hf_layout.Source(hf_layout.llama_lm_head_key(cfg.text), rows=tuple(int(i) for i in kept_ids))
         codebooks = {"text_codebook": rows, "visual_codebook": rows}
         ignore = lambda key, text=text: text.ignore(key) and key != rows.key
         parts.append(dataclasses.replace(text, sources={**text.sources, **codebooks}, ignore=ignore))

@@ -15,7 +15,7 @@ from lexvla_jax.libtpu_env import quiet_libtpu_without_tpu
 COMMANDS: dict[str, tuple[str, str]] = {
     "vocab": ("lexvla_jax.vocab:main", "report the filtered vocabulary of a tokenizer (count, examples)"),
     "pretrain-lm": (
-        "lexvla_jax.lm_pretrain:main",
+        "lexvla_jax.prepare:pretrain_lm_main",
         "stage 1 of the embedded job: pretrain the tiny Llama to name a caption's words (skipped when done)",
     ),
     "train": ("lexvla_jax.train:main", "train LexVLA (resumes from the workdir's latest checkpoint)"),

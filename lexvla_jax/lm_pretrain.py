@@ -23,12 +23,11 @@ The model (`config.model.text`, no LoRA) is saved as a Hugging Face Llama direct
 when that directory is complete.
 
 `lexvla train` runs it first (`prepare.py`) when `config.model.text_checkpoint` is `lm_pretrain.dir`, as in
-configs/tiny.py; `lexvla pretrain-lm --config configs/tiny.py` runs it alone.
+configs/tiny.py; `lexvla pretrain-lm --config configs/tiny.py` (`prepare.pretrain_lm_main`) runs it alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -274,17 +273,3 @@ def ensure_pretrained_lm(
         json.dump(report, f, indent=2)
     log(f"stage 1 (language model): saved to {out_dir} ({report['seconds']:.0f}s)")
     return out_dir
-
-
-def main(argv: Sequence[str]) -> int:
-    """`lexvla pretrain-lm --config CFG [--out DIR] [--config.a.b=value ...]`."""
-    parser = argparse.ArgumentParser(prog="lexvla pretrain-lm", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="output directory (default: config.lm_pretrain.dir)")
-    config, args = configlib.parse_command(argv, parser)
-    if "lm_pretrain" not in config:
-        raise configlib.ConfigError("the config has no lm_pretrain section; use e.g. --config configs/tiny.py")
-    from lexvla_jax import prepare
-
-    prepare.prepare_synthetic(config)
-    ensure_pretrained_lm(config, args.out)
-    return 0

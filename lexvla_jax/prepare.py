@@ -2,16 +2,19 @@
 pretrained language model of stage 1 (`lm_pretrain.py`) when `config.model.text_checkpoint` is its directory.
 
 Runs on the main process only; the others wait at a barrier, so every process then reads the same files.
+`lexvla pretrain-lm` (`pretrain_lm_main`) runs stage 1 alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Sequence
 
 import jax
 import ml_collections
 
-from lexvla_jax import lm_pretrain, sharding, vocab
+from lexvla_jax import configlib, lm_pretrain, sharding, vocab
 from lexvla_jax.data import synthetic
 
 
@@ -49,3 +52,16 @@ def prepare(config: ml_collections.ConfigDict, log=print) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("lexvla prepare")
+
+
+def pretrain_lm_main(argv: Sequence[str]) -> int:
+    """`lexvla pretrain-lm --config CFG [--out DIR] [--config.a.b=value ...]`."""
+    description = lm_pretrain.__doc__.splitlines()[0]
+    parser = argparse.ArgumentParser(prog="lexvla pretrain-lm", description=description)
+    parser.add_argument("--out", help="output directory (default: config.lm_pretrain.dir)")
+    config, args = configlib.parse_command(argv, parser)
+    if "lm_pretrain" not in config:
+        raise configlib.ConfigError("the config has no lm_pretrain section; use e.g. --config configs/tiny.py")
+    prepare_synthetic(config)
+    lm_pretrain.ensure_pretrained_lm(config, args.out)
+    return 0

@@ -1,6 +1,6 @@
 """Training speed: step time, samples/s, model TFLOP/s and MFU per device, input wait; a profiler window.
 
-MFU is the step's model FLOPs (matmuls and convolutions of the jitted step, `aot.matmul_flops`, per
+MFU is the step's model FLOPs (matmuls and convolutions of the jitted step, `matmul_flops`, per
 device) per second over the device's peak dense bf16 FLOP/s:
 
 | device (JAX `device_kind`)     | peak TFLOP/s | source                                  |
@@ -45,6 +45,45 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("H100", 989 * TERA),
     ("H200", 989 * TERA),
 )
+
+
+def matmul_flops(jaxpr, platform: str | None = None) -> float:
+    """FLOPs of the `dot_general`s and convolutions in a (closed) jaxpr, scan bodies times their length.
+
+    Nested jaxprs (jit, remat, custom derivatives, scan, while) are walked; a `while` body counts once
+    and a `cond` counts its most expensive branch, except a `jax.lax.platform_dependent` one when
+    `platform` ("tpu", "cpu", "gpu") is given: that counts the branch compiled for `platform`.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    count = functools.partial(matmul_flops, platform=platform)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            lhs, rhs = (v.aval.shape for v in eqn.invars)
+            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+            rhs_free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+            total += 2.0 * math.prod(lhs) * math.prod(rhs_free)
+        elif name == "conv_general_dilated":
+            out, kernel = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
+            out_features = kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2.0 * math.prod(out) * math.prod(kernel) / out_features
+        elif name == "cond" and platform and eqn.params.get("branches_platforms"):
+            total += count(_platform_branch(eqn.params, platform))
+        elif name == "cond":
+            total += max(count(branch) for branch in eqn.params["branches"])
+        else:
+            inner = sum(count(v) for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr"))
+            total += inner * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def _platform_branch(params, platform: str):
+    """The branch of a `platform_dependent` cond that `platform` runs (the default branch has platforms None)."""
+    for branch, platforms in zip(params["branches"], params["branches_platforms"], strict=True):
+        if platforms is None or platform in platforms:
+            return branch
+    raise ValueError(f"platform_dependent has no branch for platform {platform!r}")
 
 
 def chip_peak_flops(device_kind: str) -> float | None:

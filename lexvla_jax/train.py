@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 
 from lexvla_jax import build, configlib, explain, prepare, sharding, throughput
-from lexvla_jax.aot import matmul_flops
 from lexvla_jax.checkpoints import Checkpointer, vocabulary_record, workdir_path
 from lexvla_jax.data import pipeline
 from lexvla_jax.data.device_batch import make_global_batch
@@ -133,7 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batch = make_global_batch(host_batch, mesh, rules)
                 if not meter.flops_per_step_per_device:
                     jaxpr = program.step.trace(frozen, rest, state, batch).jaxpr
-                    meter.flops_per_step_per_device = matmul_flops(jaxpr) / jax.device_count()
+                    meter.flops_per_step_per_device = throughput.matmul_flops(jaxpr) / jax.device_count()
                 state, metrics = program.step(frozen, rest, state, batch)
             step += 1
             meter.step_done()

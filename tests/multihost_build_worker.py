@@ -25,24 +25,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lexvla_jax import build, configlib, hf_layout, sharding  # noqa: E402
+from lexvla_jax import build, hf_layout, sharding  # noqa: E402
 
-KEPT = np.array([3, 5, 8, 13, 21, 34, 55, 89, 100, 120], np.int32)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import tiny_hf  # noqa: E402
 
-
-def config(vision: str, text: str):
-    return configlib.load_config(
-        os.path.join(REPO, "configs", "tiny.py"),
-        [
-            f"model.vision_checkpoint={vision}",
-            f"model.text_checkpoint={text}",
-            "data.tokenizer=",
-            "model.adapter_mlp_dim=16",
-            "model.lora.targets=('q','v','down')",
-            "mesh.shape=(1,4,2)",
-        ],
-    )
+KEPT = tiny_hf.KEPT
 
 
 def blocks(index, shape) -> list[list[int]]:
@@ -53,7 +40,7 @@ def blocks(index, shape) -> list[list[int]]:
 if __name__ == "__main__":
     sharding.initialize_distributed({"mode": "explicit" if num_processes > 1 else "none"})
     assert jax.process_count() == num_processes and jax.device_count() == 8
-    cfg = config(vision_dir, text_dir)
+    cfg = tiny_hf.lexvla_config(vision_dir, text_dir, ["mesh.shape=(1,4,2)"])
     reads = []
     original = hf_layout.Source.read
 

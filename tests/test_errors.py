@@ -35,3 +35,8 @@ def test_missing_checkpoint_directory_names_the_path_and_the_field(tmp_path):
     message = str(error.value)
     assert isinstance(error.value, configlib.ConfigError)  # `lexvla <command>` prints it as one line
     assert missing in message and "config.model.vision_checkpoint" in message and "\n" not in message
+
+
+def test_pretrain_lm_without_a_stage_1_section_is_one_line(capsys):
+    err = _one_line_error(capsys, "pretrain-lm", *PAPER)
+    assert err.startswith("lexvla pretrain-lm: ") and "no lm_pretrain section" in err

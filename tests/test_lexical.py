@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from lexvla_jax import aot
+from lexvla_jax import throughput
 from lexvla_jax.models import lexical
 
 # (batch, patches, dim, vocab, chunk_size): vocab not a multiple of the chunk; B=1 with vocab a multiple;
@@ -114,9 +114,9 @@ def test_backward_gathers_on_cpu_and_is_one_hot_matmuls_elsewhere():
     jaxpr = jax.make_jaxpr(jax.grad(probed(lean, probe), argnums=(0, 1)))(h, codebook)
     forward = 2 * b * p * d * chunk * 3  # three chunks cover the 40 words
     routing = 2 * forward  # dH and dZ, each a [B,P,C] x [.,D] matmul per chunk
-    assert aot.matmul_flops(jaxpr, platform="tpu") == forward + routing
-    assert aot.matmul_flops(jaxpr, platform="gpu") == forward + routing
-    assert aot.matmul_flops(jaxpr, platform="cpu") == forward  # gathers and scatter-adds: no matmuls
+    assert throughput.matmul_flops(jaxpr, platform="tpu") == forward + routing
+    assert throughput.matmul_flops(jaxpr, platform="gpu") == forward + routing
+    assert throughput.matmul_flops(jaxpr, platform="cpu") == forward  # gathers and scatter-adds: no matmuls
 
 
 def test_image_and_patch_lexical():

@@ -1,13 +1,11 @@
 """LexVLA assembled from Hugging Face checkpoints: codebooks, towers, text read at the last real token."""
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lexvla_jax import build, configlib, sharding
+from lexvla_jax import build, convert, sharding
 from lexvla_jax.models import lexical
 
 import tiny_hf
@@ -15,8 +13,7 @@ import tiny_hf
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEPT = np.array([3, 5, 8, 13, 21, 34, 55, 89, 100, 120], np.int32)
+KEPT = tiny_hf.KEPT
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +24,7 @@ def hf_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(hf_dirs):
     vision_dir, text_dir, _, _ = hf_dirs
-    config = configlib.load_config(
-        os.path.join(REPO, "configs", "tiny.py"),
-        [
-            f"model.vision_checkpoint={vision_dir}",
-            f"model.text_checkpoint={text_dir}",
-            "data.tokenizer=",
-            "model.adapter_mlp_dim=16",
-            "model.lora.targets=('q','v','down')",
-        ],
-    )
-    mesh = sharding.make_mesh((2, 2, 2))
-    return build.build_model(config, mesh, KEPT)
+    return build.build_model(tiny_hf.lexvla_config(vision_dir, text_dir), sharding.make_mesh((2, 2, 2)), KEPT)
 
 
 def test_codebooks_are_the_kept_lm_head_rows(hf_dirs, model):
@@ -86,3 +72,25 @@ def test_logit_scale_is_clamped(model):
     clone.logit_scale[...] = jnp.float32(10.0)  # exp(10) > logit_scale_max
     assert float(clone.logit_scale_value()) == pytest.approx(clone.config.logit_scale_max)
     assert float(model.logit_scale_value()) == pytest.approx(model.config.logit_scale_init, rel=1e-5)
+
+
+def test_random_and_loaded_models_are_made_one_way_in_their_rule_shardings(model, monkeypatch):
+    """A random build goes through `convert.load_model` like a loaded one, and every variable of both is
+    created in the sharding the rules give it (split over the mesh, not replicated then moved)."""
+    made = []
+    load_model = convert.load_model
+    monkeypatch.setattr(convert, "load_model", lambda *a, **k: made.append(a[1]) or load_model(*a, **k))
+    mesh = sharding.make_mesh((2, 2, 2))
+    random = build.build_model(tiny_hf.lexvla_config(), mesh, KEPT)
+    assert made == [()]  # no checkpoint parts: the random-initialisation path of the same function
+    for built in (random, model):
+        state = nnx.state(built)
+        rules = sharding.state_shardings(state, mesh, sharding.DEFAULT_RULES)
+        split = 0
+        for (path, variable), (_, want) in zip(nnx.to_flat_state(state), nnx.to_flat_state(rules), strict=True):
+            value = variable.get_value()
+            assert value.sharding.is_equivalent_to(want.get_value(), value.ndim), path
+            split += value.sharding.shard_shape(value.shape) != value.shape
+        assert split > 10
+    kernel = random.adapter.fc1.kernel[...]
+    assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape  # a randomly initialised weight, split

@@ -141,3 +141,21 @@ def test_profiler_disabled_and_bad_window(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match=r"profile_steps=\(5, 5\)"):
         throughput.Profiler(str(tmp_path), (5, 5))
+
+
+def test_matmul_flops_counts_scan_iterations_and_rematerialised_backward():
+    def loss(w, x):
+        step = lambda c, wi: (jax.checkpoint(lambda c: jnp.tanh(c @ wi))(c), None)
+        return jax.lax.scan(step, x, w)[0].sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(jnp.ones((5, 16, 16)), jnp.ones((8, 16)))
+    # Per layer: forward, recomputed forward, and the two products of the backward pass.
+    assert throughput.matmul_flops(jaxpr) == 5 * 4 * (2 * 8 * 16 * 16)
+
+
+def test_matmul_flops_counts_grouped_convolutions():
+    image, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 2, 16))  # 2 groups of 2 input features
+    conv = lambda i, k: jax.lax.conv_general_dilated(
+        i, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2
+    )
+    assert throughput.matmul_flops(jax.make_jaxpr(conv)(image, kernel)) == 2 * (8 * 8 * 16) * (3 * 3 * 2)

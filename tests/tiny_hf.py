@@ -1,4 +1,13 @@
-"""Tiny random Hugging Face checkpoints (DINOv2 and Llama, written with `save_pretrained`) for loading tests."""
+"""Tiny random Hugging Face checkpoints (DINOv2 and Llama, written with `save_pretrained`) for loading tests,
+and the tiny LexVLA config that loads them."""
+
+import os
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Kept vocabulary of the LexVLA built on them: codebook rows of the 128-piece lm_head.
+KEPT = np.array([3, 5, 8, 13, 21, 34, 55, 89, 100, 120], np.int32)
 
 
 def write_tiny_hf(root) -> tuple:
@@ -31,3 +40,20 @@ def write_tiny_hf(root) -> tuple:
     vision.save_pretrained(root / "dinov2")
     text.save_pretrained(root / "llama")
     return str(root / "dinov2"), str(root / "llama"), vision, text
+
+
+def lexvla_config(vision_dir: str = "", text_dir: str = "", overrides=()):
+    """configs/tiny.py on these checkpoints ("": a random tower), sized for them."""
+    from lexvla_jax import configlib
+
+    return configlib.load_config(
+        os.path.join(REPO, "configs", "tiny.py"),
+        [
+            f"model.vision_checkpoint={vision_dir}",
+            f"model.text_checkpoint={text_dir}",
+            "data.tokenizer=",
+            "model.adapter_mlp_dim=16",
+            "model.lora.targets=('q','v','down')",
+            *overrides,
+        ],
+    )

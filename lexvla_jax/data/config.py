@@ -18,7 +18,6 @@ from lexvla_jax.configlib import ConfigError
 
 FORMATS = ("webdataset", "array_record")
 RESAMPLE_FILTERS = ("bilinear", "bicubic")
-SHARD_SUFFIX = {"webdataset": ".tar", "array_record": ".array_record"}
 
 
 def default_data_config() -> ml_collections.ConfigDict:

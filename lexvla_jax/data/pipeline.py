@@ -1,4 +1,4 @@
-"""From `config.data` to per-process batches and global `jax.Array`s.
+"""From `config.data` to this process's host batches (numpy); `device_batch.py` makes them global `jax.Array`s.
 
     raw samples (webdataset stream + window shuffle | ArrayRecord global shuffle), this process's share
       → decode, crop, tokenise (SampleDecoder; a bad sample → skip marker)  ─┐ in each of `num_workers`
@@ -9,12 +9,11 @@
 
 Each batch is `{"image": uint8 [B,S,S,3], "input_ids": int32 [B,L], "attention_mask": int32 [B,L],
 "skipped": int64 [len(SKIP_REASONS)]}` where `skipped` counts the samples skipped since the previous
-batch (`records.skip_counts_dict` names them) and B = global batch // process count. The iterator is a
-grain `DatasetIterator`: save it next to the train state with orbax
-(`grain.checkpoint.CheckpointSave(iterator)` in an `ocp.args.Composite`) and restore it with
-`grain.checkpoint.CheckpointRestore`; a restored iterator continues exactly where the saved one was.
-Workers take turns delivering whole batches, so the order depends on `num_workers` (deterministic for
-a given count; restore with the count that saved).
+batch (`records.skip_counts_dict` names them). `make_train_dataset` is one data stream (B = global batch //
+number of streams); `train_iterator` joins this process's streams (`streams.StreamsIterator`: B = global
+batch // process count), which `checkpoints.py` saves next to the train state (`streams.StreamsSave`) and
+restores exactly where they were. Workers take turns delivering whole batches, so the order depends on
+`num_workers` (deterministic for a given count; restore with the count that saved).
 """
 
 from __future__ import annotations

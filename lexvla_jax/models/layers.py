@@ -32,7 +32,8 @@ class Linear(nnx.Module):
 
     `W` is `[in, out]`. The LoRA branch starts at zero (`B = 0`), so adding it leaves outputs unchanged.
     LoRA weights are `nnx.LoRAParam`s kept in float32 whatever `param_dtype` is: they train, and small
-    updates to bfloat16 weights round away.
+    updates to bfloat16 weights round away. The branch itself is not `nnx.LoRA`, which has no `alpha/r`
+    scale and no dropout (PEFT's LoRA, the paper's, has both) and runs on `[B,T,·]` activations.
     """
 
     def __init__(
