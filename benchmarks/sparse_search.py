@@ -11,7 +11,8 @@ to one core) and recall@10 against the exact sparse top-10, for
 - dense brute force: a jitted JAX matvec + top-k over the dense float32 [N, V'] matrix, measured up to
   `--dense-max-docs` (what fits in memory) and extrapolated linearly in N above;
 - exact sparse: `lexvla_jax.sparse.index.ExactIndex` (scipy CSC posting lists, term-at-a-time);
-- Seismic: `lexvla_jax.sparse.index.SeismicIndex` at each `--seismic` setting.
+- Seismic: `lexvla_jax.sparse.index.SeismicIndex` built at each `--n-postings` and searched at each `--search`
+  setting (query_cut:heap_factor:rerank).
 
     python benchmarks/sparse_search.py --docs 100000 1000000 --active 300 1100
 """
