@@ -137,7 +137,7 @@ class LexicalVectorModel:
 
     Word j (frequency rank j) is in a vector of topic t with probability π_tj = min(0.95, c_t · f_j · (1 + 8·z_tj)):
     f_j = 1 / (1 + j / r0) is a Zipf (exponent 1) document-frequency profile, z_tj marks the topic's 400 words,
-    and r0, c_t give `active` words on average with the most frequent word in ~90% of vectors. A present word
+    and r0, c_t give `active` words on average with the most frequent word in ~80% of vectors. A present word
     weighs lognormal(0, 0.5) · (1 + 2·z_tj) · f_j^-¼ (rarer and topical words weigh more), then the vector is
     L2-normalised. Words are drawn as Poisson counts with rates -log(1 - π_tj) (present ⇔ count ≥ 1, so
     presence is exactly Bernoulli(π_tj)), i.e. ~1.3 draws per active word instead of V' coin flips.
