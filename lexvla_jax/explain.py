@@ -67,13 +67,14 @@ class ImageWords:
 
 
 def explain_images(encoder, images: np.ndarray, k: int = 8) -> list[ImageWords]:
-    """Top-`k` words of each image (uint8 [N,S,S,3]) and their per-patch activations.
+    """Top-`k` words of each image (uint8 [N,S,S,3]) and their per-patch activations (all V' words if k > V').
 
     `encoder` is a `LexicalEncoder`: the patch vectors are projected on device onto the union of the images'
     top words, so [N, P, V'] is never held.
     """
     s = encoder.encode_images(images)
-    top = np.stack([strongest(row, k) for row in s])  # [N, k]
+    top = np.stack([strongest(row, k) for row in s])  # [N, min(k, V')]
+    k = top.shape[1]
     union, position = np.unique(top, return_inverse=True)
     project = np.zeros((s.shape[1], len(union)), np.float32)
     project[union, np.arange(len(union))] = 1.0

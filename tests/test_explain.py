@@ -49,6 +49,14 @@ def test_word_heat_maps_peak_on_the_patch_that_holds_the_word():
         np.testing.assert_allclose(image_words.weights, np.sort(image_words.weights)[::-1])
 
 
+def test_a_top_k_above_the_vocabulary_gives_every_word():
+    encoder = FakeLexicalEncoder(extra_words=["w0", "w1"])  # V' = 5
+    (explained,) = explain.explain_images(encoder, two_patch_image()[None], k=8)
+    assert sorted(explained.words) == sorted(encoder.words) and explained.grids.shape == (5, 4, 4)
+    words, weights = explain.explain_texts(encoder, ["red"], k=8)[0]
+    assert words[0] == "red" and len(words) == len(weights) == 5
+
+
 def test_upsample_is_bilinear_and_centred():
     grid = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)
     up = explain.upsample(grid, (4, 4))
