@@ -260,6 +260,10 @@ def test_export_command_reads_a_webdataset_eval_set(tmp_path, monkeypatch, capsy
         for name in (export.COLLECTION, export.QUERIES, export.VECTORS, export.META):
             assert str(out / kind / name) in stdout
     assert export.read_collection(str(out / "captions")).sparsification == {"threshold": None, "top_k": 5}
+    # More words than the model has: one line.
+    code, _, err = run(capsys, "export", "--config", CONFIG, f"--config.data.eval_shards={tmp_path / 'eval'}",
+                       "--workdir", str(tmp_path), "--out", str(out), "--top-k", "44")  # fmt: skip
+    assert code == 2 and err == "lexvla export: --top-k 44: the model has only 43 words\n"
 
 
 EXACT = ["--method", "exact"]
@@ -276,6 +280,7 @@ EXACT = ["--method", "exact"]
         (["search", "--index", "{images}", "--query-id", "a", "--rerank", "0"], "lexvla search: --rerank 0: must be"),
         (["index", "{images}", "--n-postings", "0"], "lexvla index: --n-postings 0: must be at least 1"),
         (["export", "--config", CONFIG, "--out", "{tmp}", "--scale", "0"], "lexvla export: --scale 0: must be"),
+        (["export", "--config", CONFIG, "--out", "{tmp}", "--top-k", "0"], "lexvla export: --top-k 0: must be"),
     ],
 )
 def test_commands_report_bad_input_in_one_line(exported, tmp_path, capsys, args, message):
