@@ -11,7 +11,8 @@ to one core) and recall@10 against the exact sparse top-10, for
 - dense brute force: a jitted JAX matvec + top-k over the dense float32 [N, V'] matrix, measured up to
   `--dense-max-docs` (what fits in memory) and extrapolated linearly in N above;
 - exact sparse: `lexvla_jax.sparse.index.ExactIndex` (scipy CSC posting lists, term-at-a-time);
-- Seismic: `lexvla_jax.sparse.index.SeismicIndex` at each `--seismic` setting.
+- Seismic: `lexvla_jax.sparse.index.SeismicIndex` built at each `--n-postings` and searched at each `--search`
+  setting (query_cut:heap_factor:rerank).
 
     python benchmarks/sparse_search.py --docs 100000 1000000 --active 300 1100
 """
@@ -136,7 +137,7 @@ class LexicalVectorModel:
 
     Word j (frequency rank j) is in a vector of topic t with probability π_tj = min(0.95, c_t · f_j · (1 + 8·z_tj)):
     f_j = 1 / (1 + j / r0) is a Zipf (exponent 1) document-frequency profile, z_tj marks the topic's 400 words,
-    and r0, c_t give `active` words on average with the most frequent word in ~90% of vectors. A present word
+    and r0, c_t give `active` words on average with the most frequent word in ~80% of vectors. A present word
     weighs lognormal(0, 0.5) · (1 + 2·z_tj) · f_j^-¼ (rarer and topical words weigh more), then the vector is
     L2-normalised. Words are drawn as Poisson counts with rates -log(1 - π_tj) (present ⇔ count ≥ 1, so
     presence is exactly Bernoulli(π_tj)), i.e. ~1.3 draws per active word instead of V' coin flips.

@@ -4,6 +4,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from lexvla_jax import cli, explain
@@ -48,6 +49,14 @@ def test_word_heat_maps_peak_on_the_patch_that_holds_the_word():
         np.testing.assert_allclose(image_words.weights, np.sort(image_words.weights)[::-1])
 
 
+def test_a_top_k_above_the_vocabulary_gives_every_word():
+    encoder = FakeLexicalEncoder(extra_words=["w0", "w1"])  # V' = 5
+    (explained,) = explain.explain_images(encoder, two_patch_image()[None], k=8)
+    assert sorted(explained.words) == sorted(encoder.words) and explained.grids.shape == (5, 4, 4)
+    words, weights = explain.explain_texts(encoder, ["red"], k=8)[0]
+    assert words[0] == "red" and len(words) == len(weights) == 5
+
+
 def test_upsample_is_bilinear_and_centred():
     grid = np.array([[0.0, 1.0], [2.0, 3.0]], np.float32)
     up = explain.upsample(grid, (4, 4))
@@ -74,6 +83,32 @@ def test_figures_are_valid_pngs(tmp_path):
     words, weights = explain.explain_texts(encoder, ["a red w3 and a red w7"], k=4)[0]
     assert words[:3] == ["red", "w3", "w7"]
     assert_png(explain.plot_text_words("a red w3 and a red w7", words, weights, str(tmp_path / "text.png")))
+
+
+def clipped_panels(fig) -> list[str]:
+    """Titles (or labels) of the panels whose drawn extent (titles, tick labels, colour-bar label) leaves the
+    figure."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    clipped = []
+    for ax in fig.axes:
+        box = ax.get_tightbbox(renderer)
+        if box.x0 < 0 or box.y0 < 0 or box.x1 > fig.bbox.width or box.y1 > fig.bbox.height:
+            clipped.append(ax.get_title() or ax.get_xlabel())
+    return clipped
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 16])
+def test_figures_keep_every_title_and_label_inside(k):
+    encoder = FakeLexicalEncoder(extra_words=[f"w{i}" for i in range(20)])
+    image = two_patch_image()
+    (explained,) = explain.explain_images(encoder, image[None], k=k)
+    caption = "a small purple triangle left of a large green cross"[:48]  # titles as `lexvla train` writes them
+    fig = explain.image_words_figure(image, explained, title=caption)
+    assert len(fig.axes) == -(-(1 + k) // min(4, 1 + k)) * min(4, 1 + k) + 2  # panels, colour bar, bar chart
+    assert clipped_panels(fig) == []
+    words, weights = explain.explain_texts(encoder, ["red w1 w2 " * 20], k=k)[0]
+    assert clipped_panels(explain.text_words_figure("red w1 w2 " * 20, words, weights)) == []
 
 
 @pytest.fixture

@@ -3,6 +3,9 @@
 import json
 import os
 import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -257,6 +260,10 @@ def test_export_command_reads_a_webdataset_eval_set(tmp_path, monkeypatch, capsy
         for name in (export.COLLECTION, export.QUERIES, export.VECTORS, export.META):
             assert str(out / kind / name) in stdout
     assert export.read_collection(str(out / "captions")).sparsification == {"threshold": None, "top_k": 5}
+    # More words than the model has: one line.
+    code, _, err = run(capsys, "export", "--config", CONFIG, f"--config.data.eval_shards={tmp_path / 'eval'}",
+                       "--workdir", str(tmp_path), "--out", str(out), "--top-k", "44")  # fmt: skip
+    assert code == 2 and err == "lexvla export: --top-k 44: the model has only 43 words\n"
 
 
 EXACT = ["--method", "exact"]
@@ -273,6 +280,7 @@ EXACT = ["--method", "exact"]
         (["search", "--index", "{images}", "--query-id", "a", "--rerank", "0"], "lexvla search: --rerank 0: must be"),
         (["index", "{images}", "--n-postings", "0"], "lexvla index: --n-postings 0: must be at least 1"),
         (["export", "--config", CONFIG, "--out", "{tmp}", "--scale", "0"], "lexvla export: --scale 0: must be"),
+        (["export", "--config", CONFIG, "--out", "{tmp}", "--top-k", "0"], "lexvla export: --top-k 0: must be"),
     ],
 )
 def test_commands_report_bad_input_in_one_line(exported, tmp_path, capsys, args, message):
@@ -280,3 +288,23 @@ def test_commands_report_bad_input_in_one_line(exported, tmp_path, capsys, args,
     code, _, err = run(capsys, *[a.format(**paths) for a in args])
     assert code == 2
     assert err.startswith(message.format(**paths)) and err.count("\n") == 1
+
+
+def test_sparse_search_benchmark_agrees_with_exact_at_a_small_size():
+    """benchmarks/sparse_search.py end to end on 1,000 docs: dense brute force (measured on all docs) and an
+    exhaustive Seismic (whole documents, every posting, every query word, all docs re-ranked) find the exact
+    top-10; the vectors have the asked number of active words; the table has every method."""
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_search.py"
+    args = ["--docs", "1000", "--active", "300", "--queries", "10", "--dense-queries", "5", "--dense-max-docs", "1000"]
+    args += ["--doc-words", "0", "--n-postings", "5000", "--search", "1000:1.0:1000"]
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1])}
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    weights = int(re.search(r"1,000 docs × ~300 words: ([\d,]+) weights", result.stdout)[1].replace(",", ""))
+    assert 0.95 * 300 <= weights / 1000 <= 1.05 * 300
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 1,000 ")]
+    methods = {row[2].strip(): row for row in rows}
+    assert sorted(methods) == ["Seismic + exact re-rank", "dense brute force (JAX f32)", "exact sparse (scipy CSC)"]
+    for row in methods.values():
+        assert float(row[8]) == 1.0  # recall@10
+        assert 0 < float(row[6]) <= float(row[7])  # median <= p99 latency

@@ -242,3 +242,40 @@ def test_eval_explain_and_export_read_the_trained_checkpoint(uninterrupted, data
     assert code == 0, err
     lines = open(tmp_path / "sparse" / "images" / "collection.jsonl").read().splitlines()
     assert len(lines) == 24 and all(json.loads(line)["vector"] for line in lines)
+
+
+@pytest.mark.slow
+def test_search_finds_with_the_trained_model(uninterrupted, data_dir, tmp_path, capsys):
+    """image → text on the trained model's exported captions: the model's vector of an image file finds what the
+    image's exported vector finds (same words, scores within quantisation); Seismic (re-ranking every candidate)
+    finds what exact search does."""
+    workdir, sparse = str(uninterrupted[0]), tmp_path / "sparse"
+    model = ["--config", local_cluster.TINY_CONFIG, *(f"--config.{o}" for o in local_cluster.overrides(data_dir))]
+    model += ["--workdir", workdir]
+    code, _, err = _cli(capsys, "export", *model, "--out", str(sparse))
+    assert code == 0, err
+    assert _cli(capsys, "index", str(sparse / "captions"), "--threads", "1")[0] == 0
+    image_record = json.loads(open(sparse / "images" / "collection.jsonl").readline())
+    image = os.path.join(tmp_path, "image.png")
+    with open(os.path.join(data_dir, "eval", "shard-00000.tar"), "rb") as f:
+        from lexvla_jax.data.tar_reader import iter_samples
+
+        sample = next(iter_samples(f))  # the first exported image
+    with open(image, "wb") as f:
+        f.write(sample.files["jpg"])
+    search = ["search", "--index", str(sparse / "captions"), "-k", "5"]
+    code, out, err = _cli(capsys, *search, "--method", "exact", "--query-image", image, *model)
+    assert code == 0, err
+    by_model = out.splitlines()
+    by_id = {}
+    for method in ("exact", "seismic"):
+        query = ["--query-id", image_record["id"], "--queries", str(sparse / "images"), "--method", method]
+        code, out, err = _cli(capsys, *search, *query)
+        assert code == 0, err
+        by_id[method] = out.splitlines()
+    assert by_id["seismic"][1:] == by_id["exact"][1:] and len(by_id["exact"]) == 6
+    n_words = len(image_record["vector"])
+    for lines in (by_model, by_id["exact"]):
+        assert lines[0].endswith(f", {n_words} words; exact search of 120 vectors")
+    scores = [[float(line.split()[2]) for line in lines[1:]] for lines in (by_model, by_id["exact"])]
+    np.testing.assert_allclose(scores[0], scores[1], atol=2e-3)

@@ -84,11 +84,15 @@ def main(argv: list[str]) -> int:
     config, args = configlib.parse_command(argv, parser)
     if args.scale < 1:
         raise configlib.ConfigError(f"--scale {args.scale}: must be a positive integer, e.g. {export.DEFAULT_SCALE}")
+    if args.top_k is not None and args.top_k < 1:
+        raise configlib.ConfigError(f"--top-k {args.top_k}: must be at least 1")
     name, source = _source(config, args.source)
     where = f"config.evals.{name}"
     records = image_text_records(source, where)
     eval_set = read_image_text_set(records, config.data, source.get("captions_per_image", 5), args.max_images, where)
     encoder = common.restore_encoder(config, args.workdir, args.step)
+    if args.top_k is not None and args.top_k > len(encoder.words):
+        raise configlib.ConfigError(f"--top-k {args.top_k}: the model has only {len(encoder.words)} words")
     written = export_eval_set(
         encoder, eval_set, args.out, args.what, threshold=args.threshold, top_k=args.top_k, scale=args.scale
     )
