@@ -133,7 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batch = make_global_batch(host_batch, mesh, rules)
                 if not meter.flops_per_step_per_device:
                     jaxpr = program.step.trace(frozen, rest, state, batch).jaxpr
-                    meter.flops_per_step_per_device = matmul_flops(jaxpr) / jax.device_count()
+                    flops = matmul_flops(jaxpr, jax.devices()[0].platform)  # the branches this platform runs
+                    meter.flops_per_step_per_device = flops / jax.device_count()
                 state, metrics = program.step(frozen, rest, state, batch)
             step += 1
             meter.step_done()
