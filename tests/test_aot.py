@@ -102,11 +102,15 @@ def test_matmul_flops_counts_grouped_convolutions():
     assert aot.matmul_flops(jax.make_jaxpr(conv)(image, kernel)) == 2 * (8 * 8 * 16) * (3 * 3 * 2)
 
 
-def test_local_compile_reports_the_same_fields_for_this_machine(capsys):
-    """`lexvla compile --local`: the train step compiled for the local devices (8 fake CPUs here)."""
+def test_local_compile_reports_the_same_fields_for_this_machine(capsys, tiny_report):
+    """`lexvla compile --local`: the train step compiled for the local devices (8 fake CPUs here), reported line
+    for line like the TPU compile of the same config."""
     code = aot.main([*TINY, "--config.train.global_batch_size=16", "--local"])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0 and lines[-1] == "fits"
     assert lines[0].startswith("topology      local cpu (8 × cpu)")
+    label = lambda line: line[:14]
+    assert [label(line) for line in lines] == [label(line) for line in tiny_report.lines()]
+    assert not any("nan" in line for line in lines)  # every number known on CPU too
     host_ram = aot.device_memory_bytes(jax.devices()[0])
     assert host_ram > 2**30 and any(line.startswith("HBM") for line in lines)
