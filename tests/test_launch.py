@@ -1,5 +1,6 @@
 """The launch scripts' dry runs: the exact commands each would run, and their one-line errors."""
 
+import ast
 import json
 import os
 import pathlib
@@ -125,6 +126,51 @@ def test_tpu_pod_worker_commands_run_lexvla_train_with_every_argument(tmp_path):
         "train", "--config", "configs/tiny.py", "--workdir", "gs://bucket/run", "--config.dist.mode=auto", *TRICKY,
     ]  # fmt: skip
     assert subprocess.run([BASH, "-c", status], env=env, timeout=30).returncode == 3
+
+
+def fake_gcloud(tmp_path, stream_failures: int) -> dict:
+    """A `gcloud` on PATH that records its arguments; streaming worker 0's log fails (ssh's 255) at first."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "$*" >> "$FAKE_DIR/calls"\n'
+        'if [[ " $* " == *" --worker=0 "* ]]; then\n'
+        '  echo x >> "$FAKE_DIR/streams"\n'
+        f'  [[ $(wc -l < "$FAKE_DIR/streams") -gt {stream_failures} ]] || exit 255\n'
+        "fi\n"
+    )
+    (bin_dir / "gcloud").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+
+
+def test_tpu_pod_reconnects_to_a_dropped_log_and_still_deletes(tmp_path):
+    env = {**fake_gcloud(tmp_path, stream_failures=2), "RECONNECT_WAIT_S": "0"}
+    result = launch("tpu_pod.sh", *POD, env=env)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split()[3] for c in calls] == ["create", "scp", "ssh", "ssh", "ssh", "ssh", "ssh", "ssh", "delete"]
+    assert sum("--worker=0" in c for c in calls) == 3  # two dropped connections, then the whole log
+    assert result.stderr.count("lost worker 0's log; reconnecting") == 2
+
+
+def test_tpu_pod_keeps_the_slice_when_the_log_stays_lost(tmp_path):
+    env = {**fake_gcloud(tmp_path, stream_failures=100), "RECONNECT_WAIT_S": "0", "RECONNECTS": "3"}
+    result = launch("tpu_pod.sh", *POD, env=env)
+    assert result.returncode == 2
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum("--worker=0" in c for c in calls) == 3 and not any(" delete " in c for c in calls)
+    assert "lost worker 0's log 3 times; training goes on, so lex is kept" in result.stderr
+    assert "keeping lex; delete it with: gcloud compute tpus tpu-vm delete lex" in result.stderr
+
+
+def test_the_tpu_extra_writes_a_gs_workdir():
+    """tpu_pod.sh installs `.[tpu]` and trains into gs://: the extra must bring gcsfs (epath's gs:// backend)."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    names = {n.targets[0].id: n.value for n in tree.body if isinstance(n, ast.Assign)}
+    extras = {k.value: v for k, v in zip(names["EXTRAS"].keys, names["EXTRAS"].values, strict=True)}
+    starred = {e.value.id for e in extras["tpu"].elts if isinstance(e, ast.Starred)}
+    assert "GCS" in starred and any(c.value.startswith("gcsfs==") for c in names["GCS"].elts)
 
 
 @pytest.mark.parametrize(
