@@ -231,8 +231,8 @@ def test_gpu_errors(args, message):
 
 def test_slurm_runs_one_process_per_gpu_without_gpus_per_task():
     (srun,) = commands("slurm.sbatch", "--nodes", "2", "--gpus-per-node", "8", "--workdir", "/shared/run")
-    assert srun[:4] == ["srun", "--nodes=2", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
-    assert srun[5:] == [
+    assert srun[:5] == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
+    assert srun[6:] == [
         "train", "--config", "configs/lexvla_cc12m.py", "--workdir", "/shared/run", "--config.dist.mode=auto",
     ]  # fmt: skip
     assert not any("gpus-per-task" in w for w in srun)
@@ -247,11 +247,14 @@ def test_slurm_per_node_and_layout_from_the_job():
         "SLURM_SUBMIT_DIR": str(REPO),
         "SLURM_JOB_NUM_NODES": "3",
         "SLURM_GPUS_PER_NODE": "a100:4",
+        "SLURM_NTASKS": "12",  # the job's; srun would take it as the step's task count
+        "SLURM_CPUS_ON_NODE": "32",
     }
     (srun,) = commands("slurm.sbatch", "--workdir", "/w", "--", *TRICKY, env=env)
-    assert srun[1:3] == ["--nodes=3", "--ntasks-per-node=4"] and srun[-2:] == TRICKY
+    assert srun[1:5] == ["--nodes=3", "--ntasks=12", "--ntasks-per-node=4", "--cpus-per-task=8"]
+    assert srun[-2:] == TRICKY
     (srun,) = commands("slurm.sbatch", "--workdir", "/w", "--per-node", env=env)
-    assert srun[1:3] == ["--nodes=3", "--ntasks-per-node=1"]
+    assert srun[1:5] == ["--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--cpus-per-task=32"]  # the whole node
 
 
 @pytest.mark.parametrize(
