@@ -152,13 +152,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 shown = ("loss", "info_nce", "logit_scale", "samples_per_s", "mfu")
                 writer.progress(step, {k: last_metrics[k] for k in shown if k in last_metrics})
             if step != tc.num_steps and any(e.due(step) for e in evaluators):
+                jax.block_until_ready(state)  # the step's device work stays in the interval, outside the pause
                 with meter.paused():
                     due = registry.run_evaluators(evaluators, encoder.with_params(state.params), step, writer.log)
                 writer.write(step, due)
             preempted = stop(step)
             last = step == tc.num_steps
             # A state whose update was skipped (non-finite loss or gradient) is never saved.
-            if (preempted or last or checkpointer.due(step)) and bool(metrics["update_ok"]):
+            if (preempted or last or checkpointer.due(step)) and bool(metrics["update_ok"]):  # waits for the step
                 with meter.paused():
                     checkpointer.save(step, state, train_iter, config_dict, vocabulary)
             if preempted:
