@@ -158,6 +158,12 @@ def _vocab_and_length(config) -> tuple[int, int]:
         tokenizer = vocab.load_tokenizer(data.tokenizer)
         kept_ids = vocab.filter_vocabulary(tokenizer, config.model.get("vocab_filter", vocab.DEFAULT_RULE))
         return len(kept_ids), build.caption_encoder(config, tokenizer, kept_ids).max_length
+    if data.tokenizer:
+        print(
+            f"lexvla compile: tokenizer {data.tokenizer} not found; shapes from config.model.vocab_size "
+            "and config.data.max_length (set config.data.tokenizer to use the tokenizer's)",
+            file=sys.stderr,
+        )
     bow = build.text_encoder(config) == "bow"
     if not config.model.vocab_size or not (data.max_length or bow):
         raise SystemExit(

@@ -114,3 +114,14 @@ def test_local_compile_reports_the_same_fields_for_this_machine(capsys, tiny_rep
     assert not any("nan" in line for line in lines)  # every number known on CPU too
     host_ram = aot.device_memory_bytes(jax.devices()[0])
     assert host_ram > 2**30 and any(line.startswith("HBM") for line in lines)
+
+
+def test_missing_tokenizer_file_is_named_and_the_config_fields_used(capsys, tmp_path):
+    missing = str(tmp_path / "tokenizer.model")
+    config = configlib.load_config(TINY[1], [a[len("--config.") :] for a in TINY[2:]])
+    config.data.tokenizer = missing
+    assert aot._vocab_and_length(config) == (64, 40)
+    err = capsys.readouterr().err
+    assert f"tokenizer {missing} not found; shapes from config.model.vocab_size" in err and err.count("\n") == 1
+    config.data.tokenizer = ""
+    assert aot._vocab_and_length(config) == (64, 40) and capsys.readouterr().err == ""
