@@ -48,8 +48,8 @@ EXTRAS = {
     "search": ["pyseismic-lsr==0.5.4"],
     # For a gs:// workdir: pip install -e '.[gcs]'
     "gcs": GCS,
-    # On a TPU VM: pip install -e '.[tpu]'
-    "tpu": ["jax[tpu]==0.10.2"],
+    # On a TPU VM: pip install -e '.[tpu]' (with gcsfs: pods write to a gs:// workdir, launch/tpu_pod.sh)
+    "tpu": ["jax[tpu]==0.10.2", *GCS],
     # On a CUDA 12 host: pip install -e '.[gpu]'
     "gpu": ["jax[cuda12]==0.10.2"],
 }

@@ -19,10 +19,14 @@ Memory (V' = 16,754 kept words of Llama 2's tokenizer, prompts of 96 tokens, 257
   activations  grow with the micro-batch (remat "full" keeps each layer's input, e.g. Llama's
                32 × 96 × 4096 × 2 B = 25 MB per sample, and one layer's internals at a time)
 XLA's peak for the whole step, compiled for one TPU chip (the same XLA program a GPU runs, up to fusion
-and library workspaces): 24gb, micro-batches of 16: 14.3 GiB arguments + 2.1 GiB temporaries = 16.5 GiB
-(v6e); 80gb, micro-batches of 256: 14.4 + 17.3 = 31.7 GiB (v5p). A 24 GB card gives XLA about 22 GiB
-with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (`launch/gpu.sh` sets it; JAX's default of 75% would leave
-about 1 GiB spare), an 80 GB card about 75 GiB: room for cuDNN/cuBLAS workspaces and fusion differences.
+and library workspaces): 24gb, micro-batches of 16: 14.31 GiB arguments + 2.24 GiB temporaries = 16.55 GiB
+(v6e); 80gb, micro-batches of 256: 14.42 + 18.18 = 32.60 GiB (v5p). Measured with
+`aot.compile_train_step(config, aot.topology_devices("v6e:2x2")[:1])` (`"v5p:2x2x1"` for 80gb), tokenizer
+unset and `config.model.vocab_size=16754`: 6 to 20 minutes of compiling on 2 CPU cores, so no test runs it.
+On the GPU itself, `lexvla compile --config configs/debug_gpu.py:24gb --local` prints the same report.
+A 24 GB card gives XLA about 22 GiB with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (`launch/gpu.sh` sets it;
+JAX's default of 75% would leave about 1 GiB spare), an 80 GB card about 75 GiB: room for cuDNN/cuBLAS
+workspaces and fusion differences.
 """
 
 import ml_collections

@@ -7,7 +7,8 @@
 #       --workdir gs://BUCKET/lexvla/run1 [--spot] [--queued] [--keep] [--dry-run] \
 #       -- --config.model.text_checkpoint=/ckpt/Llama-2-7b-hf ...
 #
-# Training runs detached on the workers (nohup), so a dropped connection does not stop it. The slice is
+# Training runs detached on the workers (nohup), so a dropped connection does not stop it: the log stream
+# reconnects (RECONNECTS times, RECONNECT_WAIT_S apart; then the slice is kept). Otherwise the slice is
 # deleted when this script exits, also on Ctrl-C or an error (checkpoints stay in the workdir; run again
 # to resume), unless --keep is given. --dry-run prints every command and runs none.
 set -euo pipefail
@@ -34,6 +35,7 @@ EOF
 }
 
 NAME="" ZONE="" TYPE="" WORKDIR="" PROJECT="" VERSION="" CONFIG="configs/lexvla_cc12m.py"
+RECONNECTS="${RECONNECTS:-5}" RECONNECT_WAIT_S="${RECONNECT_WAIT_S:-30}"
 SPOT=0 QUEUED=0 KEEP=0
 TRAIN_ARGS=()
 while [[ $# -gt 0 ]]; do
@@ -134,10 +136,20 @@ START="cd ~/lexvla && rm -f train.rc && nohup bash -c $(quote "$TRAIN; echo \$? 
 START+=' > train.log 2>&1 < /dev/null & echo $! > ~/lexvla/train.pid'
 run "${TPU[@]}" ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker=all --command="$START"
 
-# 4. Worker 0's log until its process ends, then every worker's exit status.
+# 4. Worker 0's log until its process ends, then every worker's exit status. A dropped connection reattaches
+# (the log starts over); after RECONNECTS failures the slice is kept, since training goes on without us.
 # shellcheck disable=SC2016  # expanded on the worker
 STREAM='tail -n +1 -f --pid="$(cat ~/lexvla/train.pid)" ~/lexvla/train.log'
-run "${TPU[@]}" ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker=0 --command="$STREAM"
+tries=0
+until run "${TPU[@]}" ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker=0 --command="$STREAM"; do
+  tries=$((tries + 1))
+  if [[ "$tries" -ge "$RECONNECTS" ]]; then
+    KEEP=1
+    die "lost worker 0's log $tries times; training goes on, so $NAME is kept (its log: ~/lexvla/train.log)"
+  fi
+  echo "$SCRIPT_NAME: lost worker 0's log; reconnecting in ${RECONNECT_WAIT_S}s" >&2
+  sleep "$RECONNECT_WAIT_S"
+done
 # shellcheck disable=SC2016  # expanded on the worker
 STATUS='exit "$(cat ~/lexvla/train.rc 2>/dev/null || echo 1)"'
 run "${TPU[@]}" ssh "$NAME" "${GCLOUD_FLAGS[@]}" --worker=all --command="$STATUS"

@@ -119,6 +119,12 @@ def _vocab_and_length(config) -> tuple[int, int]:
     if data.tokenizer and os.path.exists(data.tokenizer):
         tokenizer, kept_ids = build.load_vocabulary(config)
         return len(kept_ids), build.caption_encoder(config, tokenizer, kept_ids).max_length
+    if data.tokenizer:
+        print(
+            f"lexvla compile: tokenizer {data.tokenizer} not found; shapes from config.model.vocab_size "
+            "and config.data.max_length (set config.data.tokenizer to use the tokenizer's)",
+            file=sys.stderr,
+        )
     bow = build.text_encoder(config) == "bow"
     if not config.model.vocab_size or not (data.max_length or bow):
         raise SystemExit(

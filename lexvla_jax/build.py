@@ -115,10 +115,7 @@ def load_vocabulary(config: ml_collections.ConfigDict) -> tuple[vocab.Tokenizer,
     """The tokenizer of `config.data.tokenizer` and the token ids of the kept vocabulary (codebook rows)."""
     if not config.data.tokenizer:
         raise ConfigError("config.data.tokenizer is empty; point it at a tokenizer.model / tokenizer.json")
-    try:
-        tokenizer = vocab.load_tokenizer(config.data.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"{e} (config.data.tokenizer)") from None
+    tokenizer = vocab.load_tokenizer(config.data.tokenizer)  # errors name config.data.tokenizer
     size = config.model.text.get("vocab_size", tokenizer.vocab_size)
     if tokenizer.vocab_size != size and not config.model.text_checkpoint:
         raise ConfigError(
@@ -146,9 +143,13 @@ def recipe(config: ml_collections.ConfigDict, kept_ids: np.ndarray) -> ModelReci
     make = lambda: lexvla.LexVLA(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     parts = []
     if m.vision_checkpoint:
-        parts.append(convert.dinov2_part(convert.HFCheckpoint(m.vision_checkpoint), cfg.vision, prefix="vision"))
+        parts.append(
+            convert.dinov2_part(
+                convert.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"), cfg.vision, prefix="vision"
+            )
+        )
     if m.text_checkpoint:
-        ckpt = convert.HFCheckpoint(m.text_checkpoint)
+        ckpt = convert.HFCheckpoint(m.text_checkpoint, "config.model.text_checkpoint")
         text = convert.llama_part(ckpt, cfg.text, prefix="text", with_lm_head=False)
         # Both codebooks start as the lm_head rows of the kept words; the visual one then trains.
         rows = hf_layout.Source(hf_layout.llama_lm_head_key(cfg.text), rows=tuple(int(i) for i in kept_ids))

@@ -9,6 +9,7 @@ with every step and checked on restore: codebook rows mean words only under the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
@@ -27,6 +28,33 @@ class CheckpointNotFound(ConfigError):
 
 class VocabularyMismatch(ConfigError):
     """A checkpoint trained on another kept vocabulary than the tokenizer gives now; one line."""
+
+
+class CheckpointFailed(ConfigError):
+    """Orbax could not read or write a checkpoint; one line naming the directory and what to change."""
+
+
+# What to change when a checkpoint cannot be restored: it was written for another model, or is damaged.
+RESTORE_HINT = (
+    "run with the config it was trained with (config.model, config.train.trainable), or start a new --workdir"
+)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+@contextlib.contextmanager
+def _one_line(what: str, hint: str):
+    """Turns orbax / tensorstore / OS errors inside into `CheckpointFailed`; one-line errors pass through."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise CheckpointFailed(f"{what} failed ({_first_line(e)}); {hint}") from e
 
 
 def workdir_path(workdir: str) -> epath.Path:
@@ -54,16 +82,24 @@ class Checkpointer:
         self.directory = workdir_path(workdir) / "checkpoints"
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=create)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": streams.StreamsCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler(),
-                "vocab": ocp.JsonCheckpointHandler(),
-            },
-        )
+        with _one_line(f"opening {self.directory}", "set --workdir to a directory this process can write"):
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_handlers={
+                    "state": ocp.StandardCheckpointHandler(),
+                    "data": streams.StreamsCheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler(),
+                    "vocab": ocp.JsonCheckpointHandler(),
+                },
+            )
+
+    def _restoring(self, step: int, item: str):
+        return _one_line(f"restoring the {item} of checkpoint step {step} in {self.directory}", RESTORE_HINT)
+
+    def _writing(self, what: str):
+        hint = "check that --workdir is writable and has free space"
+        return _one_line(f"{what} under {self.directory}", hint)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -84,11 +120,13 @@ class Checkpointer:
         }
         if data_iterator is not None:
             args["data"] = streams.StreamsSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        with self._writing(f"saving checkpoint step {step}"):
+            self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def check_vocabulary(self, step: int, tokenizer: vocab.Tokenizer, kept_ids: np.ndarray, tokenizer_path: str):
         """Raises `VocabularyMismatch` when step `step` was trained on another kept vocabulary."""
-        saved = self.manager.restore(step, args=ocp.args.Composite(vocab=ocp.args.JsonRestore()))["vocab"]
+        with self._restoring(step, "vocabulary"):
+            saved = self.manager.restore(step, args=ocp.args.Composite(vocab=ocp.args.JsonRestore()))["vocab"]
         if saved["ids"] == [int(i) for i in kept_ids]:
             return
         raise VocabularyMismatch(
@@ -101,16 +139,21 @@ class Checkpointer:
     def restore_data(self, step: int, data_iterator) -> None:
         """Repositions `data_iterator` where step `step` left it; `DataConfigError` (one line) when the saved
         streams cannot be continued exactly with this run's `num_streams` / `num_workers`."""
-        self.manager.restore(step, args=ocp.args.Composite(data=streams.StreamsRestore(data_iterator)))
+        with self._restoring(step, "data position"):
+            self.manager.restore(step, args=ocp.args.Composite(data=streams.StreamsRestore(data_iterator)))
 
     def restore(self, step: int, abstract_state):
         """The train state of step `step`, in the shardings of `abstract_state` (any mesh, any process count)."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        with self._restoring(step, "train state"):
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )
         return restored["state"]
 
     def restore_config(self, step: int) -> dict:
         """The config dict saved with step `step`."""
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        with self._restoring(step, "config"):
+            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def reached_preemption(self, step: int) -> bool:
         """True when the cluster announced a preemption (TPU maintenance events); multi-host runs only."""
@@ -119,7 +162,9 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the pending asynchronous save; its failure is raised here."""
+        with self._writing("writing a checkpoint"):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()

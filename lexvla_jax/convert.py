@@ -54,6 +54,16 @@ class HFCheckpoint:
         with open(config_path) as f:
             self.config = json.load(f)
         files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+        index_path = os.path.join(self.path, "model.safetensors.index.json")
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                listed = sorted(set(json.load(f).get("weight_map", {}).values()))
+            missing = [name for name in listed if name not in files]
+            if missing:
+                raise CheckpointError(
+                    f"shard {os.path.join(self.path, missing[0])!r} is missing ({len(missing)} of {len(listed)} "
+                    f"shards in model.safetensors.index.json); download it again{where}"
+                )
         if not files:
             pickles = [f for f in os.listdir(self.path) if f.endswith(_PICKLE_SUFFIXES)]
             if pickles:

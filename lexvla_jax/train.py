@@ -132,7 +132,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 batch = make_global_batch(host_batch, mesh, rules)
                 if not meter.flops_per_step_per_device:
                     jaxpr = program.step.trace(frozen, rest, state, batch).jaxpr
-                    meter.flops_per_step_per_device = throughput.matmul_flops(jaxpr) / jax.device_count()
+                    flops = throughput.matmul_flops(jaxpr, jax.devices()[0].platform)  # the branches this platform runs
+                    meter.flops_per_step_per_device = flops / jax.device_count()
                 state, metrics = program.step(frozen, rest, state, batch)
             step += 1
             meter.step_done()
@@ -150,13 +151,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 shown = ("loss", "info_nce", "logit_scale", "samples_per_s", "mfu")
                 writer.progress(step, {k: last_metrics[k] for k in shown if k in last_metrics})
             if step != tc.num_steps and any(e.due(step) for e in evaluators):
+                jax.block_until_ready(state)  # the step's device work stays in the interval, outside the pause
                 with meter.paused():
                     due = registry.run_evaluators(evaluators, encoder.with_params(state.params), step, writer.log)
                 writer.write(step, due)
             preempted = stop(step)
             last = step == tc.num_steps
             # A state whose update was skipped (non-finite loss or gradient) is never saved.
-            if (preempted or last or checkpointer.due(step)) and bool(metrics["update_ok"]):
+            if (preempted or last or checkpointer.due(step)) and bool(metrics["update_ok"]):  # waits for the step
                 with meter.paused():
                     checkpointer.save(step, state, train_iter, config_dict, vocabulary)
             if preempted:

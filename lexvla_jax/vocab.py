@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from lexvla_jax.configlib import ConfigError
+
 PLACEHOLDER = "[TEXT]"
 DEFAULT_PROMPT = (
     'The focus of "The man is riding a white horse." lies on important words: "man", "riding", "white", "horse". '
@@ -193,24 +195,45 @@ class HFTokenizer(Tokenizer):
         return int(i) in self._special
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """A `tokenizer.model` / `tokenizer.json` file, or a directory holding one (`tokenizer.model` preferred)."""
+class TokenizerError(ConfigError):
+    """A tokenizer path that cannot be loaded; the message is one line naming the path and the field to set."""
+
+
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+    """No tokenizer file at the path given."""
+
+
+def load_tokenizer(path: str, field: str = "config.data.tokenizer") -> Tokenizer:
+    """A `tokenizer.model` / `tokenizer.json` file, or a directory holding one (`tokenizer.model` preferred).
+
+    `field` is where the path came from; errors name it (`TokenizerNotFound`, `TokenizerError`: one line).
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):
-                return load_tokenizer(os.path.join(path, name))
-        raise FileNotFoundError(f"{path} holds no tokenizer.model or tokenizer.json; pass the tokenizer file itself")
+                return load_tokenizer(os.path.join(path, name), field)
+        raise TokenizerNotFound(f"{path} holds no tokenizer.model or tokenizer.json; set {field} to the tokenizer file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer {path} does not exist; pass a tokenizer.model, tokenizer.json or their dir")
+        raise TokenizerNotFound(
+            f"tokenizer {path} does not exist; set {field} to a tokenizer.model, tokenizer.json or their directory"
+        )
     if path.endswith(".json"):
-        return HFTokenizer(path)
+        try:
+            return HFTokenizer(path)
+        except ValueError as e:
+            raise TokenizerError(f"{e}; check {field}") from None
+        except Exception as e:  # the tokenizers library raises its own exception type
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TokenizerError(f"{path} is not a tokenizer.json ({first}); check {field}") from None
     with open(path, "rb") as f:
         model_proto = f.read()
     try:
         return SentencePieceTokenizer(model_proto, path)
     except RuntimeError:
-        raise ValueError(f"{path} is not a SentencePiece model; pass a tokenizer.model or tokenizer.json") from None
+        raise TokenizerError(
+            f"{path} is not a SentencePiece model; set {field} to a tokenizer.model or tokenizer.json"
+        ) from None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str) -> Tokenizer:
@@ -536,7 +559,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", help=f"write the kept ids of --rule (default {DEFAULT_RULE}), sorted int32, to .npy")
     args = parser.parse_args(list(argv))
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
     except (OSError, ValueError) as e:
         print(f"lexvla vocab: {e}", file=sys.stderr)
         return 2

@@ -84,11 +84,26 @@ def test_xla_flops_are_per_device_and_match_the_jaxpr_count_without_loops():
         assert throughput.matmul_flops(traced.jaxpr) == total
 
 
-def test_local_compile_reports_the_same_fields_for_this_machine(capsys):
-    """`lexvla compile --local`: the train step compiled for the local devices (8 fake CPUs here)."""
+def test_local_compile_reports_the_same_fields_for_this_machine(capsys, tiny_report):
+    """`lexvla compile --local`: the train step compiled for the local devices (8 fake CPUs here), reported line
+    for line like the TPU compile of the same config."""
     code = aot.main([*TINY, "--config.train.global_batch_size=16", "--local"])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0 and lines[-1] == "fits"
     assert lines[0].startswith("topology      local cpu (8 × cpu)")
+    label = lambda line: line[:14]
+    assert [label(line) for line in lines] == [label(line) for line in tiny_report.lines()]
+    assert not any("nan" in line for line in lines)  # every number known on CPU too
     host_ram = aot.device_memory_bytes(jax.devices()[0])
     assert host_ram > 2**30 and any(line.startswith("HBM") for line in lines)
+
+
+def test_missing_tokenizer_file_is_named_and_the_config_fields_used(capsys, tmp_path):
+    missing = str(tmp_path / "tokenizer.model")
+    config = configlib.load_config(TINY[1], [a[len("--config.") :] for a in TINY[2:]])
+    config.data.tokenizer = missing
+    assert aot._vocab_and_length(config) == (64, 40)
+    err = capsys.readouterr().err
+    assert f"tokenizer {missing} not found; shapes from config.model.vocab_size" in err and err.count("\n") == 1
+    config.data.tokenizer = ""
+    assert aot._vocab_and_length(config) == (64, 40) and capsys.readouterr().err == ""

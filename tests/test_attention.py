@@ -129,3 +129,17 @@ def test_blocked_attention_matches_one_piece_in_values_and_gradients(monkeypatch
     assert "while" in jax.jit(loss()).lower(q, k, v).as_text()  # the CPU branch loops over the 3 blocks
     for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(one_piece), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)  # the loss sums in another order
+
+
+@pytest.mark.parametrize(("platform", "blocked"), [("cpu", True), ("cuda", False), ("rocm", False), ("tpu", False)])
+def test_blocked_path_is_compiled_for_cpu_only(monkeypatch, platform, blocked):
+    """Lowered for each platform (no such device needed): only CPU gets the loop over batch blocks; GPUs and TPUs get
+    `jax.nn.dot_product_attention` in one piece (on NVIDIA GPUs with bf16 inputs, cuDNN: see the test above)."""
+    from jax import export
+
+    monkeypatch.setattr(layers, "CPU_SCORES_BLOCK_BYTES", 2 * 4 * 7 * 7 * 4)  # 3 blocks of 2 examples
+    q, k, v = inputs(b=6)
+    pad = jnp.ones((6, 1, 1, 7), bool)
+    attend = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, pad, is_causal=True))
+    module = export.export(attend, platforms=(platform,))(q, k, v).mlir_module()
+    assert ("stablehlo.while" in module) == blocked

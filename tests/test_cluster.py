@@ -1,5 +1,7 @@
 """SLURM task environment → `local_device_ids` for `jax.distributed.initialize`."""
 
+import os
+
 import pytest
 
 from lexvla_jax import cluster
@@ -96,3 +98,22 @@ def test_step_tasks_per_node_wins_over_the_jobs():
 def test_tasks_on_node_errors(env, message):
     with pytest.raises(cluster.ClusterError, match=message):
         cluster.tasks_on_node(env)
+
+
+def test_auto_mode_passes_the_tasks_gpus_to_jax(monkeypatch):
+    """`config.dist.mode=auto` under SLURM with GPUs bound per task: JAX gets the task's own GPU, not its local id."""
+    import jax
+
+    from lexvla_jax import sharding
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "CUDA_VISIBLE", "JAX_LOCAL"))]:
+        monkeypatch.delenv(key)
+    for key, value in task(3, "4(x2)", "5", SLURM_GPUS_PER_TASK="1").items():
+        monkeypatch.setenv(key, value)
+    sharding.initialize_distributed({"mode": "auto"})
+    assert calls == [{"local_device_ids": [0]}]  # JAX alone would ask for GPU 3 of the one visible
+    monkeypatch.delenv("SLURM_LOCALID")  # not a SLURM task: JAX decides everything
+    sharding.initialize_distributed({"mode": "auto"})
+    assert calls[1] == {}

@@ -1,5 +1,6 @@
 """The launch scripts' dry runs: the exact commands each would run, and their one-line errors."""
 
+import ast
 import json
 import os
 import pathlib
@@ -127,6 +128,51 @@ def test_tpu_pod_worker_commands_run_lexvla_train_with_every_argument(tmp_path):
     assert subprocess.run([BASH, "-c", status], env=env, timeout=30).returncode == 3
 
 
+def fake_gcloud(tmp_path, stream_failures: int) -> dict:
+    """A `gcloud` on PATH that records its arguments; streaming worker 0's log fails (ssh's 255) at first."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "$*" >> "$FAKE_DIR/calls"\n'
+        'if [[ " $* " == *" --worker=0 "* ]]; then\n'
+        '  echo x >> "$FAKE_DIR/streams"\n'
+        f'  [[ $(wc -l < "$FAKE_DIR/streams") -gt {stream_failures} ]] || exit 255\n'
+        "fi\n"
+    )
+    (bin_dir / "gcloud").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}
+
+
+def test_tpu_pod_reconnects_to_a_dropped_log_and_still_deletes(tmp_path):
+    env = {**fake_gcloud(tmp_path, stream_failures=2), "RECONNECT_WAIT_S": "0"}
+    result = launch("tpu_pod.sh", *POD, env=env)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split()[3] for c in calls] == ["create", "scp", "ssh", "ssh", "ssh", "ssh", "ssh", "ssh", "delete"]
+    assert sum("--worker=0" in c for c in calls) == 3  # two dropped connections, then the whole log
+    assert result.stderr.count("lost worker 0's log; reconnecting") == 2
+
+
+def test_tpu_pod_keeps_the_slice_when_the_log_stays_lost(tmp_path):
+    env = {**fake_gcloud(tmp_path, stream_failures=100), "RECONNECT_WAIT_S": "0", "RECONNECTS": "3"}
+    result = launch("tpu_pod.sh", *POD, env=env)
+    assert result.returncode == 2
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum("--worker=0" in c for c in calls) == 3 and not any(" delete " in c for c in calls)
+    assert "lost worker 0's log 3 times; training goes on, so lex is kept" in result.stderr
+    assert "keeping lex; delete it with: gcloud compute tpus tpu-vm delete lex" in result.stderr
+
+
+def test_the_tpu_extra_writes_a_gs_workdir():
+    """tpu_pod.sh installs `.[tpu]` and trains into gs://: the extra must bring gcsfs (epath's gs:// backend)."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    names = {n.targets[0].id: n.value for n in tree.body if isinstance(n, ast.Assign)}
+    extras = {k.value: v for k, v in zip(names["EXTRAS"].keys, names["EXTRAS"].values, strict=True)}
+    starred = {e.value.id for e in extras["tpu"].elts if isinstance(e, ast.Starred)}
+    assert "GCS" in starred and any(c.value.startswith("gcsfs==") for c in names["GCS"].elts)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -185,8 +231,8 @@ def test_gpu_errors(args, message):
 
 def test_slurm_runs_one_process_per_gpu_without_gpus_per_task():
     (srun,) = commands("slurm.sbatch", "--nodes", "2", "--gpus-per-node", "8", "--workdir", "/shared/run")
-    assert srun[:4] == ["srun", "--nodes=2", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
-    assert srun[5:] == [
+    assert srun[:5] == ["srun", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
+    assert srun[6:] == [
         "train", "--config", "configs/lexvla_cc12m.py", "--workdir", "/shared/run", "--config.dist.mode=auto",
     ]  # fmt: skip
     assert not any("gpus-per-task" in w for w in srun)
@@ -201,11 +247,14 @@ def test_slurm_per_node_and_layout_from_the_job():
         "SLURM_SUBMIT_DIR": str(REPO),
         "SLURM_JOB_NUM_NODES": "3",
         "SLURM_GPUS_PER_NODE": "a100:4",
+        "SLURM_NTASKS": "12",  # the job's; srun would take it as the step's task count
+        "SLURM_CPUS_ON_NODE": "32",
     }
     (srun,) = commands("slurm.sbatch", "--workdir", "/w", "--", *TRICKY, env=env)
-    assert srun[1:3] == ["--nodes=3", "--ntasks-per-node=4"] and srun[-2:] == TRICKY
+    assert srun[1:5] == ["--nodes=3", "--ntasks=12", "--ntasks-per-node=4", "--cpus-per-task=8"]
+    assert srun[-2:] == TRICKY
     (srun,) = commands("slurm.sbatch", "--workdir", "/w", "--per-node", env=env)
-    assert srun[1:3] == ["--nodes=3", "--ntasks-per-node=1"]
+    assert srun[1:5] == ["--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--cpus-per-task=32"]  # the whole node
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,52 @@ def test_non_finite_step_is_skipped_and_never_saved(data_dir, tmp_path, monkeypa
     assert (int(state["step"]), int(state["skipped_updates"]), int(state["consecutive_skips"])) == (8, 1, 0)
 
 
+@pytest.mark.slow
+def test_throughput_leaves_out_evaluation_and_checkpoint_time(data_dir, tmp_path, monkeypatch):
+    """Evaluation and checkpoint saves made 3 s slower each: the logged step time must not see them.
+
+    Both run after the report of steps 2 and 4, inside the next interval of two steps; counted, each alone would
+    add 1.5 s to that interval's `step_time_s` (a step of this config takes ~0.1 s).
+    """
+    from lexvla_jax.checkpoints import Checkpointer
+    from lexvla_jax.evaluate import registry
+
+    slow = 3.0
+    run_evaluators, save = registry.run_evaluators, Checkpointer.save
+    calls = []
+
+    def slow_evaluators(evaluators, encoder, step=None, log=None):
+        if step is not None and any(e.due(step) for e in evaluators):
+            calls.append(("eval", step))
+            time.sleep(slow)
+        return run_evaluators(evaluators, encoder, step, log)
+
+    def slow_save(self, step, *args):
+        calls.append(("save", step))
+        time.sleep(slow)
+        return save(self, step, *args)
+
+    monkeypatch.setattr(registry, "run_evaluators", slow_evaluators)
+    monkeypatch.setattr(Checkpointer, "save", slow_save)
+    extra = {
+        "train.num_steps": 6,
+        "train.log_every": 2,
+        "checkpoint.every_steps": 2,
+        "evals.retrieval.every_steps": 2,
+        "train.show_top_words": 0,
+        "data.num_workers": 0,
+    }
+    config = configlib.load_config(local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **extra))
+    del config.evals["patchdis"]
+    workdir = str(tmp_path / "work")
+    train.run(config, workdir)
+    assert calls == [("eval", 2), ("save", 2), ("eval", 4), ("save", 4), ("save", 6)]
+    rows = {r["step"]: r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "loss" in r}
+    for step in (4, 6):  # the intervals after an evaluation and a save
+        assert rows[step]["step_time_s"] < slow / 2, rows[step]
+        assert rows[step]["samples_per_s"] == pytest.approx(16 / rows[step]["step_time_s"], rel=1e-6)
+
+
 def test_repeated_non_finite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
     real_loss = step_lib.losses.lexvla_loss
 
