@@ -16,12 +16,12 @@ keep the model a language model of the whole list, but at full weight they slow 
 (held-out precision@5 of the next word after 400 steps: 0.78 at weight 1, 0.92 at 0.1, 0.95 at 0).
 The loss adds PaLM's auxiliary z-loss, `z_loss · (log Σ exp logits)²` (1e-2 in configs/tiny.py). The
 language model's softmax ignores a shift of all logits, but the lexical vector is ELU1p of the logits
-themselves, so that shift decides how sharp the text vector is. Without z-loss the logit after the prompt
-averaged 4.7 for the caption's words and 1% of the other words scored above 3.2 (ELU1p 5.8 against 4.2: near
-equals); with it the log-partition stays near 0, a logit reads as a log-probability, and ELU1p gives the
-caption's words 0.44 on average against 0.08 for the 99th percentile of the rest. Stage 2 (batch 128,
-1,350 steps) on the sharper text vectors: image→text R@1 0.484 → 0.664, image word precision 0.750 → 0.797
-(BENCHMARKS.md).
+themselves, so that shift decides how sharp the text vector is. On 200 eval captions, without z-loss the logit
+after the prompt averaged 4.7 for the caption's words and 1% of the other words scored above 3.2 (ELU1p 5.8
+against 4.2: near equals). With it the log-partition there is 1.2, a logit reads nearly as a log-probability,
+and ELU1p gives the caption's words 0.44 on average against 0.08 for the 99th percentile of the rest. Stage 2
+(batch 128, 1,350 steps) on the sharper text vectors: image→text R@1 0.484 → 0.664, image word precision
+0.750 → 0.797 (BENCHMARKS.md).
 The prompt is `config.data.prompt_template`, the same one stage 2 reads, and it must end where a word follows
 (`check_template_ends_before_a_word`).
 
