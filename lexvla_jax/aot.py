@@ -108,8 +108,9 @@ def topology_devices(name: str):
     try:
         return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
     except Exception as e:  # libtpu's errors are long; keep the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"lexvla compile: topology {name!r} unavailable ({first}); try e.g. v5p:2x2x1") from None
+        raise SystemExit(
+            f"lexvla compile: topology {name!r} unavailable ({configlib.first_line(e)}); try e.g. v5p:2x2x1"
+        ) from None
 
 
 def _vocab_and_length(config) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lexvla_jax import vocab
-from lexvla_jax.configlib import ConfigError
+from lexvla_jax.configlib import ConfigError, first_line
 from lexvla_jax.data import streams
 
 
@@ -40,12 +40,6 @@ RESTORE_HINT = (
 )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
-
-
 @contextlib.contextmanager
 def _one_line(what: str, hint: str):
     """Turns orbax / tensorstore / OS errors inside into `CheckpointFailed`; one-line errors pass through."""
@@ -54,7 +48,7 @@ def _one_line(what: str, hint: str):
     except ConfigError:
         raise
     except Exception as e:
-        raise CheckpointFailed(f"{what} failed ({_first_line(e)}); {hint}") from e
+        raise CheckpointFailed(f"{what} failed ({first_line(e)}); {hint}") from e
 
 
 def workdir_path(workdir: str) -> epath.Path:

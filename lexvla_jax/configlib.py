@@ -26,6 +26,14 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message is one line."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of `error`'s message (its type name when empty), cut to `limit` characters: what a
+    one-line error quotes of a library's long exception."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads `file.py[:arg]` and returns `get_config(arg)`."""
     path, _, arg = spec.partition(":")

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from lexvla_jax.configlib import ConfigError
+from lexvla_jax.configlib import ConfigError, first_line
 
 PLACEHOLDER = "[TEXT]"
 DEFAULT_PROMPT = (
@@ -224,8 +224,7 @@ def load_tokenizer(path: str, field: str = "config.data.tokenizer") -> Tokenizer
         except ValueError as e:
             raise TokenizerError(f"{e}; check {field}") from None
         except Exception as e:  # the tokenizers library raises its own exception type
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TokenizerError(f"{path} is not a tokenizer.json ({first}); check {field}") from None
+            raise TokenizerError(f"{path} is not a tokenizer.json ({first_line(e)}); check {field}") from None
     with open(path, "rb") as f:
         model_proto = f.read()
     try:

@@ -26,6 +26,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from lexvla_jax.configlib import first_line
 from lexvla_jax.data.config import DataConfigError, resolve_shards
 from lexvla_jax.data.records import (
     CAPTION_EXTENSION,
@@ -146,9 +147,8 @@ def tfds_eval_records(name: str, split: str, data_dir: str, image_key: str, capt
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except Exception as e:  # tfds raises several types (not found, wrong file format); all mean the same here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataConfigError(
-            f"{where}: TFDS {name!r} split {split!r} cannot be read from data_dir={data_dir!r} ({first}); "
+            f"{where}: TFDS {name!r} split {split!r} cannot be read from data_dir={data_dir!r} ({first_line(e)}); "
             "prepare it there with file_format='array_record'"
         ) from None
     if len(source):
