@@ -63,9 +63,13 @@ class LossConfig:
     top_k: int = 0  # > 0: InfoNCE on each vector's top k entries (Q(512), config.loss.top_k)
 
 
-def _decay_mask(params: nnx.State):
-    """Weight decay on matrices only: no decay on norms, biases or the logit scale."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(no_decay: Sequence[str] = ()):
+    """Weight decay on matrices only (no decay on norms, biases or the logit scale), and on no parameter whose
+    path names a group of `no_decay` (groups as in `trainable_filter`)."""
+    no_decay = set(no_decay)
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and not (_group_of(path) & no_decay), params
+    )
 
 
 def _group_of(path) -> set[str]:
@@ -93,7 +97,8 @@ def scale_by_group(lr_scales: dict[str, float]) -> optax.GradientTransformation:
 
 def make_optimizer(opt_config, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with warm-up + cosine decay and global-norm clipping, from `config.optim`; `optim.lr_scales`
-    (optional, e.g. `{"lora": 0.1}`) scales the learning rate of parameter groups."""
+    (optional, e.g. `{"lora": 0.1}`) scales the learning rate of parameter groups, `optim.no_decay` (optional,
+    e.g. `("visual_codebook",)`) names groups without weight decay."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=opt_config.learning_rate,
@@ -104,7 +109,11 @@ def make_optimizer(opt_config, num_steps: int) -> tuple[optax.GradientTransforma
     tx = optax.chain(
         optax.clip_by_global_norm(opt_config.grad_clip_norm),
         optax.adamw(
-            schedule, b1=opt_config.b1, b2=opt_config.b2, weight_decay=opt_config.weight_decay, mask=_decay_mask
+            schedule,
+            b1=opt_config.b1,
+            b2=opt_config.b2,
+            weight_decay=opt_config.weight_decay,
+            mask=decay_mask(opt_config.get("no_decay") or ()),
         ),
     )
     lr_scales = opt_config.get("lr_scales") or {}

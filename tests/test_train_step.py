@@ -262,3 +262,25 @@ def test_lr_scales_scale_the_update_of_their_group(setup):
         assert np.any(plain != 0), path
         np.testing.assert_allclose(scaled_update, plain * (0.1 if is_lora else 1.0), rtol=1e-6, err_msg=str(path))
     assert lora > 0
+
+
+def test_no_decay_exempts_its_group_from_weight_decay(setup):
+    """`optim.no_decay=("visual_codebook",)`: with zero gradients only weight decay moves a parameter, so the
+    visual codebook stays put while the adapter's matrices still shrink; vectors (norms, biases) never decay."""
+    _, params, *_ = setup
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    exempt = tiny.OPTIM.copy_and_resolve_references()
+    exempt.no_decay = ("visual_codebook",)
+    updates = {}
+    for name, config in (("plain", tiny.OPTIM), ("exempt", exempt)):
+        tx, _ = step_lib.make_optimizer(config, num_steps=10)
+        state = tx.init(params)
+        for _ in range(2):  # past the schedule's first step (learning rate 0)
+            update, state = tx.update(zeros, state, params)
+        updates[name] = {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(update)}
+    codebook = [path for path in updates["plain"] if "visual_codebook" in path]
+    assert codebook
+    for path, plain in updates["plain"].items():
+        decays = plain.ndim >= 2
+        assert np.any(plain != 0) == decays, path
+        assert np.any(updates["exempt"][path] != 0) == (decays and path not in codebook), path
