@@ -117,7 +117,7 @@ def get_config(arg=None):
         no_decay=("visual_codebook",),
     )
     config.train = dict(
-        num_steps=1350,  # image→text R@1 0.664, image word precision 0.797; batch 64 × 2,700: 0.572, 0.672
+        num_steps=1350,  # image→text R@1 0.596, image word precision 0.869 (BENCHMARKS.md)
         global_batch_size=128,
         micro_batches=1,
         seed=0,

@@ -20,8 +20,8 @@ themselves, so that shift decides how sharp the text vector is. On 200 eval capt
 after the prompt averaged 4.7 for the caption's words and 1% of the other words scored above 3.2 (ELU1p 5.8
 against 4.2: near equals). With it the log-partition there is 1.2, a logit reads nearly as a log-probability,
 and ELU1p gives the caption's words 0.44 on average against 0.08 for the 99th percentile of the rest. Stage 2
-(batch 128, 1,350 steps) on the sharper text vectors: image→text R@1 0.484 → 0.664, image word precision
-0.750 → 0.797 (BENCHMARKS.md).
+(batch 128, 1,350 steps, λ_img 1e-3 with weight decay on the visual codebook) on the sharper text vectors:
+image→text R@1 0.484 → 0.664, image word precision 0.750 → 0.797 (BENCHMARKS.md).
 The prompt is `config.data.prompt_template`, the same one stage 2 reads, and it must end where a word follows
 (`check_template_ends_before_a_word`).
 
