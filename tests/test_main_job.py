@@ -44,7 +44,7 @@ def test_short_main_job_names_the_words_of_its_images(tmp_path, capsys):
     assert "stage 1 (language model): step 150/150" in out and "saved to" in out
 
     image, random = metrics["retrieval/word_precision/image"], metrics["retrieval/word_precision/image_random"]
-    assert image >= 3 * random, (image, random)  # measured 0.445 against 0.045
+    assert image >= 3 * random, (image, random)  # measured 0.500 against 0.045
     assert metrics["retrieval/word_precision/text"] >= 3 * metrics["retrieval/word_precision/text_random"]
     assert 0.0 <= metrics["patchdis/miou"] <= 1.0
     assert "word precision@5" in out and "PatchDis" in out
