@@ -78,6 +78,11 @@ def _group_of(path) -> set[str]:
     return names | ({"lora"} if names & {"lora_a", "lora_b"} else set())
 
 
+def groups_of(state: nnx.State) -> set[str]:
+    """Every group name (as `_group_of`) that some parameter of `state` is in."""
+    return set().union(*(_group_of(path) for path, _ in nnx.to_flat_state(state)))
+
+
 def scale_by_group(lr_scales: dict[str, float]) -> optax.GradientTransformation:
     """Multiplies the update of every parameter whose path names a group of `lr_scales` by that group's scale
     (groups as in `trainable_filter`: "lora" or a name on the path; the first listed group that matches wins):

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import functools
+import os
 import re
 
 import jax
@@ -12,8 +13,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lexvla_jax import sharding
+from lexvla_jax import build, configlib, sharding
 from lexvla_jax import step as step_lib
+from lexvla_jax.program import make_program
 
 import tiny_lexvla as tiny
 
@@ -284,3 +286,35 @@ def test_no_decay_exempts_its_group_from_weight_decay(setup):
         decays = plain.ndim >= 2
         assert np.any(plain != 0) == decays, path
         assert np.any(updates["exempt"][path] != 0) == (decays and path not in codebook), path
+
+
+def _set(path: str, value):
+    """A function that sets `config.<path>` to `value`."""
+
+    def set_field(config):
+        *parents, name = path.split(".")
+        node = functools.reduce(getattr, parents, config)
+        setattr(node, name, value)
+
+    return set_field
+
+
+@pytest.mark.parametrize(
+    "misspell, field",
+    [
+        (_set("train.trainable", ("adapter", "visual_codebok")), "config.train.trainable"),
+        (_set("optim.lr_scales", {"lroa": 0.1}), "config.optim.lr_scales"),
+        (_set("optim.no_decay", ("visual_codebok",)), "config.optim.no_decay"),
+    ],
+    ids=["trainable", "lr_scales", "no_decay"],
+)
+def test_a_group_that_names_no_parameter_is_one_line(misspell, field):
+    """A misspelt group in `train.trainable`, `optim.lr_scales` or `optim.no_decay` would silently do nothing."""
+    tiny_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+    config = configlib.load_config(tiny_py, ["model.text_checkpoint="])
+    mesh = sharding.mesh_from_config(config.mesh)
+    program, params, *_ = make_program(config, mesh, build.abstract_model(config, 12))  # the defaults name groups
+    assert {"visual_codebook", "lora"} <= step_lib.groups_of(params)
+    misspell(config)
+    with pytest.raises(configlib.ConfigError, match=rf"^{re.escape(field)} names '.*', which is on the path of no"):
+        make_program(config, mesh, build.abstract_model(config, 12))

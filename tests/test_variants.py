@@ -55,8 +55,14 @@ def test_variant_changes_exactly_its_setting(name, base, expected):
     path = os.path.join(VARIANTS, f"{name}.py")
     spec = path if base == "paper" else f"{path}:{base}"
     base_config = configlib.load_config(os.path.join(REPO, "configs", configlib.VARIANT_BASES[base]))
-    if name == "qbow" and base_config.model.text_checkpoint:  # a base that loads a language model
-        expected = {**expected, "model.text_checkpoint": (base_config.model.text_checkpoint, "")}
+    if name == "qbow":  # no language model: nothing to load, no text tower or LoRA to train
+        trainable = base_config.train.trainable
+        without_text = tuple(g for g in trainable if g not in ("text", "lora"))
+        expected = {**expected, "train.trainable": (trainable, without_text)}
+        if base_config.model.text_checkpoint:
+            expected["model.text_checkpoint"] = (base_config.model.text_checkpoint, "")
+        if "lora" in (base_config.optim.get("lr_scales") or {}):
+            expected["optim.lr_scales.lora"] = (base_config.optim.lr_scales.lora, None)
     assert _diff(configlib.load_config(spec), base_config) == expected
 
 

@@ -18,4 +18,6 @@ def get_config(arg=None):
     config = configlib.variant_base(__file__, arg)
     config.model.text_encoder = "bow"
     config.model.text_checkpoint = ""  # no language model to load
+    config.train.trainable = tuple(g for g in config.train.trainable if g not in ("text", "lora"))  # no text tower
+    config.optim.lr_scales = {g: s for g, s in (config.optim.get("lr_scales") or {}).items() if g != "lora"}
     return config
