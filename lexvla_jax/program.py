@@ -74,7 +74,7 @@ def make_program(config: ml_collections.ConfigDict, mesh: Mesh, model: nnx.Modul
             "(0: InfoNCE on the whole vectors)"
         )
     graphdef, params, frozen, rest = nnx.split(model, step_lib.trainable_filter(tc.trainable), nnx.Param, ...)
-    check_groups(config, step_lib.groups_of(nnx.state(model, nnx.Param)))
+    check_groups(config, step_lib.groups_of(params) | step_lib.groups_of(frozen))
     tx, schedule = step_lib.make_optimizer(config.optim, tc.num_steps)
     init = functools.partial(step_lib.init_train_state, tx=tx, seed=tc.seed)
     state_shardings = step_lib.train_state_shardings(jax.eval_shape(init, params), tx, mesh, rules)
