@@ -45,7 +45,8 @@ def natural_image(rng: np.random.Generator, width: int = 500, height: int = 375)
 
 def write_shards(out_dir: str, samples: int, per_shard: int, seed: int) -> tuple[list[str], list[dict]]:
     """Tars of `samples` JPEG + caption pairs; returns the paths and the raw samples (for the per-core run)."""
-    from lexvla_jax.data import records, synthetic
+    from lexvla_jax.data import records
+    from lexvla_jax.miniature import synthetic
 
     rng = np.random.default_rng(seed)
     raws, paths = [], []
@@ -65,12 +66,13 @@ def write_shards(out_dir: str, samples: int, per_shard: int, seed: int) -> tuple
 
 
 def tokenizer(raws: list[dict], out_dir: str):
-    from lexvla_jax import vocab
+    from lexvla_jax.text.prompt import DEFAULT_PROMPT
+    from lexvla_jax.text.tokenizer import load_tokenizer, train_tokenizer
 
     if LLAMA2_TOKENIZER.is_file():
-        return vocab.load_tokenizer(str(LLAMA2_TOKENIZER)), "Llama 2"
-    captions = [r["files"]["txt"].decode() for r in raws] + [vocab.DEFAULT_PROMPT]
-    return vocab.train_tokenizer(captions, 512, os.path.join(out_dir, "tok.model")), "trained (512 pieces)"
+        return load_tokenizer(str(LLAMA2_TOKENIZER)), "Llama 2"
+    captions = [r["files"]["txt"].decode() for r in raws] + [DEFAULT_PROMPT]
+    return train_tokenizer(captions, 512, os.path.join(out_dir, "tok.model")), "trained (512 pieces)"
 
 
 def per_core(raws: list[dict], config, prompt) -> dict[str, float]:
@@ -169,7 +171,7 @@ def main() -> None:
         )
 
     from lexvla_jax.data.config import default_data_config
-    from lexvla_jax.vocab import PromptEncoder
+    from lexvla_jax.text.prompt import PromptEncoder
 
     with tempfile.TemporaryDirectory() as tmp:
         paths, raws = write_shards(tmp, args.samples, SAMPLES_PER_SHARD, seed=0)

@@ -70,14 +70,15 @@ def reference_config(args):
 
 def tiny_config(args):
     """The main job's config; V' and the prompt length from its tokenizer (made as `lexvla train` would)."""
-    from lexvla_jax import build, configlib, prepare
-    from lexvla_jax.data import pipeline
+    from lexvla_jax import build, configlib
+    from lexvla_jax.miniature import prepare
+    from lexvla_jax.text.prompt import prompt_encoder
 
     os.chdir(REPO)
     config = configlib.load_config_file(str(REPO / "configs" / "tiny.py") + ":scratch")
     prepare.prepare(config)
     tokenizer, kept_ids = build.load_vocabulary(config)
-    return config, len(kept_ids), pipeline.prompt_encoder(config.data, tokenizer).max_length
+    return config, len(kept_ids), prompt_encoder(config.data, tokenizer).max_length
 
 
 def write_hf_towers(config, directory: str):

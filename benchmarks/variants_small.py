@@ -31,10 +31,10 @@ RUNS = {
 
 def overrides(data: str, steps: int) -> list[str]:
     values = {
-        "data.synthetic.dir": data,
-        "data.synthetic.train": 600,
-        "data.synthetic.eval": 24,
-        "data.synthetic.image_size": 32,
+        "miniature.synthetic.dir": data,
+        "miniature.synthetic.train": 600,
+        "miniature.synthetic.eval": 24,
+        "miniature.synthetic.image_size": 32,
         "data.train_shards": f"{data}/train",
         "data.eval_shards": f"{data}/eval",
         "data.tokenizer": f"{data}/tokenizer.model",

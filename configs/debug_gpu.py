@@ -50,7 +50,8 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
 
     config.data = default_data_config()
-    config.data.synthetic = dict(dir="data/synthetic224", train=4096, eval=250, seed=0, image_size=224)
+    config.miniature = ml_collections.ConfigDict()
+    config.miniature.synthetic = dict(dir="data/synthetic224", train=4096, eval=250, seed=0, image_size=224)
     config.data.train_shards = "data/synthetic224/train"
     config.data.eval_shards = "data/synthetic224/eval"
     config.data.tokenizer = ""  # Llama 2's tokenizer.model (or the checkpoint directory holding it)

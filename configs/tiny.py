@@ -1,15 +1,16 @@
 """The embedded main job: a miniature LexVLA, in two stages, on the synthetic captioned image set.
 
-Runs on a 2-core CPU in minutes. What is missing is made first (`prepare.py`, each step skipped when its output
-exists): the synthetic set in `data.synthetic.dir`, a small Llama-style tokenizer trained on its captions, then
-stage 1 (`lm_pretrain.py`): a tiny Llama pretrained as a language model that names a caption's content words after
-the prompt, saved as a Hugging Face directory (`lm_pretrain.dir`). Stage 2 is LexVLA as in the paper on that
-language model: `model.text_checkpoint` is stage 1's directory, the text tower is frozen with LoRA adapters on it
-(trained at a tenth of the learning rate, `optim.lr_scales`: at the full rate they move a caption's vector off its
-words: caption word precision 0.60 after 300 steps, 0.88 at 0.1×; BENCHMARKS.md), the text codebook is its `lm_head`
-rows of the kept vocabulary (frozen) and the visual codebook starts from the same rows (`build.recipe`), so an
-image's strongest dimensions are words of its captions. One difference from the paper: the paper freezes a
-pretrained DINOv2, but no pretrained vision tower exists here, so the tiny random one trains with the adapter.
+Runs on a 2-core CPU in minutes. What is missing is made first (`miniature/prepare.py`, each step skipped when its
+output exists): the synthetic set in `miniature.synthetic.dir`, a small Llama-style tokenizer trained on its
+captions, then stage 1 (`miniature/lm_pretrain.py`): a tiny Llama pretrained as a language model that names a
+caption's content words after the prompt, saved as a Hugging Face directory (`miniature.lm.dir`). Stage 2 is LexVLA
+as in the paper on that language model: `model.text_checkpoint` is stage 1's directory, the text tower is frozen
+with LoRA adapters on it (trained at a tenth of the learning rate, `optim.lr_scales`: at the full rate they move a
+caption's vector off its words: caption word precision 0.60 after 300 steps, 0.88 at 0.1×; BENCHMARKS.md), the text
+codebook is its `lm_head` rows of the kept vocabulary (frozen) and the visual codebook starts from the same rows
+(`build.recipe`), so an image's strongest dimensions are words of its captions. One difference from the paper: the
+paper freezes a pretrained DINOv2, but no pretrained vision tower exists here, so the tiny random one trains with
+the adapter.
 Usage:
 
   lexvla train --config configs/tiny.py --workdir runs/tiny
@@ -22,6 +23,7 @@ import ml_collections
 
 from lexvla_jax import configlib
 from lexvla_jax.data.config import default_data_config
+from lexvla_jax.miniature import synthetic
 from lexvla_jax.sharding import DEFAULT_RULES
 
 
@@ -30,8 +32,11 @@ def get_config(arg=None):
         raise configlib.ConfigError(f"configs/tiny.py:{arg}: the only argument is :scratch")
     config = ml_collections.ConfigDict()
 
+    # What `lexvla train` makes before training (lexvla_jax/miniature/, each part skipped when its output exists).
+    config.miniature = ml_collections.ConfigDict()
+    config.miniature.synthetic = dict(dir="data/synthetic", train=12000, eval=250, seed=0, image_size=64)
+
     config.data = default_data_config()
-    config.data.synthetic = dict(dir="data/synthetic", train=12000, eval=250, seed=0, image_size=64)
     config.data.train_shards = "data/synthetic/train"
     config.data.eval_shards = "data/synthetic/eval"
     config.data.tokenizer = "data/synthetic/tokenizer.model"
@@ -84,7 +89,7 @@ def get_config(arg=None):
 
     # Stage 1: the tiny Llama pretrained as a language model that names a caption's content words after the
     # prompt (lm_pretrain.py), saved as a Hugging Face directory; skipped when `dir` holds one.
-    config.lm_pretrain = dict(
+    config.miniature.lm = dict(
         dir="data/synthetic/lm",
         steps=500,
         batch_size=64,
@@ -148,7 +153,8 @@ def get_config(arg=None):
         type="patchdis",
         every_steps=0,
         label="synthetic shapes",
-        format="synthetic",
+        format="webdataset",
+        classes=synthetic.SHAPES,
         shards=config.data.get_ref("eval_shards"),
     )
 
@@ -158,8 +164,8 @@ def get_config(arg=None):
         config.train.num_steps = 900  # as measured (BENCHMARKS.md); the text tower trains, so it needs fewer
         config.checkpoint.every_steps = config.evals.retrieval.every_steps = 300
     else:
-        # Follows lm_pretrain.dir; overriding text_checkpoint itself leaves lm_pretrain.dir alone (`identity`).
-        config.model.text_checkpoint = config.lm_pretrain.get_ref("dir").identity()
+        # Follows miniature.lm.dir; overriding text_checkpoint itself leaves miniature.lm.dir alone (`identity`).
+        config.model.text_checkpoint = config.miniature.lm.get_ref("dir").identity()
 
     config.mesh = dict(shape=(-1, 1, 1), dcn_shape=(1, 1, 1))
     config.sharding = dict(rules=tuple(DEFAULT_RULES))

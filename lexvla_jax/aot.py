@@ -16,7 +16,6 @@ too, but counts a while loop's body once, so for scanned layers it is far lower;
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -219,22 +218,3 @@ def device_memory_bytes(device) -> int:
     if device.platform == "cpu":
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     raise SystemExit(f"lexvla compile: memory of {device.device_kind!r} unknown; add it to lexvla_jax.aot.HBM_BYTES")
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lexvla compile", description=__doc__.splitlines()[0])
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--topology", help="TPU topology, e.g. v5p:2x2x1, v4:2x2x1, v5e:4x4")
-    target.add_argument("--local", action="store_true", help="this machine's devices (a GPU, or the CPU)")
-    config, args = configlib.parse_command(argv, parser)
-    if args.local:
-        devices = jax.devices()
-        report = compile_train_step(config, devices, f"local {devices[0].platform}")
-    else:
-        report = compile_train_step(config, topology_devices(args.topology), args.topology)
-    print("\n".join(report.lines()))
-    return 0 if report.fits else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -3,10 +3,10 @@
 `config.model.vision` / `config.model.text` name a preset (`preset`) and/or set architecture fields;
 `config.model.vision_checkpoint` / `text_checkpoint` point at local Hugging Face directories (empty:
 random initialisation, e.g. for debugging or ahead-of-time compiles). The rows of both codebooks are the
-kept vocabulary (`vocab.filter_vocabulary` of `config.data.tokenizer`). `config.model.text_encoder="bow"`
+kept vocabulary (`filter_vocabulary` of `config.data.tokenizer`). `config.model.text_encoder="bow"`
 (Q(BoW)) builds no language model and no text codebook, and reads no text checkpoint.
 
-Every variable is created directly in its sharded layout (`convert.load_model`): checkpoint tensors are
+Every variable is created directly in its sharded layout (`hf_loader.load_model`): checkpoint tensors are
 read shard by shard on the processes that own them, everything else is initialised under `jit`. Trainable
 parameters (`config.train.trainable`) are float32 master weights; every other parameter (the frozen towers
 and the text codebook) is stored in `frozen_param_dtype`.
@@ -24,9 +24,13 @@ from flax import nnx
 from flax.nnx import filterlib
 from jax.sharding import Mesh
 
-from lexvla_jax import bow, convert, hf_layout, step, vocab
+from lexvla_jax import hf_layout, hf_loader, optim
 from lexvla_jax.configlib import ConfigError
 from lexvla_jax.models import dinov2, lexvla, llama
+from lexvla_jax.text import bow
+from lexvla_jax.text.prompt import prompt_encoder
+from lexvla_jax.text.tokenizer import Tokenizer, load_tokenizer
+from lexvla_jax.text.vocabulary import DEFAULT_RULE, filter_vocabulary
 
 
 def _fields(section: ml_collections.ConfigDict) -> dict:
@@ -47,8 +51,8 @@ def vision_config(config: ml_collections.ConfigDict) -> dinov2.Dinov2Config:
     """The DINOv2 config: the checkpoint's, else preset (if any) then explicit fields; runtime dtypes."""
     m = config.model
     if m.vision_checkpoint:
-        return convert.dinov2_config(
-            convert.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"), **_runtime(config)
+        return hf_loader.dinov2_config(
+            hf_loader.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"), **_runtime(config)
         )
     fields = {**_fields(m.vision), **_runtime(config)}
     if m.vision.get("preset"):
@@ -61,7 +65,9 @@ def text_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
     m = config.model
     runtime = {**_runtime(config), **_lora(config)}
     if m.text_checkpoint:
-        return convert.llama_config(convert.HFCheckpoint(m.text_checkpoint, "config.model.text_checkpoint"), **runtime)
+        return hf_loader.llama_config(
+            hf_loader.HFCheckpoint(m.text_checkpoint, "config.model.text_checkpoint"), **runtime
+        )
     fields = {**_fields(m.text), **runtime}
     if m.text.get("preset"):
         return llama.llama_preset(m.text.preset, **fields)
@@ -82,14 +88,12 @@ def text_encoder(config: ml_collections.ConfigDict) -> str:
     return name
 
 
-def caption_encoder(config: ml_collections.ConfigDict, tokenizer: vocab.Tokenizer, kept_ids: np.ndarray):
-    """What the text side reads of a caption: prompt rows ("llm", `vocab.PromptEncoder`) or kept-vocabulary
+def caption_encoder(config: ml_collections.ConfigDict, tokenizer: Tokenizer, kept_ids: np.ndarray):
+    """What the text side reads of a caption: prompt rows ("llm", `PromptEncoder`) or kept-vocabulary
     columns ("bow", `bow.BowEncoder`, at most `config.data.max_caption_tokens` of them)."""
     if text_encoder(config) == "bow":
         return bow.BowEncoder(tokenizer, kept_ids, config.data.max_caption_tokens)
-    from lexvla_jax.data import pipeline
-
-    return pipeline.prompt_encoder(config.data, tokenizer)
+    return prompt_encoder(config.data, tokenizer)
 
 
 def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.LexVLAConfig:
@@ -111,17 +115,17 @@ def model_config(config: ml_collections.ConfigDict, num_words: int) -> lexvla.Le
     )
 
 
-def load_vocabulary(config: ml_collections.ConfigDict) -> tuple[vocab.Tokenizer, np.ndarray]:
+def load_vocabulary(config: ml_collections.ConfigDict) -> tuple[Tokenizer, np.ndarray]:
     """The tokenizer of `config.data.tokenizer` and the token ids of the kept vocabulary (codebook rows)."""
     if not config.data.tokenizer:
         raise ConfigError("config.data.tokenizer is empty; point it at a tokenizer.model / tokenizer.json")
-    tokenizer = vocab.load_tokenizer(config.data.tokenizer)  # errors name config.data.tokenizer
+    tokenizer = load_tokenizer(config.data.tokenizer)  # errors name config.data.tokenizer
     size = config.model.text.get("vocab_size", tokenizer.vocab_size)
     if tokenizer.vocab_size != size and not config.model.text_checkpoint:
         raise ConfigError(
             f"tokenizer has {tokenizer.vocab_size} pieces but config.model.text.vocab_size={size}; make them equal"
         )
-    return tokenizer, vocab.filter_vocabulary(tokenizer, config.model.get("vocab_filter", vocab.DEFAULT_RULE))
+    return tokenizer, filter_vocabulary(tokenizer, config.model.get("vocab_filter", DEFAULT_RULE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +134,7 @@ class ModelRecipe:
 
     config: lexvla.LexVLAConfig
     make: object  # () -> LexVLA
-    parts: tuple[convert.CheckpointPart, ...]
+    parts: tuple[hf_loader.CheckpointPart, ...]
     trainable: object  # nnx filter of the trainable parameters
     frozen_dtype: jnp.dtype  # storage dtype of the other parameters
 
@@ -144,24 +148,26 @@ def recipe(config: ml_collections.ConfigDict, kept_ids: np.ndarray) -> ModelReci
     parts = []
     if m.vision_checkpoint:
         parts.append(
-            convert.dinov2_part(
-                convert.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"), cfg.vision, prefix="vision"
+            hf_loader.dinov2_part(
+                hf_loader.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"),
+                cfg.vision,
+                prefix="vision",
             )
         )
     if m.text_checkpoint:
-        ckpt = convert.HFCheckpoint(m.text_checkpoint, "config.model.text_checkpoint")
-        text = convert.llama_part(ckpt, cfg.text, prefix="text", with_lm_head=False)
+        ckpt = hf_loader.HFCheckpoint(m.text_checkpoint, "config.model.text_checkpoint")
+        text = hf_loader.llama_part(ckpt, cfg.text, prefix="text", with_lm_head=False)
         # Both codebooks start as the lm_head rows of the kept words; the visual one then trains.
         rows = hf_layout.Source(hf_layout.llama_lm_head_key(cfg.text), rows=tuple(int(i) for i in kept_ids))
         codebooks = {"text_codebook": rows, "visual_codebook": rows}
         ignore = lambda key, text=text: text.ignore(key) and key != rows.key
         parts.append(dataclasses.replace(text, sources={**text.sources, **codebooks}, ignore=ignore))
     frozen_dtype = jnp.dtype(m.frozen_param_dtype)
-    return ModelRecipe(cfg, make, tuple(parts), step.trainable_filter(config.train.trainable), frozen_dtype)
+    return ModelRecipe(cfg, make, tuple(parts), optim.trainable_filter(config.train.trainable), frozen_dtype)
 
 
 def storage_dtypes(r: ModelRecipe):
-    """`dtype_of` for `convert.load_model`: float32 master weights for trainable parameters, `r.frozen_dtype`
+    """`dtype_of` for `hf_loader.load_model`: float32 master weights for trainable parameters, `r.frozen_dtype`
     for the other parameters, the model's own dtype for non-parameter state."""
     trainable = filterlib.to_predicate(r.trainable)
 
@@ -176,7 +182,7 @@ def storage_dtypes(r: ModelRecipe):
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh, kept_ids: np.ndarray) -> lexvla.LexVLA:
     """LexVLA with checkpoints loaded where configured, every variable created on `mesh` by the rules."""
     r = recipe(config, kept_ids)
-    return convert.load_model(
+    return hf_loader.load_model(
         r.make, r.parts, mesh=mesh, rules=tuple(config.sharding.rules), dtype_of=storage_dtypes(r)
     )
 

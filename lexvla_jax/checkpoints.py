@@ -17,9 +17,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lexvla_jax import vocab
 from lexvla_jax.configlib import ConfigError, first_line
 from lexvla_jax.data import streams
+from lexvla_jax.text.tokenizer import Tokenizer
 
 
 class CheckpointNotFound(ConfigError):
@@ -57,7 +57,7 @@ def workdir_path(workdir: str) -> epath.Path:
     return path.absolute() if "://" not in str(workdir) else path
 
 
-def vocabulary_record(tokenizer: vocab.Tokenizer, kept_ids: np.ndarray, tokenizer_path: str) -> dict:
+def vocabulary_record(tokenizer: Tokenizer, kept_ids: np.ndarray, tokenizer_path: str) -> dict:
     """What is saved of the kept vocabulary: the tokenizer path, its size, the ids and their words."""
     return {
         "tokenizer": str(tokenizer_path),
@@ -117,7 +117,7 @@ class Checkpointer:
         with self._writing(f"saving checkpoint step {step}"):
             self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-    def check_vocabulary(self, step: int, tokenizer: vocab.Tokenizer, kept_ids: np.ndarray, tokenizer_path: str):
+    def check_vocabulary(self, step: int, tokenizer: Tokenizer, kept_ids: np.ndarray, tokenizer_path: str):
         """Raises `VocabularyMismatch` when step `step` was trained on another kept vocabulary."""
         with self._restoring(step, "vocabulary"):
             saved = self.manager.restore(step, args=ocp.args.Composite(vocab=ocp.args.JsonRestore()))["vocab"]

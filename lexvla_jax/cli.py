@@ -13,17 +13,26 @@ from lexvla_jax.configlib import ConfigError
 from lexvla_jax.libtpu_env import quiet_libtpu_without_tpu
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "vocab": ("lexvla_jax.vocab:main", "report the filtered vocabulary of a tokenizer (count, examples)"),
-    "pretrain-lm": (
-        "lexvla_jax.prepare:pretrain_lm_main",
-        "stage 1 of the embedded job: pretrain the tiny Llama to name a caption's words (skipped when done)",
+    "vocab": ("lexvla_jax.commands.vocab:main", "report the filtered vocabulary of a tokenizer (count, examples)"),
+    "prepare": (
+        "lexvla_jax.commands.prepare:main",
+        "make the embedded job's data and pretrained towers (config.miniature; each part skipped when done)",
     ),
-    "train": ("lexvla_jax.train:main", "train LexVLA (resumes from the workdir's latest checkpoint)"),
-    "eval": ("lexvla_jax.evaluate.command:main", "run config.evals (retrieval, PatchDis) on a trained checkpoint"),
-    "compile": ("lexvla_jax.aot:main", "compile the train step for a TPU topology ahead of time and check it fits"),
-    "make-synthetic": ("lexvla_jax.data.synthetic:main", "write the synthetic captioned-shapes dataset (webdataset)"),
-    "convert-data": ("lexvla_jax.data.array_record:main", "convert webdataset tars to ArrayRecord shards"),
-    "inspect-data": ("lexvla_jax.data.inspect_data:main", "read N training batches: samples, skips by reason, speed"),
+    "train": ("lexvla_jax.commands.train:main", "train LexVLA (resumes from the workdir's latest checkpoint)"),
+    "eval": ("lexvla_jax.commands.eval:main", "run config.evals (retrieval, PatchDis) on a trained checkpoint"),
+    "compile": (
+        "lexvla_jax.commands.compile:main",
+        "compile the train step for a TPU topology ahead of time and check it fits",
+    ),
+    "make-synthetic": (
+        "lexvla_jax.commands.make_synthetic:main",
+        "write the synthetic captioned-shapes dataset (webdataset)",
+    ),
+    "convert-data": ("lexvla_jax.commands.convert_data:main", "convert webdataset tars to ArrayRecord shards"),
+    "inspect-data": (
+        "lexvla_jax.commands.inspect_data:main",
+        "read N training batches: samples, skips by reason, speed",
+    ),
     "explain": ("lexvla_jax.commands.explain:main", "top words of images or texts: word-map and bar-chart PNGs"),
     "export": ("lexvla_jax.commands.export:main", "write an eval set's sparse lexical vectors (JSONL, TSV, .npz)"),
     "index": ("lexvla_jax.commands.index:main", "build the approximate (Seismic) index of an exported collection"),

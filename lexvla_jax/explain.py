@@ -17,16 +17,16 @@ from matplotlib import cm, colors
 from matplotlib.figure import Figure
 from PIL import Image
 
-from lexvla_jax import vocab
+from lexvla_jax.text.tokenizer import WORD_START, Tokenizer
 
 MAP_COLUMNS = 4  # word-map panels per row
 CHART_TITLE_CHARACTERS = 30  # per line of the bar chart's title (its column is 3.2 inches wide)
 HEAT_MAP = "jet"  # word-map colours, low (blue) to high (red), over a grey copy of the image
 
 
-def word_of(tokenizer: vocab.Tokenizer, token_id: int) -> str:
+def word_of(tokenizer: Tokenizer, token_id: int) -> str:
     """The readable word of a vocabulary piece (SentencePiece's word-start mark removed)."""
-    return tokenizer.id_to_piece(int(token_id)).replace(vocab.WORD_START, "")
+    return tokenizer.id_to_piece(int(token_id)).replace(WORD_START, "")
 
 
 def strongest(s: np.ndarray, k: int) -> np.ndarray:
@@ -34,9 +34,7 @@ def strongest(s: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-np.asarray(s, np.float32), kind="stable")[:k]
 
 
-def top_words(
-    s: np.ndarray, kept_ids: Sequence[int], tokenizer: vocab.Tokenizer, k: int = 8
-) -> list[tuple[str, float]]:
+def top_words(s: np.ndarray, kept_ids: Sequence[int], tokenizer: Tokenizer, k: int = 8) -> list[tuple[str, float]]:
     """The `k` strongest words of one lexical vector `[V']`, as (word, weight), strongest first."""
     s = np.asarray(s, np.float32)
     return [(word_of(tokenizer, kept_ids[j]), float(s[j])) for j in strongest(s, k)]

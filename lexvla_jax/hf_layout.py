@@ -2,7 +2,7 @@
 
 The layouts describe tensors as `save_pretrained` writes them (and the released checkpoints hold them):
 PyTorch `[out, in]` linear weights, one tensor per layer, fused SwiGLU inputs. The models know nothing of
-this; `convert.py` reads checkpoints through these tables (checkpoint loading imports the models, never the
+this; `hf_loader.py` reads checkpoints through these tables (checkpoint loading imports the models, never the
 reverse).
 """
 

@@ -22,9 +22,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lexvla_jax import bow, sharding, vocab
-from lexvla_jax.data.device_batch import normalize_images
-from lexvla_jax.step import SplitModel
+from lexvla_jax import sharding
+from lexvla_jax.models.split import SplitModel
+from lexvla_jax.text import bow
+from lexvla_jax.text.prompt import PromptEncoder
+from lexvla_jax.text.tokenizer import WORD_START, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +44,15 @@ class _Programs:
         jit = lambda f: jax.jit(f, out_shardings=replicated)
 
         def images(params, frozen, rest, pixels):
-            return model.merge(params, frozen, rest).encode_image(normalize_images(pixels))
+            m = model.merge(params, frozen, rest)
+            return m.encode_image(m.normalize(pixels))
 
         def texts(params, frozen, rest, input_ids, attention_mask):
             return model.merge(params, frozen, rest).encode_text(input_ids, attention_mask)
 
         def patches(params, frozen, rest, pixels):
-            return model.merge(params, frozen, rest).patch_lexical(normalize_images(pixels))
+            m = model.merge(params, frozen, rest)
+            return m.patch_lexical(m.normalize(pixels))
 
         def projected_patches(params, frozen, rest, pixels, project):
             p = patches(params, frozen, rest, pixels)
@@ -67,8 +71,8 @@ class LexicalEncoder:
     rest: object
     mesh: jax.sharding.Mesh
     rules: tuple
-    tokenizer: vocab.Tokenizer
-    prompt: vocab.PromptEncoder | bow.BowEncoder  # caption → the text side's rows (`build.caption_encoder`)
+    tokenizer: Tokenizer
+    prompt: PromptEncoder | bow.BowEncoder  # caption → the text side's rows (`build.caption_encoder`)
     kept_ids: np.ndarray
     image_size: int
     patch_size: int
@@ -100,7 +104,7 @@ class LexicalEncoder:
     @property
     def words(self) -> list[str]:
         """The readable word of each dimension (SentencePiece's word-start mark removed)."""
-        return [self.tokenizer.id_to_piece(int(i)).replace(vocab.WORD_START, "") for i in self.kept_ids]
+        return [self.tokenizer.id_to_piece(int(i)).replace(WORD_START, "") for i in self.kept_ids]
 
     @property
     def patch_grid(self) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""LexVLA's objective and retrieval metrics as pure `jax.numpy` functions.
+"""LexVLA's objective and sparsification as pure `jax.numpy` functions.
 
 Lexical vectors `s` are `[N, V]`: N images or texts, V vocabulary words, non-negative entries. Every batch
 statistic here is a plain `jnp` reduction over axis 0, so under `jax.jit` with the batch sharded over
@@ -8,21 +8,19 @@ N rows, never a per-device slice. Losses and logits are computed in float32 (flo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 
 PENALTIES = ("overuse", "flops")
 
 
-def _float(x) -> jax.Array:
+def to_float(x) -> jax.Array:
     """`x` as an array of at least float32 precision (float64 stays float64)."""
     x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _check_lexical(s: jax.Array, name: str = "s") -> None:
+def check_lexical(s: jax.Array, name: str = "s") -> None:
     if s.ndim != 2:
         raise ValueError(f"{name} must be [N, V] lexical vectors, got shape {s.shape}; flatten leading axes first")
 
@@ -34,12 +32,12 @@ def info_nce(s_img: jax.Array, s_txt: jax.Array, logit_scale: jax.Array | float)
     `logit_scale · s_img @ s_txtᵀ` are at least float32; the loss is the mean of the image→text and text→image
     cross-entropies.
     """
-    _check_lexical(s_img, "s_img")
-    _check_lexical(s_txt, "s_txt")
+    check_lexical(s_img, "s_img")
+    check_lexical(s_txt, "s_txt")
     if s_img.shape != s_txt.shape:
         raise ValueError(f"s_img {s_img.shape} and s_txt {s_txt.shape} must both be [N, V] with paired rows")
-    s_img, s_txt = _float(s_img), _float(s_txt)
-    logits = _float(logit_scale) * (s_img @ s_txt.T)
+    s_img, s_txt = to_float(s_img), to_float(s_txt)
+    logits = to_float(logit_scale) * (s_img @ s_txt.T)
     positives = jnp.diagonal(logits)
     image_to_text = jnp.mean(jax.nn.logsumexp(logits, axis=1) - positives)
     text_to_image = jnp.mean(jax.nn.logsumexp(logits, axis=0) - positives)
@@ -53,8 +51,8 @@ def overuse_penalty(s: jax.Array) -> jax.Array:
     fire for the whole batch are pushed down hardest. For all-zero `s` the value is 0 (its limit: the
     penalty is homogeneous of degree 2) and the gradient is finite: the division is guarded by a `where`.
     """
-    _check_lexical(s)
-    mean = jnp.mean(_float(s), axis=0)
+    check_lexical(s)
+    mean = jnp.mean(to_float(s), axis=0)
     total = jnp.sum(mean)
     nonzero = total > 0
     safe_total = jnp.where(nonzero, total, 1.0)
@@ -63,8 +61,8 @@ def overuse_penalty(s: jax.Array) -> jax.Array:
 
 def flops_penalty(s: jax.Array) -> jax.Array:
     """SPLADE's FLOPs regulariser `Σ_j s̄_j²` with `s̄_j = mean_i s_ij` (the baseline to overuse)."""
-    _check_lexical(s)
-    return jnp.sum(jnp.mean(_float(s), axis=0) ** 2)
+    check_lexical(s)
+    return jnp.sum(jnp.mean(to_float(s), axis=0) ** 2)
 
 
 def default_threshold(vocab_size: int) -> float:
@@ -95,66 +93,6 @@ def sparsify(s: jax.Array, threshold: float | None = None, top_k: int | None = N
 def active_words(s: jax.Array) -> jax.Array:
     """Number of non-zero entries of each lexical vector `[..., V]` → `[...]` (int32)."""
     return jnp.sum(s != 0, axis=-1, dtype=jnp.int32)
-
-
-def _top_indices(sim: jax.Array, k: int) -> jax.Array:
-    """Indices of the `min(k, D)` most similar documents per query; ties go to the lower index."""
-    if sim.ndim != 2:
-        raise ValueError(f"sim must be a [queries, documents] matrix, got shape {sim.shape}")
-    if k < 1:
-        raise ValueError(f"k={k} must be at least 1")
-    return jax.lax.top_k(sim, min(k, sim.shape[1]))[1]
-
-
-def recall_at_k(sim: jax.Array, k: int, positives: jax.Array) -> jax.Array:
-    """Fraction of queries with at least one relevant document among their top k.
-
-    sim: `[Q, D]` similarities. positives: boolean `[Q, D]` (True where document d is relevant to query q)
-    or integer `[Q]` (the one relevant document of each query). Ranking is a stable sort by descending
-    similarity: among equal scores the lower document index ranks first (`jax.lax.top_k`). For k ≥ D every
-    document is retrieved. A query with no relevant document counts as a miss.
-    """
-    top = _top_indices(sim, k)
-    positives = jnp.asarray(positives)
-    if positives.dtype == jnp.bool_:
-        if positives.shape != sim.shape:
-            raise ValueError(f"boolean positives {positives.shape} must match sim {sim.shape}")
-        hits = jnp.take_along_axis(positives, top, axis=1)
-    else:
-        if positives.shape != sim.shape[:1]:
-            raise ValueError(
-                f"integer positives {positives.shape} must hold one document index per query {sim.shape[:1]}"
-            )
-        hits = top == positives[:, None]
-    return jnp.mean(jnp.any(hits, axis=1))
-
-
-def retrieval_metrics(
-    s_img: jax.Array, s_txt: jax.Array, image_of_text: jax.Array, ks: Sequence[int] = (1, 5, 10)
-) -> dict[str, jax.Array]:
-    """Image↔text recall@k (fractions in [0, 1]) with several captions per image.
-
-    s_img: `[I, V]`; s_txt: `[T, V]`; image_of_text: int `[T]`, the image each caption describes (e.g.
-    `arange(T) // 5` for five captions per image). Image→text: an image is a hit when any of its captions
-    is in its top k. Text→image: a caption is a hit when its image is in its top k. Ties as `recall_at_k`.
-    Keys: `i2t_r@{k}` and `t2i_r@{k}` for each k in `ks`.
-    """
-    _check_lexical(s_img, "s_img")
-    _check_lexical(s_txt, "s_txt")
-    image_of_text = jnp.asarray(image_of_text)
-    if image_of_text.shape != s_txt.shape[:1]:
-        raise ValueError(f"image_of_text {image_of_text.shape} must give one image index per caption {s_txt.shape[:1]}")
-    sim = _float(s_img) @ _float(s_txt).T  # [I, T]
-    top_texts = _top_indices(sim, max(ks))
-    top_images = _top_indices(sim.T, max(ks))
-    i2t_hits = image_of_text[top_texts] == jnp.arange(sim.shape[0])[:, None]  # [I, k]
-    t2i_hits = top_images == image_of_text[:, None]  # [T, k]
-    metrics = {}
-    for k in ks:
-        metrics[f"i2t_r@{k}"] = jnp.mean(jnp.any(i2t_hits[:, :k], axis=1))
-    for k in ks:
-        metrics[f"t2i_r@{k}"] = jnp.mean(jnp.any(t2i_hits[:, :k], axis=1))
-    return metrics
 
 
 def lexvla_loss(
@@ -190,7 +128,7 @@ def lexvla_loss(
     if warmup_steps > 0:
         if step is None:
             raise ValueError(f"warmup_steps={warmup_steps} needs the current step; pass step=")
-        ramp = jnp.minimum(1.0, _float(step) / warmup_steps)
+        ramp = jnp.minimum(1.0, to_float(step) / warmup_steps)
     if top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0 (0: InfoNCE on the whole vectors)")
     penalty_fn = overuse_penalty if penalty == "overuse" else flops_penalty
@@ -212,7 +150,7 @@ def lexvla_loss(
         "active_words_txt": jnp.mean(active_words(sparsify(s_txt)).astype(jnp.float32)),
         "empty_img": jnp.sum(jnp.all(s_img == 0, axis=1), dtype=jnp.int32),
         "empty_txt": jnp.sum(jnp.all(s_txt == 0, axis=1), dtype=jnp.int32),
-        "logit_scale": _float(logit_scale),
+        "logit_scale": to_float(logit_scale),
     }
     if top_k:
         metrics["topk_words_img"] = jnp.mean(active_words(scored_img).astype(jnp.float32))

@@ -16,9 +16,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from lexvla_jax import sharding
+from lexvla_jax import optim, sharding
 from lexvla_jax import step as step_lib
 from lexvla_jax.configlib import ConfigError
+from lexvla_jax.models.split import SplitModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class TrainProgram:
 
     mesh: Mesh
     rules: tuple
-    model: step_lib.SplitModel
+    model: SplitModel
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     state_shardings: step_lib.TrainState
@@ -48,20 +49,6 @@ def with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def check_groups(config: ml_collections.ConfigDict, groups: set[str]) -> None:
-    """Every group named by `train.trainable`, `optim.lr_scales` or `optim.no_decay` is on the path of some
-    parameter of the model (`groups`): a misspelt group would otherwise do nothing."""
-    named = [("config.train.trainable", g) for g in config.train.trainable]
-    named += [("config.optim.lr_scales", g) for g in config.optim.get("lr_scales") or {}]
-    named += [("config.optim.no_decay", g) for g in config.optim.get("no_decay") or ()]
-    for field, group in named:
-        if group not in groups:
-            raise ConfigError(
-                f"{field} names {group!r}, which is on the path of no parameter of this model; check the "
-                "spelling (groups are attribute names such as 'adapter', 'visual_codebook', 'vision', or 'lora')"
-            )
-
-
 def make_program(config: ml_collections.ConfigDict, mesh: Mesh, model: nnx.Module):
     """`(program, params, frozen, rest)` for `model` (real or abstract) under `config` on `mesh`."""
     rules = tuple(tuple(r) for r in config.sharding.rules)
@@ -73,15 +60,15 @@ def make_program(config: ml_collections.ConfigDict, mesh: Mesh, model: nnx.Modul
             f"config.loss.top_k={loss_config.top_k} must be in [0, V'={model.config.vocab_size}] "
             "(0: InfoNCE on the whole vectors)"
         )
-    graphdef, params, frozen, rest = nnx.split(model, step_lib.trainable_filter(tc.trainable), nnx.Param, ...)
-    check_groups(config, step_lib.groups_of(params) | step_lib.groups_of(frozen))
-    tx, schedule = step_lib.make_optimizer(config.optim, tc.num_steps)
+    graphdef, params, frozen, rest = nnx.split(model, optim.trainable_filter(tc.trainable), nnx.Param, ...)
+    optim.check_groups(config, optim.groups_of(params) | optim.groups_of(frozen))
+    tx, schedule = optim.make_optimizer(config.optim, tc.num_steps)
     init = functools.partial(step_lib.init_train_state, tx=tx, seed=tc.seed)
     state_shardings = step_lib.train_state_shardings(jax.eval_shape(init, params), tx, mesh, rules)
     frozen_shardings = sharding.state_shardings(frozen, mesh, rules)
     rest_shardings = sharding.state_shardings(rest, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
-    split_model = step_lib.SplitModel(graphdef)
+    split_model = SplitModel(graphdef)
     program = TrainProgram(
         mesh=mesh,
         rules=rules,

@@ -217,7 +217,7 @@ def initialize_distributed(dist_config) -> None:
     import os
 
     mode = dist_config.get("mode", "none")
-    if mode == "none":
+    if mode == "none" or jax.distributed.is_initialized():  # a command may start them before the library does
         return
     if mode == "auto":
         from lexvla_jax import cluster

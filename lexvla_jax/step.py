@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 
 import flax
 import jax
@@ -24,20 +23,7 @@ import optax
 from flax import nnx
 
 from lexvla_jax import losses, sharding
-from lexvla_jax.data.device_batch import normalize_images
-
-
-def trainable_filter(groups: Sequence[str]):
-    """An NNX filter selecting the trainable parameters.
-
-    groups: attribute names of the model (e.g. "adapter", "visual_codebook", "logit_scale", "vision",
-    "text") plus "lora" for every `LoRAParam`.
-    """
-    parts = [nnx.LoRAParam] if "lora" in groups else []
-    parts += [nnx.PathContains(name) for name in groups if name != "lora"]
-    if not parts:
-        raise ValueError("config.train.trainable is empty: name at least one group, e.g. ('adapter', 'lora')")
-    return nnx.All(nnx.Param, nnx.Any(*parts))
+from lexvla_jax.models.split import SplitModel
 
 
 @flax.struct.dataclass
@@ -63,70 +49,6 @@ class LossConfig:
     top_k: int = 0  # > 0: InfoNCE on each vector's top k entries (Q(512), config.loss.top_k)
 
 
-def decay_mask(no_decay: Sequence[str] = ()):
-    """Weight decay on matrices only (no decay on norms, biases or the logit scale), and on no parameter whose
-    path names a group of `no_decay` (groups as in `trainable_filter`)."""
-    no_decay = set(no_decay)
-    return lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim >= 2 and not (_group_of(path) & no_decay), params
-    )
-
-
-def _group_of(path) -> set[str]:
-    """The names along a parameter's path, with "lora" for a LoRA weight (`lora_a`, `lora_b`)."""
-    names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
-    return names | ({"lora"} if names & {"lora_a", "lora_b"} else set())
-
-
-def groups_of(state: nnx.State) -> set[str]:
-    """Every group name (as `_group_of`) that some parameter of `state` is in."""
-    return set().union(*(_group_of(path) for path, _ in nnx.to_flat_state(state)))
-
-
-def scale_by_group(lr_scales: dict[str, float]) -> optax.GradientTransformation:
-    """Multiplies the update of every parameter whose path names a group of `lr_scales` by that group's scale
-    (groups as in `trainable_filter`: "lora" or a name on the path; the first listed group that matches wins):
-    a per-group learning rate, weight decay included."""
-    lr_scales = dict(lr_scales)
-
-    def scale_of(path) -> float:
-        names = _group_of(path)
-        return next((float(v) for k, v in lr_scales.items() if k in names), 1.0)
-
-    def update(updates, state, params=None):
-        del params
-        return jax.tree_util.tree_map_with_path(lambda path, u: u * scale_of(path), updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def make_optimizer(opt_config, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with warm-up + cosine decay and global-norm clipping, from `config.optim`; `optim.lr_scales`
-    (optional, e.g. `{"lora": 0.1}`) scales the learning rate of parameter groups, `optim.no_decay` (optional,
-    e.g. `("visual_codebook",)`) names groups without weight decay."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=opt_config.learning_rate,
-        warmup_steps=opt_config.warmup_steps,
-        decay_steps=max(num_steps, opt_config.warmup_steps + 1),
-        end_value=opt_config.learning_rate * opt_config.end_lr_fraction,
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(opt_config.grad_clip_norm),
-        optax.adamw(
-            schedule,
-            b1=opt_config.b1,
-            b2=opt_config.b2,
-            weight_decay=opt_config.weight_decay,
-            mask=decay_mask(opt_config.get("no_decay") or ()),
-        ),
-    )
-    lr_scales = opt_config.get("lr_scales") or {}
-    if lr_scales:
-        tx = optax.chain(tx, scale_by_group(lr_scales))
-    return tx, schedule
-
-
 def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """A fresh state at step 0."""
     zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated to the step
@@ -138,33 +60,6 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: 
         skipped_updates=zero(),
         consecutive_skips=zero(),
     )
-
-
-class SplitModel:
-    """The model held as `(graphdef; params, frozen, rest)`: merges the parts and runs the two towers.
-
-    Training and evaluation share it; frozen state is wrapped in `stop_gradient` on every merge.
-    """
-
-    def __init__(self, graphdef: nnx.GraphDef):
-        self.graphdef = graphdef
-
-    def merge(self, params, frozen, rest, rng=None):
-        # Fresh variables (`copy`): reseeding must not mutate the caller's `rest`, which may belong to an outer trace.
-        model = nnx.merge(self.graphdef, params, jax.lax.stop_gradient(frozen), rest, copy=True)
-        if rng is not None:  # stacked layers hold one dropout key per layer: split `rng` to their shape
-            nnx.reseed(model, policy="match_shape", dropout=rng)
-        return model
-
-    def encode(self, params, frozen, rest, batch, rng, deterministic: bool):
-        """`(s_img, s_txt)` of a batch `{"image": uint8, "input_ids", "attention_mask"}`."""
-        model = self.merge(params, frozen, rest, rng)
-        s_img = model.encode_image(normalize_images(batch["image"]), deterministic=deterministic)
-        s_txt = model.encode_text(batch["input_ids"], batch["attention_mask"], deterministic=deterministic)
-        return s_img, s_txt
-
-    def logit_scale(self, params, frozen, rest):
-        return self.merge(params, frozen, rest).logit_scale_value()
 
 
 def train_state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation, mesh, rules) -> TrainState:

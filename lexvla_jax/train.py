@@ -1,6 +1,6 @@
-"""`lexvla train`: config → data → model → loss → step → checkpoints and metrics.
+"""The training loop: config → data → model → loss → step → checkpoints and metrics.
 
-Read top to bottom: start the processes, make what the run generates itself, the data and the model, the
+Read top to bottom: start the processes, the data and the model, the
 compiled program (`program.py`), create or restore the train state, then loop — step, log, evaluate,
 checkpoint — until `config.train.num_steps` or a termination signal. Restarting with the same workdir
 resumes from the latest checkpoint, data position included, bit for bit, also on another process count
@@ -13,16 +13,14 @@ same step.
 
 from __future__ import annotations
 
-import argparse
 import signal
-import sys
 import textwrap
 
 import jax
 import ml_collections
 import numpy as np
 
-from lexvla_jax import build, configlib, explain, prepare, sharding, throughput
+from lexvla_jax import build, explain, sharding, throughput
 from lexvla_jax.checkpoints import Checkpointer, vocabulary_record, workdir_path
 from lexvla_jax.data import pipeline
 from lexvla_jax.data.device_batch import make_global_batch
@@ -77,7 +75,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Data, and where a previous run of this workdir stopped: a checkpoint this run cannot continue exactly
     # (another vocabulary, data streams or worker count) is refused here, before the model is built.
-    prepare.prepare(config, writer.log)
     tokenizer, kept_ids = build.load_vocabulary(config)
     vocabulary = vocabulary_record(tokenizer, kept_ids, config.data.tokenizer)
     prompt = build.caption_encoder(config, tokenizer, kept_ids)
@@ -238,15 +235,3 @@ def _write_word_maps(encoder: LexicalEncoder, evaluators, count: int, directory)
         with paths[-1].open("wb") as f:
             explain.plot_image_words(data["image"][i], words, f, title=textwrap.shorten(caption, 48))
     return paths
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lexvla train", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
-    config, args = configlib.parse_command(argv, parser)
-    try:
-        run(config, args.workdir)
-    except TrainingError as e:
-        print(f"lexvla train: {e}", file=sys.stderr)
-        return 1
-    return 0

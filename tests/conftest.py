@@ -40,11 +40,12 @@ def synthetic_text(tmp_path_factory):
     them and configs/tiny.py's prompt, as the embedded job trains its own."""
     import numpy as np
 
-    from lexvla_jax import configlib, vocab
-    from lexvla_jax.data import synthetic
+    from lexvla_jax import configlib
+    from lexvla_jax.miniature import synthetic
+    from lexvla_jax.text.tokenizer import train_tokenizer
 
     template = configlib.load_config(str(REPO_ROOT / "configs" / "tiny.py")).data.prompt_template
     rng = np.random.default_rng(0)
     captions = [c for _ in range(1500) for c in synthetic.captions_for(synthetic.random_scene(rng))]
     path = tmp_path_factory.mktemp("synthetic_tokenizer") / "tokenizer.model"
-    return captions, vocab.train_tokenizer([*captions, template], 512, str(path))
+    return captions, train_tokenizer([*captions, template], 512, str(path))

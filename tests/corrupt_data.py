@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from lexvla_jax.data import records as r
-from lexvla_jax.data.synthetic import encode_jpeg, make_sample, sample_members, tar_bytes
+from lexvla_jax.miniature.synthetic import encode_jpeg, make_sample, sample_members, tar_bytes
 
 
 def _png(image: Image.Image) -> bytes:

@@ -21,8 +21,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lexvla_jax import configlib, vocab
-from lexvla_jax.data import synthetic
+from lexvla_jax import configlib
+from lexvla_jax.miniature import synthetic
+from lexvla_jax.text.tokenizer import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py:scratch")  # no stage 1: a from-scratch text tower
@@ -34,14 +35,14 @@ def make_data(root: str, seed: int = 1) -> str:
     synthetic.make_synthetic(root, num_train=600, num_eval=24, seed=seed, image_size=32, shard_size=100)
     config = configlib.load_config(TINY_CONFIG)
     texts = [*synthetic.all_captions(root), config.data.prompt_template]
-    vocab.train_tokenizer(texts, config.model.text.vocab_size, os.path.join(root, "tokenizer.model"))
+    train_tokenizer(texts, config.model.text.vocab_size, os.path.join(root, "tokenizer.model"))
     return root
 
 
 def overrides(data_dir: str, **extra) -> list[str]:
     """The tiny config cut down to seconds per step (1 layer per tower, 32 px, batch 16), then `extra`."""
     values = {
-        "data.synthetic.dir": data_dir,
+        "miniature.synthetic.dir": data_dir,
         "data.train_shards": os.path.join(data_dir, "train"),
         "data.eval_shards": os.path.join(data_dir, "eval"),
         "data.tokenizer": os.path.join(data_dir, "tokenizer.model"),

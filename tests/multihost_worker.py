@@ -18,8 +18,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lexvla_jax import sharding  # noqa: E402
-from lexvla_jax import step as step_lib  # noqa: E402
+from lexvla_jax import optim, sharding  # noqa: E402
 from lexvla_jax.data import device_batch  # noqa: E402
 
 import tiny_lexvla as tiny  # noqa: E402
@@ -36,7 +35,7 @@ assert jax.process_count() == num_processes and jax.device_count() == 8
 mesh = sharding.make_mesh((4, 2, 1))  # data × fsdp across both processes
 rules = sharding.DEFAULT_RULES
 graphdef, params, frozen, rest = tiny.split(tiny.tiny_model())
-tx, schedule = step_lib.make_optimizer(tiny.OPTIM, num_steps=steps)
+tx, schedule = optim.make_optimizer(tiny.OPTIM, num_steps=steps)
 with sharding.use_mesh_rules(mesh, rules):
     train_step, (frozen, rest, state) = tiny.sharded_step(mesh, graphdef, params, frozen, rest, tx, schedule)
     batch_sh = sharding.batch_sharding(mesh, rules)

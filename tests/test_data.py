@@ -13,7 +13,6 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from lexvla_jax import vocab
 from lexvla_jax.data import (
     array_record,
     device_batch,
@@ -29,6 +28,8 @@ from lexvla_jax.data.config import DataConfigError, default_data_config, resolve
 from lexvla_jax.data.shuffle import WindowShuffleDataset
 from lexvla_jax.data.webdataset import shards_for_process
 from lexvla_jax.sharding import DEFAULT_RULES
+from lexvla_jax.text.prompt import DEFAULT_PROMPT, PromptEncoder
+from lexvla_jax.text.tokenizer import train_tokenizer
 
 import corrupt_data
 
@@ -48,8 +49,8 @@ def corrupt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prompt(synthetic_dir, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
-    tokenizer = vocab.train_tokenizer([*synthetic.all_captions(synthetic_dir), vocab.DEFAULT_PROMPT], 320, path)
-    return vocab.PromptEncoder(tokenizer, max_caption_tokens=24)
+    tokenizer = train_tokenizer([*synthetic.all_captions(synthetic_dir), DEFAULT_PROMPT], 320, path)
+    return PromptEncoder(tokenizer, max_caption_tokens=24)
 
 
 def data_config(shards, **overrides):

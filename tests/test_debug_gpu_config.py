@@ -7,8 +7,7 @@ import jax
 import pytest
 from flax import nnx
 
-from lexvla_jax import build, configlib
-from lexvla_jax import step as step_lib
+from lexvla_jax import build, configlib, optim
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "debug_gpu.py")
 
@@ -31,7 +30,7 @@ def test_default_and_unknown_size():
 def test_parameter_counts_of_the_memory_estimate():
     config = configlib.load_config_file(CONFIG)
     model = build.abstract_model(config, 16754)
-    _, trainable, frozen = nnx.split(model, step_lib.trainable_filter(config.train.trainable), nnx.Param)
+    _, trainable, frozen = nnx.split(model, optim.trainable_filter(config.train.trainable), nnx.Param)
     count = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))
     assert count(trainable) == pytest.approx(113.8e6, abs=0.05e6)
     lora = count(nnx.state(model.text, nnx.LoRAParam))

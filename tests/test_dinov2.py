@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lexvla_jax import convert, hf_layout, sharding
+from lexvla_jax import hf_layout, hf_loader, sharding
 from lexvla_jax.models import dinov2
 
 import jaxpr_counts
@@ -103,7 +103,7 @@ def loaded(hf_checkpoint):
     def get(variant: str):
         if variant not in cache:
             torch_model, path = hf_checkpoint(variant)
-            cache[variant] = (torch_model, convert.load_hf_dinov2(path))
+            cache[variant] = (torch_model, hf_loader.load_hf_dinov2(path))
         return cache[variant]
 
     return get
@@ -150,7 +150,7 @@ def test_sharded_load_matches_and_is_sharded(hf_checkpoint, loaded):
     _, path = hf_checkpoint("reg_swiglu")
     _, reference = loaded("reg_swiglu")
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    model = convert.load_hf_dinov2(path, mesh=mesh)
+    model = hf_loader.load_hf_dinov2(path, mesh=mesh)
     assert model.layers.mlp.gate_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
     assert model.layers.attention.o_proj.kernel[...].sharding.spec == P(None, "tensor", "fsdp")
     assert model.position_embeddings[...].sharding.spec == P(None, None, "fsdp")
@@ -168,7 +168,7 @@ def test_sharded_load_matches_and_is_sharded(hf_checkpoint, loaded):
 
 def test_bfloat16_compute_stays_close(hf_checkpoint):
     torch_model, path = hf_checkpoint("plain_swiglu")
-    model = convert.load_hf_dinov2(path, compute_dtype=jnp.bfloat16)
+    model = hf_loader.load_hf_dinov2(path, compute_dtype=jnp.bfloat16)
     assert model.layers.mlp.gate_proj.kernel[...].dtype == jnp.float32
     pixels = _pixels(2, (24, 24))
     out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(pixels))
@@ -188,7 +188,7 @@ def forward_with():
 
 def test_drop_path_only_when_not_deterministic(hf_checkpoint, loaded, forward_with):
     _, reference = loaded("plain_mlp")
-    model = convert.load_hf_dinov2(hf_checkpoint("plain_mlp", drop_path_rate=0.5)[1])
+    model = hf_loader.load_hf_dinov2(hf_checkpoint("plain_mlp", drop_path_rate=0.5)[1])
     assert model.config.drop_path_rate == 0.5
     pixels = jnp.asarray(_pixels(8, (16, 16)))
     expected = forward_with(reference, pixels, True).last_hidden_state
@@ -201,7 +201,7 @@ def test_drop_path_only_when_not_deterministic(hf_checkpoint, loaded, forward_wi
 
 
 def test_drop_path_rate_one_skips_every_branch(hf_checkpoint, forward_with):
-    model = convert.load_hf_dinov2(hf_checkpoint("plain_mlp", drop_path_rate=1.0)[1])
+    model = hf_loader.load_hf_dinov2(hf_checkpoint("plain_mlp", drop_path_rate=1.0)[1])
     pixels = jnp.asarray(_pixels(2, (16, 16)))
     dropped = forward_with(model, pixels, False).hidden_states
     for h in dropped[1:]:
@@ -217,7 +217,7 @@ def test_remat_gives_same_outputs_and_gradients(hf_checkpoint, loaded):
     def loss(model):
         return jnp.mean(model(pixels).last_hidden_state ** 2)
 
-    models = {"none": loaded("plain_mlp")[1], "full": convert.load_hf_dinov2(path, remat="full")}
+    models = {"none": loaded("plain_mlp")[1], "full": hf_loader.load_hf_dinov2(path, remat="full")}
     results = {}
     for remat, model in models.items():
         assert model.config.remat == remat
@@ -243,8 +243,8 @@ def test_rejects_pickle_and_other_models(hf_checkpoint, tmp_path):
     pickled.mkdir()
     (pickled / "config.json").write_text((path / "config.json").read_text())
     torch.save(torch_model.state_dict(), pickled / "pytorch_model.bin")
-    with pytest.raises(convert.CheckpointError, match="only pickle weights"):
-        convert.load_hf_dinov2(pickled)
+    with pytest.raises(hf_loader.CheckpointError, match="only pickle weights"):
+        hf_loader.load_hf_dinov2(pickled)
 
     other = tmp_path / "vit"
     other.mkdir()
@@ -252,8 +252,8 @@ def test_rejects_pickle_and_other_models(hf_checkpoint, tmp_path):
         json.dumps({**json.loads((path / "config.json").read_text()), "model_type": "vit"})
     )
     (other / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
-    with pytest.raises(convert.CheckpointError, match="'vit' is not DINOv2") as error:
-        convert.load_hf_dinov2(other)
+    with pytest.raises(hf_loader.CheckpointError, match="'vit' is not DINOv2") as error:
+        hf_loader.load_hf_dinov2(other)
     assert "\n" not in str(error.value)
 
 

@@ -27,20 +27,20 @@ def test_missing_tokenizer_names_the_path_and_the_field(tmp_path, capsys):
 
 
 def test_missing_checkpoint_directory_names_the_path_and_the_field(tmp_path):
-    from lexvla_jax import build, configlib, convert
+    from lexvla_jax import build, configlib, hf_loader
 
     missing = str(tmp_path / "dinov2-large")
     config = configlib.load_config(PAPER[1], [f"model.vision_checkpoint={missing}"])
-    with pytest.raises(convert.CheckpointError) as error:
+    with pytest.raises(hf_loader.CheckpointError) as error:
         build.vision_config(config)
     message = str(error.value)
     assert isinstance(error.value, configlib.ConfigError)  # `lexvla <command>` prints it as one line
     assert missing in message and "config.model.vision_checkpoint" in message and "\n" not in message
 
 
-def test_pretrain_lm_without_a_stage_1_section_is_one_line(capsys):
-    err = _one_line_error(capsys, "pretrain-lm", *PAPER)
-    assert err.startswith("lexvla pretrain-lm: ") and "no lm_pretrain section" in err
+def test_prepare_without_a_miniature_section_is_one_line(capsys):
+    err = _one_line_error(capsys, "prepare", *PAPER)
+    assert err.startswith("lexvla prepare: ") and "no miniature section" in err
 
 
 def test_missing_tokenizer_of_a_data_command_names_the_path_and_the_field(tmp_path, capsys):
@@ -56,21 +56,21 @@ def test_missing_checkpoint_shard_names_the_shard_and_the_field(tmp_path):
     import numpy as np
     from safetensors.numpy import save_file
 
-    from lexvla_jax import convert
+    from lexvla_jax import hf_loader
 
     (tmp_path / "config.json").write_text("{}")
     save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "model-00001-of-00002.safetensors"))
     weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(convert.CheckpointError) as error:
-        convert.HFCheckpoint(tmp_path, "config.model.text_checkpoint")
+    with pytest.raises(hf_loader.CheckpointError) as error:
+        hf_loader.HFCheckpoint(tmp_path, "config.model.text_checkpoint")
     message = str(error.value)
     assert str(tmp_path / "model-00002-of-00002.safetensors") in message and "1 of 2 shards" in message
     assert "config.model.text_checkpoint" in message and "\n" not in message
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(
         (tmp_path / "model-00001-of-00002.safetensors").read_bytes()
     )
-    assert convert.HFCheckpoint(tmp_path).keys() == ["a"]  # complete again
+    assert hf_loader.HFCheckpoint(tmp_path).keys() == ["a"]  # complete again
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from lexvla_jax import cli, configlib
-from lexvla_jax.data import synthetic
 from lexvla_jax.data.config import DataConfigError, default_data_config
 from lexvla_jax.evaluate import registry, retrieval, table, word_precision
 from lexvla_jax.evaluate.base import EvalConfigError, entry_settings
 from lexvla_jax.evaluate.retrieval import RetrievalEvaluator
+from lexvla_jax.miniature import synthetic
 
 from fake_encoder import FakeEncoder, code_of, colour_of
 
@@ -365,8 +365,10 @@ def write_config(tmp_path, evals: str) -> str:
         ("dict(a=dict(type='retrieval', format='karpathy', json='/no/such.json', image_root='/'))",
          "config.evals.a.json='/no/such.json' does not exist; point it at dataset_coco.json or dataset_flickr30k.json"),
         ("dict(a=dict(type='patchdis', format='voc', root='/no/VOC'))", "config.evals.a.root='/no/VOC' does not exist"),
-        ("dict(a=dict(type='patchdis', format='synthetic', shards='/', classes='cityscapes'))",
-         "config.evals.a.classes='cityscapes' is not a class list for synthetic data; use synthetic"),
+        ("dict(a=dict(type='patchdis', format='coco', json='/', image_root='/', classes='cityscapes'))",
+         "config.evals.a.classes='cityscapes' is not a class list for coco data; use coco or voc"),
+        ("dict(a=dict(type='patchdis', format='webdataset', shards='/', classes='shapes'))",
+         "config.evals.a.classes='shapes': a webdataset segmentation set needs its class names in label order"),
     ],
 )  # fmt: skip
 def test_lexvla_eval_bad_input_is_one_line(tmp_path, capsys, evals, message):
@@ -381,7 +383,8 @@ def test_lexvla_eval_prints_tables_and_writes_json(tmp_path, capsys, monkeypatch
     synthetic.make_synthetic(out, num_train=0, num_eval=6, seed=0, image_size=32, shard_size=100)
     evals = (
         f"dict(coco=dict(type='retrieval', label='MSCOCO', format='karpathy', json={json_path!r}, "
-        f"image_root={root!r}, top_k=4), shapes=dict(type='patchdis', format='synthetic', shards={out + '/eval'!r}))"
+        f"image_root={root!r}, top_k=4), shapes=dict(type='patchdis', format='webdataset', shards={out + '/eval'!r}, "
+        f"classes={synthetic.SHAPES!r}))"
     )
     config_file = write_config(tmp_path, evals)
     data = RetrievalEvaluator("c", entry_settings("c", dict(format="karpathy", json=json_path, image_root=root),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lexvla_jax import build, convert, sharding
+from lexvla_jax import build, hf_loader, sharding
 from lexvla_jax.models import lexical
 
 import tiny_hf
@@ -75,11 +75,11 @@ def test_logit_scale_is_clamped(model):
 
 
 def test_random_and_loaded_models_are_made_one_way_in_their_rule_shardings(model, monkeypatch):
-    """A random build goes through `convert.load_model` like a loaded one, and every variable of both is
+    """A random build goes through `hf_loader.load_model` like a loaded one, and every variable of both is
     created in the sharding the rules give it (split over the mesh, not replicated then moved)."""
     made = []
-    load_model = convert.load_model
-    monkeypatch.setattr(convert, "load_model", lambda *a, **k: made.append(a[1]) or load_model(*a, **k))
+    load_model = hf_loader.load_model
+    monkeypatch.setattr(hf_loader, "load_model", lambda *a, **k: made.append(a[1]) or load_model(*a, **k))
     mesh = sharding.make_mesh((2, 2, 2))
     random = build.build_model(tiny_hf.lexvla_config(), mesh, KEPT)
     assert made == [()]  # no checkpoint parts: the random-initialisation path of the same function

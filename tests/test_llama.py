@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lexvla_jax import configlib, convert, hf_layout, sharding
+from lexvla_jax import configlib, hf_layout, hf_loader, sharding
 from lexvla_jax.models import layers, llama
 from lexvla_jax.program import make_program
 
@@ -152,7 +152,7 @@ def test_matches_transformers(hf_checkpoints, batch, name, side):
     ids, masks = batch
     mask = masks[side]
     want_logits, want_hidden = _hf_forward(hf_model, ids, mask)
-    out = _forward(convert.load_hf_llama(path), jnp.asarray(ids), jnp.asarray(mask))
+    out = _forward(hf_loader.load_hf_llama(path), jnp.asarray(ids), jnp.asarray(mask))
     logits_diff = _max_diff(out.logits, want_logits, mask)
     hidden_diff = _max_diff(out.last_hidden_state, want_hidden, mask)
     print(
@@ -178,8 +178,8 @@ def test_lm_head_rows_select_a_vocabulary_subset(hf_checkpoints, batch):
     hf_model, path = hf_checkpoints["gqa"]
     ids, masks = batch
     ids, mask = jnp.asarray(ids), jnp.asarray(masks["right"])
-    full = convert.load_hf_llama(path)
-    headless = convert.load_hf_llama(path, with_lm_head=False)
+    full = hf_loader.load_hf_llama(path)
+    headless = hf_loader.load_hf_llama(path, with_lm_head=False)
     assert "lm_head" not in nnx.state(headless) and headless.lm_head is None
     np.testing.assert_array_equal(np.asarray(full.lm_head[...]), hf_model.lm_head.weight.detach().numpy())
     out, hidden_only = _forward(full, ids, mask), _forward(headless, ids, mask)
@@ -196,7 +196,7 @@ def test_tied_checkpoint_loads_the_embedding_as_lm_head(tmp_path):
     hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tied)).eval()
     _randomise(hf_model)
     hf_model.save_pretrained(tmp_path)
-    model = convert.load_hf_llama(tmp_path)
+    model = hf_loader.load_hf_llama(tmp_path)
     np.testing.assert_array_equal(np.asarray(model.lm_head[...]), np.asarray(model.embed_tokens[...]))
     ids = np.random.default_rng(2).integers(0, TINY["vocab_size"], (2, 8))
     want, _ = _hf_forward(hf_model, ids, np.ones_like(ids))
@@ -208,15 +208,15 @@ def test_load_rejects_other_model_types(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(convert.CheckpointError, match="holds a 'mistral' model, not 'llama'"):
-        convert.load_hf_llama(tmp_path)
+    with pytest.raises(hf_loader.CheckpointError, match="holds a 'mistral' model, not 'llama'"):
+        hf_loader.load_hf_llama(tmp_path)
 
 
 # --- padding -------------------------------------------------------------------------------------------
 
 
 def test_real_tokens_ignore_padding(hf_checkpoints):
-    model = convert.load_hf_llama(hf_checkpoints["gqa"][1])
+    model = hf_loader.load_hf_llama(hf_checkpoints["gqa"][1])
     rng = np.random.default_rng(1)
     row, tail, pads, other = (rng.integers(0, 128, n) for n in (6, 4, 4, 10))
     ids = np.stack([np.r_[row, tail], np.r_[row, pads], np.r_[pads, row], other])
@@ -238,7 +238,7 @@ def test_real_tokens_ignore_padding(hf_checkpoints):
 
 
 def _lora_model(path, **runtime):
-    return convert.load_hf_llama(path, lora_rank=4, lora_alpha=8.0, lora_targets=llama.LORA_TARGETS, **runtime)
+    return hf_loader.load_hf_llama(path, lora_rank=4, lora_alpha=8.0, lora_targets=llama.LORA_TARGETS, **runtime)
 
 
 @pytest.fixture(scope="session")
@@ -266,7 +266,7 @@ def test_lora_starts_as_the_base_model_and_merges_exactly(hf_checkpoints, lora_l
     path = hf_checkpoints["gqa"][1]
     ids, masks = batch
     ids, mask = jnp.asarray(ids), jnp.asarray(masks["right"])
-    base = np.asarray(_forward(convert.load_hf_llama(path), ids, mask).logits)
+    base = np.asarray(_forward(hf_loader.load_hf_llama(path), ids, mask).logits)
     model = nnx.clone(lora_loaded)
     assert len(_lora_b_leaves(model)) == 7 and all(not np.any(b) for b in _lora_b_leaves(model).values())
     np.testing.assert_array_equal(np.asarray(_forward(model, ids, mask).logits), base)
@@ -345,7 +345,7 @@ def test_sharded_load_matches_and_follows_the_rules(hf_checkpoints, batch, mesh)
     hf_model, path = hf_checkpoints["gqa"]
     ids, masks = batch
     mask = masks["left"]
-    model = convert.load_hf_llama(path, mesh=mesh)
+    model = hf_loader.load_hf_llama(path, mesh=mesh)
     attn, mlp = model.layers.self_attn, model.layers.mlp
     expected = {
         "embed_tokens": (model.embed_tokens, P("tensor", "fsdp")),
@@ -363,7 +363,7 @@ def test_sharded_load_matches_and_follows_the_rules(hf_checkpoints, batch, mesh)
         out = _forward(model, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))
     assert out.logits.sharding.spec == P(("data", "fsdp"), None, "tensor")
     want_logits, _ = _hf_forward(hf_model, ids, mask)
-    unsharded = _forward(convert.load_hf_llama(path), jnp.asarray(ids), jnp.asarray(mask))
+    unsharded = _forward(hf_loader.load_hf_llama(path), jnp.asarray(ids), jnp.asarray(mask))
     sharded_diff = _max_diff(out.logits, unsharded.logits, mask)
     print(
         f"\nsharded vs unsharded logits max|Δ| {sharded_diff:.2e}, vs HF {_max_diff(out.logits, want_logits, mask):.2e}"
@@ -381,7 +381,7 @@ def test_loader_reads_only_each_devices_shard(hf_checkpoints, mesh, monkeypatch)
         return part
 
     monkeypatch.setattr(hf_layout.Source, "read", recording_read)
-    model = convert.load_hf_llama(hf_checkpoints["gqa"][1], mesh=mesh)
+    model = hf_loader.load_hf_llama(hf_checkpoints["gqa"][1], mesh=mesh)
     config = model.config
     by_key = {s.key: path for path, s in hf_layout.llama_sources(config).items()}
     flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
@@ -403,13 +403,13 @@ def test_bf16_compute_stays_close(hf_checkpoints, batch):
     want, _ = _hf_forward(hf_model, ids, mask)
     hf_bf16, _ = _hf_forward(copy.deepcopy(hf_model).to(torch.bfloat16), ids, mask)
     hf_diff = _max_diff(hf_bf16, want, mask)
-    mixed = _forward(convert.load_hf_llama(path, compute_dtype=jnp.bfloat16), jnp.asarray(ids), jnp.asarray(mask))
+    mixed = _forward(hf_loader.load_hf_llama(path, compute_dtype=jnp.bfloat16), jnp.asarray(ids), jnp.asarray(mask))
     assert mixed.logits.dtype == jnp.float32 and mixed.last_hidden_state.dtype == jnp.bfloat16
     diff = _max_diff(mixed.logits, want, mask)
     scale = float(np.abs(want).max())
     print(f"\nbf16 compute logits max|Δ| {diff:.3f} (transformers in bf16: {hf_diff:.3f}; |logits| ≤ {scale:.1f})")
     assert diff <= 0.02 * scale and diff <= 1.5 * hf_diff
-    stored = convert.load_hf_llama(path, jnp.bfloat16)
+    stored = hf_loader.load_hf_llama(path, jnp.bfloat16)
     assert stored.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     bf16_diff = _max_diff(_forward(stored, jnp.asarray(ids), jnp.asarray(mask)).logits, mixed.logits, mask)
     assert bf16_diff <= 1e-3 * scale

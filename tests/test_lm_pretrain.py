@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lexvla_jax import configlib, convert, hf_export, lm_pretrain, vocab, words
-from lexvla_jax.data import synthetic
+from lexvla_jax import configlib, hf_loader
+from lexvla_jax.miniature import hf_export, lm_pretrain, synthetic
 from lexvla_jax.models import llama
+from lexvla_jax.text.content_words import content_words
+from lexvla_jax.text.prompt import PromptEncoder
+from lexvla_jax.text.tokenizer import load_tokenizer
+from lexvla_jax.text.vocabulary import filter_vocabulary
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -61,7 +65,7 @@ def test_export_matches_transformers_and_round_trips(tmp_path, fields):
     real = mask.astype(bool)
     assert np.abs(logits - expected)[real].max() < 1e-5 * max(1.0, np.abs(expected).max())
 
-    loaded = convert.load_hf_llama(out)
+    loaded = hf_loader.load_hf_llama(out)
     assert loaded.config.num_key_value_heads == config.num_key_value_heads
     assert loaded.config.rope_theta == config.rope_theta and loaded.config.rms_norm_eps == config.rms_norm_eps
     original, again = _params(model), _params(loaded)
@@ -90,12 +94,12 @@ def test_export_refuses_what_a_checkpoint_cannot_hold(tmp_path):
 @pytest.fixture(scope="module")
 def prompt(synthetic_text):
     _, tokenizer = synthetic_text
-    return vocab.PromptEncoder(tokenizer, TEMPLATE, max_caption_tokens=24)
+    return PromptEncoder(tokenizer, TEMPLATE, max_caption_tokens=24)
 
 
 def test_rows_are_the_joined_text_with_shuffled_content_words(synthetic_text, prompt, llama2_tokenizer_path):
     captions, tokenizer = synthetic_text
-    llama2 = vocab.PromptEncoder(vocab.load_tokenizer(llama2_tokenizer_path), TEMPLATE, max_caption_tokens=24)
+    llama2 = PromptEncoder(load_tokenizer(llama2_tokenizer_path), TEMPLATE, max_caption_tokens=24)
     for encoder in (prompt, llama2):
         builder = lm_pretrain.ExampleBuilder(encoder, max_word_tokens=24, later_words_weight=0.25)
         tok = encoder.tokenizer
@@ -112,7 +116,7 @@ def test_rows_are_the_joined_text_with_shuffled_content_words(synthetic_text, pr
             assert weight[:start].sum() == 0 and weight[length:].sum() == 0
             text = tok.decode(ids[start:])
             named = text.rstrip(".").split(", ")
-            assert sorted(named) == sorted(words.content_words(caption)) and text.endswith(".")
+            assert sorted(named) == sorted(content_words(caption)) and text.endswith(".")
             assert ids[:-1] == tok.encode(encoder.fill(caption) + " " + text, add_bos=True)
             orders.add(tuple(named))
         assert len(orders) == 40
@@ -121,17 +125,17 @@ def test_rows_are_the_joined_text_with_shuffled_content_words(synthetic_text, pr
     caption = "a small red circle above a large blue square"
     start = len(prompt.encode(caption))
     firsts = {tokenizer.id_to_piece(builder.example(caption, np.random.default_rng(s))[0][start]) for s in range(40)}
-    assert firsts == {"▁" + w for w in words.content_words(caption)}
+    assert firsts == {"▁" + w for w in content_words(caption)}
 
 
 def test_words_that_do_not_fit_are_dropped_from_the_end(prompt):
     caption = "a small red circle above a large blue square"
-    exact = vocab.PromptEncoder(prompt.tokenizer, TEMPLATE, max_length=len(prompt.encode(caption)))
+    exact = PromptEncoder(prompt.tokenizer, TEMPLATE, max_length=len(prompt.encode(caption)))
     builder = lm_pretrain.ExampleBuilder(exact, max_word_tokens=5)  # room for "w1, w2." + EOS
     ids, start = builder.example(caption, np.random.default_rng(0))
     assert len(ids) <= builder.length and ids[-1] == prompt.tokenizer.eos_id
     named = prompt.tokenizer.decode(ids[start:]).rstrip(".").split(", ")
-    assert len(named) == 2 and set(named) <= set(words.content_words(caption))
+    assert len(named) == 2 and set(named) <= set(content_words(caption))
     # A caption without content words is the prompt alone, with nothing to learn.
     batch = lm_pretrain.ExampleBuilder(prompt, max_word_tokens=5).batch(["a", caption], np.random.default_rng(0))
     assert batch["attention_mask"][0].sum() == len(prompt.encode("a")) and batch["loss_weight"][0].sum() == 0
@@ -143,21 +147,21 @@ def test_template_must_end_before_a_word(synthetic_text, prompt):
     lm_pretrain.check_template_ends_before_a_word(prompt)
     for template in ['The focus of "[TEXT]" lies on important words: ', 'The focus of "[TEXT]" lies on words:\n']:
         with pytest.raises(configlib.ConfigError, match="must end so that a word follows") as info:
-            lm_pretrain.check_template_ends_before_a_word(vocab.PromptEncoder(tokenizer, template))
+            lm_pretrain.check_template_ends_before_a_word(PromptEncoder(tokenizer, template))
         assert "\n" not in str(info.value)
 
 
 def _frequency_baseline(train: list[str], held_out: list[str], k: int = 5) -> float:
     """Precision@k of always naming the k most frequent training content words (no look at the caption)."""
-    counts = Counter(w for c in train for w in words.content_words(c))
+    counts = Counter(w for c in train for w in content_words(c))
     top = [w for w, _ in counts.most_common(k)]
-    return float(np.mean([len(set(top) & set(words.content_words(c))) / k for c in held_out]))
+    return float(np.mean([len(set(top) & set(content_words(c))) / k for c in held_out]))
 
 
 def test_short_pretraining_names_the_captions_content_words(synthetic_text, prompt, tmp_path):
     captions, tokenizer = synthetic_text
     config = configlib.load_config(
-        TINY_CONFIG, ["lm_pretrain.steps=150", "lm_pretrain.batch_size=32", "lm_pretrain.log_every=50"]
+        TINY_CONFIG, ["miniature.lm.steps=150", "miniature.lm.batch_size=32", "miniature.lm.log_every=50"]
     )
     logged = []
     model, losses = lm_pretrain.train_lm(config, prompt, captions, logged.append)
@@ -165,7 +169,7 @@ def test_short_pretraining_names_the_captions_content_words(synthetic_text, prom
 
     rng = np.random.default_rng(1)
     held_out = [synthetic.captions_for(synthetic.random_scene(rng))[0] for _ in range(200)]
-    kept = vocab.filter_vocabulary(tokenizer)
+    kept = filter_vocabulary(tokenizer)
     quality = lm_pretrain.next_word_quality(model, prompt, held_out, kept)
     baseline = _frequency_baseline(captions, held_out)
     assert quality["random"] < 0.06
@@ -173,7 +177,7 @@ def test_short_pretraining_names_the_captions_content_words(synthetic_text, prom
 
     # z-loss (lm_pretrain.z_loss in the config) pulls the log-partition after the prompt towards 0: here 4.20
     # after 150 steps, against 6.26 trained without it (it starts at log 512 ≈ 6.2).
-    assert config.lm_pretrain.z_loss > 0
+    assert config.miniature.lm.z_loss > 0
     batch = prompt.batch(held_out)
     logits = model(batch["input_ids"], batch["attention_mask"]).logits[np.arange(len(held_out)), batch["last_index"]]
     assert float(jax.nn.logsumexp(logits, axis=-1).mean()) < 5.2
@@ -181,7 +185,7 @@ def test_short_pretraining_names_the_captions_content_words(synthetic_text, prom
     # What stage 2 loads: the saved directory, in transformers and in our loader, predicts the same.
     out = hf_export.save_hf_llama(model, str(tmp_path / "lm"), tokenizer_path=tokenizer.path)
     assert lm_pretrain.is_complete(out) and os.path.isfile(os.path.join(out, "tokenizer.model"))
-    reloaded = convert.load_hf_llama(out)
+    reloaded = hf_loader.load_hf_llama(out)
     again = lm_pretrain.next_word_quality(reloaded, prompt, held_out, kept)
     assert again == pytest.approx(quality)
 

@@ -8,6 +8,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 from jax.test_util import check_grads
 
 from lexvla_jax import losses
+from lexvla_jax.evaluate.metrics import recall_at_k, retrieval_metrics
 
 # ---------------------------------------------------------------- NumPy references (float64)
 
@@ -195,7 +196,7 @@ def test_retrieval_metrics_match_brute_force_with_ties(seed):
     image_of_text = np.arange(60) // 5
     sim = s_img @ s_txt.T
     assert len(np.unique(sim)) < sim.size // 4  # many ties
-    metrics = losses.retrieval_metrics(jnp.asarray(s_img), jnp.asarray(s_txt), jnp.asarray(image_of_text))
+    metrics = retrieval_metrics(jnp.asarray(s_img), jnp.asarray(s_txt), jnp.asarray(image_of_text))
     assert sorted(metrics) == sorted([f"{d}_r@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)])
     for k in (1, 5, 10):
         i2t = np_recall(sim, k, lambda q, d: image_of_text[d] == q)
@@ -210,7 +211,7 @@ def test_retrieval_metrics_with_uneven_captions_and_shuffled_order():
     image_of_text = rng.permutation(np.repeat(np.arange(7), [1, 2, 3, 5, 1, 4, 2]))
     s_txt = (s_img[image_of_text] + rng.integers(0, 2, (len(image_of_text), 5))).astype(np.float32)
     sim = s_img @ s_txt.T
-    metrics = losses.retrieval_metrics(jnp.asarray(s_img), jnp.asarray(s_txt), jnp.asarray(image_of_text), ks=(1, 3))
+    metrics = retrieval_metrics(jnp.asarray(s_img), jnp.asarray(s_txt), jnp.asarray(image_of_text), ks=(1, 3))
     for k in (1, 3):
         assert float(metrics[f"i2t_r@{k}"]) == pytest.approx(np_recall(sim, k, lambda q, d: image_of_text[d] == q))
         assert float(metrics[f"t2i_r@{k}"]) == pytest.approx(np_recall(sim.T, k, lambda q, d: image_of_text[q] == d))
@@ -223,17 +224,17 @@ def test_recall_at_k_boolean_and_index_positives_match_brute_force():
     mask[0] = False  # a query with no relevant document is a miss
     index = rng.integers(0, 20, 9)
     for k in (1, 3, 20, 50):
-        got = float(losses.recall_at_k(jnp.asarray(sim), k, jnp.asarray(mask)))
+        got = float(recall_at_k(jnp.asarray(sim), k, jnp.asarray(mask)))
         assert got == pytest.approx(np_recall(sim, k, lambda q, d: mask[q, d]))
-        got = float(losses.recall_at_k(jnp.asarray(sim), k, jnp.asarray(index)))
+        got = float(recall_at_k(jnp.asarray(sim), k, jnp.asarray(index)))
         assert got == pytest.approx(np_recall(sim, k, lambda q, d: index[q] == d))
 
 
 def test_recall_at_k_ties_rank_lower_index_first():
     sim = jnp.array([[1.0, 1.0, 1.0]])
-    assert float(losses.recall_at_k(sim, 1, jnp.array([0]))) == 1.0
-    assert float(losses.recall_at_k(sim, 1, jnp.array([2]))) == 0.0
-    assert float(losses.recall_at_k(sim, 3, jnp.array([2]))) == 1.0
+    assert float(recall_at_k(sim, 1, jnp.array([0]))) == 1.0
+    assert float(recall_at_k(sim, 1, jnp.array([2]))) == 0.0
+    assert float(recall_at_k(sim, 3, jnp.array([2]))) == 1.0
 
 
 # ---------------------------------------------------------------- the full objective

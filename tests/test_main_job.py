@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lexvla_jax import configlib, lm_pretrain, prepare, train
+from lexvla_jax import configlib, train
+from lexvla_jax.miniature import lm_pretrain, prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,15 +18,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def short_job(root: str) -> list[str]:
     data = os.path.join(root, "data")
     values = {
-        "data.synthetic.dir": data,
-        "data.synthetic.train": 1500,
-        "data.synthetic.eval": 40,
+        "miniature.synthetic.dir": data,
+        "miniature.synthetic.train": 1500,
+        "miniature.synthetic.eval": 40,
         "data.train_shards": os.path.join(data, "train"),
         "data.eval_shards": os.path.join(data, "eval"),
         "data.tokenizer": os.path.join(data, "tokenizer.model"),
-        "lm_pretrain.dir": os.path.join(data, "lm"),
-        "lm_pretrain.steps": 150,
-        "lm_pretrain.log_every": 50,
+        "miniature.lm.dir": os.path.join(data, "lm"),
+        "miniature.lm.steps": 150,
+        "miniature.lm.log_every": 50,
         "train.num_steps": 150,
         "train.log_every": 50,
         "checkpoint.every_steps": 150,
@@ -37,7 +38,7 @@ def short_job(root: str) -> list[str]:
 @pytest.mark.slow
 def test_short_main_job_names_the_words_of_its_images(tmp_path, capsys):
     config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), short_job(str(tmp_path)))
-    assert config.model.text_checkpoint == config.lm_pretrain.dir  # stage 2 reads what stage 1 writes
+    assert config.model.text_checkpoint == config.miniature.lm.dir  # stage 2 reads what stage 1 writes
     workdir = tmp_path / "work"
     metrics = train.run(config, str(workdir))
     out = capsys.readouterr().out
@@ -55,12 +56,12 @@ def test_short_main_job_names_the_words_of_its_images(tmp_path, capsys):
     assert width > 400 and height > 200
 
     # A second invocation finds stage 1's directory complete and leaves it as it was.
-    weights = os.path.join(config.lm_pretrain.dir, "model.safetensors")
-    assert lm_pretrain.is_complete(config.lm_pretrain.dir)
+    weights = os.path.join(config.miniature.lm.dir, "model.safetensors")
+    assert lm_pretrain.is_complete(config.miniature.lm.dir)
     before = os.stat(weights).st_mtime_ns
     logged = []
     prepare.prepare(config, logged.append)
-    assert logged == [f"stage 1 (language model): using {config.lm_pretrain.dir}"]
+    assert logged == [f"stage 1 (language model): using {config.miniature.lm.dir}"]
     assert os.stat(weights).st_mtime_ns == before
 
 
@@ -70,10 +71,10 @@ def test_scratch_config_has_no_stage_1():
     scratch = configlib.load_config(os.path.join(REPO, "configs", "tiny.py") + ":scratch")
     assert prepare.uses_pretrained_lm(tiny) and not prepare.uses_pretrained_lm(scratch)
     assert "text" not in tiny.train.trainable and "text" in scratch.train.trainable
-    moved = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), ["lm_pretrain.dir=/elsewhere/lm"])
+    moved = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), ["miniature.lm.dir=/elsewhere/lm"])
     assert moved.model.text_checkpoint == "/elsewhere/lm"
     off = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), ["model.text_checkpoint="])
-    assert off.lm_pretrain.dir == tiny.lm_pretrain.dir and not prepare.uses_pretrained_lm(off)
+    assert off.miniature.lm.dir == tiny.miniature.lm.dir and not prepare.uses_pretrained_lm(off)
     with pytest.raises(configlib.ConfigError, match="only argument is :scratch"):
         configlib.load_config(os.path.join(REPO, "configs", "tiny.py") + ":huge")
 

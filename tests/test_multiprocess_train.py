@@ -18,10 +18,13 @@ import jax
 import numpy as np
 import pytest
 
-from lexvla_jax import build, configlib, inference, sharding, vocab
+from lexvla_jax import build, configlib, inference, sharding
 from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch
-from lexvla_jax.data import pipeline, synthetic
+from lexvla_jax.data import pipeline
+from lexvla_jax.miniature import synthetic
 from lexvla_jax.program import make_program
+from lexvla_jax.text.tokenizer import load_tokenizer, train_tokenizer
+from lexvla_jax.text.vocabulary import filter_vocabulary
 
 import local_cluster
 from local_cluster import Cluster
@@ -310,12 +313,12 @@ def other_tokenizer(data_dir, tmp_path_factory):
     """A tokenizer of the same size (512 pieces) trained on other text: another kept vocabulary."""
     path = str(tmp_path_factory.mktemp("other") / "tokenizer.model")
     texts = [caption.replace(" ", "-") for caption in synthetic.all_captions(data_dir)]
-    vocab.train_tokenizer(texts, 512, path)
+    train_tokenizer(texts, 512, path)
     return path
 
 
 def _kept_words(tokenizer_path: str) -> int:
-    return len(vocab.filter_vocabulary(vocab.load_tokenizer(tokenizer_path)))
+    return len(filter_vocabulary(load_tokenizer(tokenizer_path)))
 
 
 def test_resume_with_another_vocabulary_is_refused(runs, data_dir, other_tokenizer, tmp_path):

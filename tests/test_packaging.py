@@ -116,6 +116,21 @@ def test_imports_point_one_way():
         and any("flax" in (getattr(node, "module", None) or alias.name) for alias in node.names)
     ]
     assert not flax_in_losses
+    # The embedded job's preparation is reached only from commands and configs, never from the library.
+    for name, targets in graph.items():
+        if not name.startswith(("lexvla_jax.miniature", "lexvla_jax.commands", "lexvla_jax.cli")):
+            reached = sorted(t for t in targets if t.startswith("lexvla_jax.miniature"))
+            assert not reached, f"{name} imports {reached}: only commands may run the miniature's preparation"
+
+
+def test_only_commands_parse_arguments():
+    """Every command's argparse lives under `commands/` (configlib parses `--config` for all of them)."""
+    parsing = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if "argparse" in path.read_text() and path.parent.name != "commands" and path.name != "configlib.py"
+    )
+    assert not parsing, f"library modules that parse command lines: {parsing}"
 
 
 def test_cycle_finder_sees_a_lazy_import_back():

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lexvla_jax.data import masks, synthetic
+from lexvla_jax.data import masks
 from lexvla_jax.data.config import DataConfigError, default_data_config
 from lexvla_jax.data.seg_set import VOC_CLASSES
 from lexvla_jax.evaluate import patchdis
 from lexvla_jax.evaluate.base import entry_settings
 from lexvla_jax.evaluate.patchdis import UNSCORED, PatchDisEvaluator
+from lexvla_jax.miniature import synthetic
 
 from fake_encoder import FakeEncoder, colour_of
 
@@ -336,7 +337,7 @@ def test_synthetic_masks_match_the_pixels(synthetic_dir):
 
 
 def test_synthetic_patchdis_with_a_constant_model(synthetic_dir):
-    seg = evaluator(format="synthetic", shards=f"{synthetic_dir}/eval")
+    seg = evaluator(format="webdataset", shards=f"{synthetic_dir}/eval", classes=synthetic.SHAPES)
     assert seg.classes == list(synthetic.SHAPES) and seg.data["mask"].shape == (16, 32, 32)
     with tarfile.open(f"{synthetic_dir}/eval/shard-00000.tar") as tar:
         first = np.asarray(Image.open(tar.extractfile("000000000.mask.png")))
@@ -356,5 +357,5 @@ def test_synthetic_patchdis_with_a_constant_model(synthetic_dir):
 def test_old_synthetic_sets_without_masks_are_one_line_errors(tmp_path):
     members = synthetic.sample_members("k", synthetic.make_sample(0, "train", 0, "k", 32))
     (tmp_path / "old.tar").write_bytes(synthetic.tar_bytes(members)[0])
-    with pytest.raises(DataConfigError, match="sample k has no mask.png; regenerate the set"):
-        evaluator(format="synthetic", shards=str(tmp_path))
+    with pytest.raises(DataConfigError, match="sample k has no mask.png; rewrite the set"):
+        evaluator(format="webdataset", shards=str(tmp_path), classes=synthetic.SHAPES)

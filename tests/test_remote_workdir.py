@@ -30,6 +30,7 @@ from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch, vocabulary_
 from lexvla_jax.data import pipeline
 from lexvla_jax.evaluate import command as eval_command
 from lexvla_jax.metric_writers import MetricWriter
+from lexvla_jax.text.prompt import prompt_encoder
 
 from gcs_emulator import LOCAL_SUSPECTS, gcs_emulator, local_traces  # noqa: F401 (fixture)
 from local_cluster import REPO
@@ -82,7 +83,7 @@ def test_checkpointer_round_trip_in_gcs(gcs_emulator, data_dir, tmp_path, monkey
     config = configlib.load_config(TINY, _overrides(data_dir))
     tokenizer, kept_ids = build.load_vocabulary(config)
     vocabulary = vocabulary_record(tokenizer, kept_ids, config.data.tokenizer)
-    prompt = pipeline.prompt_encoder(config.data, tokenizer)
+    prompt = prompt_encoder(config.data, tokenizer)
     state = _state(jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2))
 
     iterator = pipeline.train_iterator(config.data, 8, prompt_encoder=prompt)

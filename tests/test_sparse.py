@@ -15,7 +15,7 @@ from PIL import Image
 from lexvla_jax import cli, losses
 from lexvla_jax.commands import common
 from lexvla_jax.commands.export import export_eval_set
-from lexvla_jax.data import synthetic
+from lexvla_jax.miniature import synthetic
 from lexvla_jax.sparse import export, index
 
 from fake_lexical_encoder import FakeLexicalEncoder

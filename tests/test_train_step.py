@@ -13,8 +13,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lexvla_jax import build, configlib, sharding
+from lexvla_jax import build, configlib, optim, sharding
 from lexvla_jax import step as step_lib
+from lexvla_jax.models.split import SplitModel
 from lexvla_jax.program import make_program
 
 import tiny_lexvla as tiny
@@ -28,7 +29,7 @@ def _loss(s_img, s_txt, scale):
 @pytest.fixture(scope="module")
 def setup():
     graphdef, params, frozen, rest = tiny.split(tiny.tiny_model())
-    tx, schedule = step_lib.make_optimizer(tiny.OPTIM, num_steps=10)
+    tx, schedule = optim.make_optimizer(tiny.OPTIM, num_steps=10)
     return graphdef, params, frozen, rest, tx, schedule
 
 
@@ -89,7 +90,7 @@ def _collectives_on_inputs(num_micro: int) -> list[str]:
     """Collectives in the compiled train step (8-device data-parallel mesh) that move batch inputs or
     per-token activations: uint8 images, or arrays with a token axis."""
     graphdef, params, frozen, rest = tiny.split(tiny.tiny_model())
-    tx, schedule = step_lib.make_optimizer(tiny.OPTIM, num_steps=10)
+    tx, schedule = optim.make_optimizer(tiny.OPTIM, num_steps=10)
     mesh = sharding.make_mesh((8, 1, 1))
     with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
         step, (frozen, rest, state) = tiny.sharded_step(
@@ -124,7 +125,7 @@ def test_contiguous_micro_batches_would_move_inputs(monkeypatch):
     assert any(m.startswith("all-gather u8[") for m in moved), moved
 
 
-class _OtherKeysInPass2(step_lib.SplitModel):
+class _OtherKeysInPass2(SplitModel):
     """Encodes with a different key once the loss's logit scale was read, i.e. in GradCache's pass 2."""
 
     loss_seen = False
@@ -248,7 +249,7 @@ def _updates(params, grads, configs: dict) -> dict:
     optimiser config, from the same gradients."""
     updates = {}
     for name, config in configs.items():
-        tx, _ = step_lib.make_optimizer(config, num_steps=10)
+        tx, _ = optim.make_optimizer(config, num_steps=10)
         state = tx.init(params)
         for _ in range(2):
             update, state = tx.update(grads, state, params)
@@ -302,7 +303,7 @@ def test_a_group_that_names_no_parameter_is_one_line(section, name, misspelt):
     config = configlib.load_config(tiny_py, ["model.text_checkpoint="])
     mesh = sharding.mesh_from_config(config.mesh)
     program, params, *_ = make_program(config, mesh, build.abstract_model(config, 12))  # the defaults name groups
-    assert {"visual_codebook", "lora"} <= step_lib.groups_of(params)
+    assert {"visual_codebook", "lora"} <= optim.groups_of(params)
     setattr(config[section], name, misspelt)
     with pytest.raises(configlib.ConfigError, match=rf"^config\.{section}\.{name} names '.*', which is on the path"):
         make_program(config, mesh, build.abstract_model(config, 12))

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lexvla_jax import bow, build, configlib, losses, sharding, vocab, words
+from lexvla_jax import build, configlib, losses, sharding
 from lexvla_jax.models import dinov2, lexical, lexvla, llama
 from lexvla_jax.program import make_program
+from lexvla_jax.text import bow
+from lexvla_jax.text.content_words import content_words
+from lexvla_jax.text.vocabulary import filter_vocabulary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = os.path.join(REPO, "configs", "variants")
@@ -188,7 +191,7 @@ def bow_setup(synthetic_text):
     """The tiny Q(BoW) model (kept vocabulary of the synthetic tokenizer) and its bag-of-words encoder."""
     captions, tokenizer = synthetic_text
     config = configlib.load_config(os.path.join(VARIANTS, "qbow.py") + ":tiny")
-    kept_ids = vocab.filter_vocabulary(tokenizer, config.model.vocab_filter)
+    kept_ids = filter_vocabulary(tokenizer, config.model.vocab_filter)
     encoder = build.caption_encoder(config, tokenizer, kept_ids)
     model = lexvla.LexVLA(build.model_config(config, len(kept_ids)), rngs=nnx.Rngs(0))
     return captions, tokenizer, kept_ids, encoder, model
@@ -202,7 +205,7 @@ def test_bow_vector_is_the_unit_indicator_of_the_content_words(bow_setup):
     batch = encoder.batch(texts)
     s = np.asarray(model.encode_text(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])))
     for text, row in zip(texts, s, strict=True):
-        expected = {kept[t] for w in words.content_words(text) for t in tokenizer.encode(w) if t in kept}
+        expected = {kept[t] for w in content_words(text) for t in tokenizer.encode(w) if t in kept}
         assert expected and set(np.flatnonzero(row)) == expected, text
         np.testing.assert_allclose(row[sorted(expected)], len(expected) ** -0.5, rtol=1e-6)  # repeats count once
         np.testing.assert_allclose(np.linalg.norm(row), 1.0, rtol=1e-6)

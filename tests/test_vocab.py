@@ -11,7 +11,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lexvla_jax import vocab
+from lexvla_jax.text.prompt import DEFAULT_PROMPT, PromptEncoder
+from lexvla_jax.text.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer, train_tokenizer
+from lexvla_jax.text.vocabulary import (
+    DEFAULT_RULE,
+    LLAMA2_KEPT_COUNT,
+    LLAMA2_KEPT_COUNTS,
+    RULES,
+    drop_reasons,
+    filter_vocabulary,
+    piece_drop_reason,
+)
 
 CAPTIONS = [
     "The man is riding a white horse.",
@@ -53,18 +63,18 @@ CONTROL_STRINGS = "<s> is text here, not a control token </s>"
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
-    vocab.train_tokenizer(CAPTIONS * 20, vocab_size=520, out_path=str(path))
+    train_tokenizer(CAPTIONS * 20, vocab_size=520, out_path=str(path))
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_path):
-    return vocab.load_tokenizer(tiny_path)
+    return load_tokenizer(tiny_path)
 
 
 @pytest.fixture(scope="session")
 def llama(llama2_tokenizer_path):
-    return vocab.load_tokenizer(llama2_tokenizer_path)
+    return load_tokenizer(llama2_tokenizer_path)
 
 
 @pytest.fixture(scope="session", params=["tiny", "llama2"])
@@ -106,7 +116,7 @@ def model_and_reference(request, tiny_path):
 
 def test_encode_matches_transformers_llama_tokenizer(model_and_reference):
     path, reference = model_and_reference
-    tokenizer = vocab.load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     for text in TRICKY:
         expected = reference.encode(text, add_special_tokens=False)
         assert tokenizer.encode(text) == expected, text
@@ -124,7 +134,7 @@ def test_encode_matches_transformers_from_pretrained_outside_whitespace_runs(mod
     path, _ = model_and_reference
     os.symlink(path, tmp_path / "tokenizer.model")
     reference = LlamaTokenizer.from_pretrained(str(tmp_path), legacy=True)
-    tokenizer = vocab.load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     for text in TRICKY:
         if text.startswith(" ") or "  " in text.strip(" ") or text.strip() == "":
             continue
@@ -145,9 +155,9 @@ def test_llama2_known_ids(llama):
 def test_json_backend_equals_sentencepiece(model_and_reference, tmp_path):
     path, reference = model_and_reference
     reference.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
-    from_json = vocab.load_tokenizer(str(tmp_path / "tokenizer.json"))
-    from_model = vocab.load_tokenizer(path)
-    assert isinstance(from_json, vocab.HFTokenizer) and isinstance(from_model, vocab.SentencePieceTokenizer)
+    from_json = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    from_model = load_tokenizer(path)
+    assert isinstance(from_json, HFTokenizer) and isinstance(from_model, SentencePieceTokenizer)
     assert (from_json.vocab_size, from_json.bos_id, from_json.eos_id, from_json.pad_id) == (
         from_model.vocab_size,
         from_model.bos_id,
@@ -157,10 +167,10 @@ def test_json_backend_equals_sentencepiece(model_and_reference, tmp_path):
     for text in [*TRICKY, CONTROL_STRINGS]:
         assert from_json.encode(text, add_bos=True) == from_model.encode(text, add_bos=True), text
         assert from_json.decode(from_json.encode(text)) == from_model.decode(from_model.encode(text)), text
-    np.testing.assert_array_equal(vocab.filter_vocabulary(from_json), vocab.filter_vocabulary(from_model))
+    np.testing.assert_array_equal(filter_vocabulary(from_json), filter_vocabulary(from_model))
     captions = [*CAPTIONS, LONG_CAPTION, "🦙" * 20, "é" * 40, '"quoted".']
-    batch_json = vocab.PromptEncoder(from_json, max_caption_tokens=8).batch(captions)
-    batch_model = vocab.PromptEncoder(from_model, max_caption_tokens=8).batch(captions)
+    batch_json = PromptEncoder(from_json, max_caption_tokens=8).batch(captions)
+    batch_model = PromptEncoder(from_model, max_caption_tokens=8).batch(captions)
     for key in ("input_ids", "attention_mask", "last_index"):
         np.testing.assert_array_equal(batch_json[key], batch_model[key])
 
@@ -179,21 +189,19 @@ def test_decode_round_trip_and_offsets(any_tokenizer):
 
 
 def test_load_tokenizer_paths_and_errors(tiny_path, tmp_path):
-    assert vocab.load_tokenizer(os.path.dirname(tiny_path)).encode("a horse") == vocab.load_tokenizer(tiny_path).encode(
-        "a horse"
-    )
+    assert load_tokenizer(os.path.dirname(tiny_path)).encode("a horse") == load_tokenizer(tiny_path).encode("a horse")
     with pytest.raises(FileNotFoundError, match="does not exist") as info:
-        vocab.load_tokenizer(str(tmp_path / "missing.model"))
+        load_tokenizer(str(tmp_path / "missing.model"))
     assert "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError, match="holds no tokenizer.model or tokenizer.json"):
-        vocab.load_tokenizer(str(tmp_path))
+        load_tokenizer(str(tmp_path))
     (tmp_path / "garbage.model").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="is not a SentencePiece model"):
-        vocab.load_tokenizer(str(tmp_path / "garbage.model"))
+        load_tokenizer(str(tmp_path / "garbage.model"))
 
 
 def test_train_tokenizer_is_llama_style_and_deterministic(tiny_path, tmp_path):
-    again = vocab.train_tokenizer(CAPTIONS * 20, vocab_size=520, out_path=str(tmp_path / "again.model"))
+    again = train_tokenizer(CAPTIONS * 20, vocab_size=520, out_path=str(tmp_path / "again.model"))
     with open(tiny_path, "rb") as a, open(tmp_path / "again.model", "rb") as b:
         assert a.read() == b.read()
     assert (again.vocab_size, again.unk_id, again.bos_id, again.eos_id, again.pad_id) == (520, 0, 1, 2, 0)
@@ -201,7 +209,7 @@ def test_train_tokenizer_is_llama_style_and_deterministic(tiny_path, tmp_path):
     assert again.encode("🐴")[-4:] == [3 + b for b in "🐴".encode()]  # unseen character: byte fallback
     assert again.id_to_piece(again.encode("horse")[0]).startswith("▁")  # dummy prefix
     with pytest.raises(ValueError, match=r"train_tokenizer\(vocab_size=100\): Vocabulary size is smaller"):
-        vocab.train_tokenizer(CAPTIONS, vocab_size=100, out_path=str(tmp_path / "small.model"))
+        train_tokenizer(CAPTIONS, vocab_size=100, out_path=str(tmp_path / "small.model"))
 
 
 def test_tokenizer_pickles(tiny, tmp_path):
@@ -210,7 +218,8 @@ def test_tokenizer_pickles(tiny, tmp_path):
 
 
 def test_module_imports_no_jax():
-    code = "import sys, lexvla_jax.vocab; print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))"
+    modules = "lexvla_jax.text.tokenizer, lexvla_jax.text.prompt, lexvla_jax.text.vocabulary, lexvla_jax.text.bow"
+    code = f"import sys, {modules}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -224,17 +233,17 @@ LONG_CAPTION = (
 
 
 def test_prompt_untruncated_equals_filled_string(any_tokenizer):
-    prompt = vocab.PromptEncoder(any_tokenizer, max_caption_tokens=64)
+    prompt = PromptEncoder(any_tokenizer, max_caption_tokens=64)
     for caption in [*CAPTIONS, "", ".", "ends with a dot.", '"quoted"', "  extra   spaces  ", "🦙 emoji"]:
-        filled = vocab.DEFAULT_PROMPT.replace("[TEXT]", " ".join(caption.split()))
+        filled = DEFAULT_PROMPT.replace("[TEXT]", " ".join(caption.split()))
         assert prompt.fill(caption) == filled
         assert prompt.encode(caption) == any_tokenizer.encode(filled, add_bos=True), caption
 
 
 def test_prompt_truncation_keeps_template_tail(any_tokenizer):
     max_caption_tokens = 6
-    prompt = vocab.PromptEncoder(any_tokenizer, max_caption_tokens=max_caption_tokens)
-    _, suffix = vocab.DEFAULT_PROMPT.split("[TEXT]")
+    prompt = PromptEncoder(any_tokenizer, max_caption_tokens=max_caption_tokens)
+    _, suffix = DEFAULT_PROMPT.split("[TEXT]")
     tail = any_tokenizer.encode(prompt.fill("A dog"))[-4:]  # "...important words:" after the closing quote
     captions = [LONG_CAPTION, "🦙" * 20, "x" * 300, CAPTIONS[1], "", "ends with a dot. " * 10]
     batch = prompt.batch(captions)
@@ -253,7 +262,7 @@ def test_prompt_truncation_keeps_template_tail(any_tokenizer):
 
 
 def test_prompt_truncation_keeps_the_first_caption_tokens(llama):
-    prompt = vocab.PromptEncoder(llama, max_caption_tokens=8)
+    prompt = PromptEncoder(llama, max_caption_tokens=8)
     full = llama.encode(prompt.fill(LONG_CAPTION), add_bos=True)
     ids = prompt.encode(LONG_CAPTION)
     assert prompt.num_template_tokens == 43  # BOS + 36 before the caption + 6 after it
@@ -273,7 +282,7 @@ def test_prompt_truncation_keeps_the_first_caption_tokens(llama):
 
 
 def test_prompt_padding_and_last_index(any_tokenizer):
-    prompt = vocab.PromptEncoder(any_tokenizer, max_caption_tokens=16)
+    prompt = PromptEncoder(any_tokenizer, max_caption_tokens=16)
     captions = ["A dog.", LONG_CAPTION, "Two cats sleep on a red sofa."]
     batch = prompt.batch(captions)
     for row, caption in enumerate(captions):
@@ -290,19 +299,19 @@ def test_prompt_padding_and_last_index(any_tokenizer):
 
 
 def test_prompt_max_length_and_template_errors(tiny):
-    default = vocab.PromptEncoder(tiny, max_caption_tokens=10)
+    default = PromptEncoder(tiny, max_caption_tokens=10)
     assert default.max_length == default.num_template_tokens + 10
     assert len(default.encode("x")) == default.num_template_tokens + 1  # "x" is one byte-fallback token here
-    tight = vocab.PromptEncoder(tiny, max_caption_tokens=10, max_length=default.num_template_tokens + 1)
+    tight = PromptEncoder(tiny, max_caption_tokens=10, max_length=default.num_template_tokens + 1)
     ids = tight.encode(LONG_CAPTION)
     assert len(ids) == tight.max_length and ids[-3:] == default.encode("A dog")[-3:]
     with pytest.raises(ValueError, match=r"max_length=\d+ cannot hold the prompt template .* use max_length >= \d+"):
-        vocab.PromptEncoder(tiny, max_length=default.num_template_tokens)
+        PromptEncoder(tiny, max_length=default.num_template_tokens)
     for template in ["no placeholder", "[TEXT] and [TEXT]"]:
         with pytest.raises(ValueError, match=r"must contain '\[TEXT\]' exactly once") as info:
-            vocab.PromptEncoder(tiny, template=template)
+            PromptEncoder(tiny, template=template)
         assert "\n" not in str(info.value)
-    custom = vocab.PromptEncoder(tiny, template="Caption: [TEXT]", add_bos=False)
+    custom = PromptEncoder(tiny, template="Caption: [TEXT]", add_bos=False)
     assert custom.encode("a horse") == tiny.encode("Caption: a horse")
 
 
@@ -359,15 +368,15 @@ LOWERCASE_ALPHA_REASONS = {
     ],
 )
 def test_piece_drop_reason_rules(rule, expected):
-    assert {piece: vocab.piece_drop_reason(piece, rule) for piece in expected} == expected
+    assert {piece: piece_drop_reason(piece, rule) for piece in expected} == expected
 
 
 def test_default_rule_and_unknown_rule(tiny):
-    assert vocab.DEFAULT_RULE == "lowercase_alpha"
-    assert vocab.piece_drop_reason("▁a") == "single_letter"
-    np.testing.assert_array_equal(vocab.filter_vocabulary(tiny), vocab.filter_vocabulary(tiny, "lowercase_alpha"))
+    assert DEFAULT_RULE == "lowercase_alpha"
+    assert piece_drop_reason("▁a") == "single_letter"
+    np.testing.assert_array_equal(filter_vocabulary(tiny), filter_vocabulary(tiny, "lowercase_alpha"))
     with pytest.raises(ValueError, match=r"unknown vocabulary rule 'words'; choose one of \[") as info:
-        vocab.filter_vocabulary(tiny, "words")
+        filter_vocabulary(tiny, "words")
     assert "\n" not in str(info.value)
 
 
@@ -409,24 +418,24 @@ def test_filter_on_trained_tokenizer(tiny):
         },
     }
     for rule, pieces in expected.items():
-        reasons = vocab.drop_reasons(tiny, rule)
+        reasons = drop_reasons(tiny, rule)
         assert {piece: reasons[ids[piece]] for piece in pieces} == pieces, rule
-        kept = vocab.filter_vocabulary(tiny, rule)
+        kept = filter_vocabulary(tiny, rule)
         assert kept.dtype == np.int32 and (np.diff(kept) > 0).all()
         np.testing.assert_array_equal(kept, [i for i, reason in enumerate(reasons) if reason is None])
-        np.testing.assert_array_equal(kept, vocab.filter_vocabulary(vocab.load_tokenizer(tiny.path), rule))
-    kept = vocab.filter_vocabulary(tiny, "word_start")
+        np.testing.assert_array_equal(kept, filter_vocabulary(load_tokenizer(tiny.path), rule))
+    kept = filter_vocabulary(tiny, "word_start")
     assert {tiny.id_to_piece(i) for i in kept if not tiny.id_to_piece(i).startswith("▁")} == {"人", "写", "山", "真"}
-    kept_pieces = [tiny.id_to_piece(i) for i in vocab.filter_vocabulary(tiny)]
+    kept_pieces = [tiny.id_to_piece(i) for i in filter_vocabulary(tiny)]
     assert all(piece.lstrip("▁").isascii() and piece.lstrip("▁").islower() for piece in kept_pieces)
 
 
 def test_filter_on_llama2(llama):
-    for rule, count in vocab.LLAMA2_KEPT_COUNTS.items():
-        assert len(vocab.filter_vocabulary(llama, rule)) == count, rule
-    assert vocab.LLAMA2_KEPT_COUNT == vocab.LLAMA2_KEPT_COUNTS["lowercase_alpha"] == 17182
-    assert abs(vocab.LLAMA2_KEPT_COUNT - 17149) / 17149 < 0.01  # the paper's V'
-    kept = vocab.filter_vocabulary(llama)
+    for rule, count in LLAMA2_KEPT_COUNTS.items():
+        assert len(filter_vocabulary(llama, rule)) == count, rule
+    assert LLAMA2_KEPT_COUNT == LLAMA2_KEPT_COUNTS["lowercase_alpha"] == 17182
+    assert abs(LLAMA2_KEPT_COUNT - 17149) / 17149 < 0.01  # the paper's V'
+    kept = filter_vocabulary(llama)
     kept_pieces = {llama.id_to_piece(i) for i in kept}
     for piece in ["▁horse", "▁ride", "▁white", "▁man", "▁dog", "▁city", "▁important", "er", "en", "cou"]:
         assert piece in kept_pieces, piece
@@ -434,23 +443,23 @@ def test_filter_on_llama2(llama):
     for piece in ["<0x0A>", "<s>", '▁"', ",", "▁(", "1", "▁", "▁▁", "▁Paris", "▁a", "▁über", ".", '."']:
         assert piece not in kept_pieces, piece
     # Every piece whose text is lowercase a-z: the default plus the 52 single letters (26 with "▁", 26 without).
-    single = set(vocab.filter_vocabulary(llama, "lowercase_alpha_single").tolist()) - set(kept.tolist())
+    single = set(filter_vocabulary(llama, "lowercase_alpha_single").tolist()) - set(kept.tolist())
     assert sorted(llama.id_to_piece(i).lstrip("▁") for i in single) == sorted("abcdefghijklmnopqrstuvwxyz" * 2)
-    counts = Counter(reason for reason in vocab.drop_reasons(llama) if reason is not None)
+    counts = Counter(reason for reason in drop_reasons(llama) if reason is not None)
     assert counts["special"] == 3 and counts["byte"] == 256 and counts["whitespace"] == 16
     assert counts["single_letter"] == 52 and "continuation" not in counts
     assert sum(counts.values()) + len(kept) == 32000
-    word_start = Counter(vocab.drop_reasons(llama, "word_start"))
+    word_start = Counter(drop_reasons(llama, "word_start"))
     assert word_start["continuation"] == 13405 and word_start[None] == 16754
 
 
 def test_synthetic_tokenizer_keeps_caption_words(synthetic_text):
     """The embedded job's tokenizer (trained on synthetic captions) has every content word as one kept piece."""
-    from lexvla_jax import words
+    from lexvla_jax.text.content_words import content_words
 
     captions, tokenizer = synthetic_text
-    kept = set(vocab.filter_vocabulary(tokenizer).tolist())
-    content = sorted({w for caption in captions for w in words.content_words(caption)})
+    kept = set(filter_vocabulary(tokenizer).tolist())
+    content = sorted({w for caption in captions for w in content_words(caption)})
     assert len(content) > 25
     for word in content:
         ids = tokenizer.encode(word)  # the dummy prefix makes it the word-start piece
@@ -461,27 +470,29 @@ def test_synthetic_tokenizer_keeps_caption_words(synthetic_text):
 
 
 def _run_main(argv):
+    from lexvla_jax.commands.vocab import main
+
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = vocab.main(argv)
+        code = main(argv)
     return code, stdout.getvalue(), stderr.getvalue()
 
 
 def test_vocab_command_prints_count_and_writes_ids(tiny, tmp_path):
     out = tmp_path / "kept.npy"
     code, stdout, _ = _run_main(["--tokenizer", tiny.path, "--examples", "5", "--out", str(out)])
-    kept = vocab.filter_vocabulary(tiny)
+    kept = filter_vocabulary(tiny)
     assert code == 0
     sections = stdout.split("\n\n")
-    assert len(sections) == 1 + len(vocab.RULES)
-    for rule, section in zip(vocab.RULES, sections[1:], strict=True):
+    assert len(sections) == 1 + len(RULES)
+    for rule, section in zip(RULES, sections[1:], strict=True):
         assert section.startswith(f"rule {rule}") and "e.g." in section
-        assert f"kept: {len(vocab.filter_vocabulary(tiny, rule))} of {tiny.vocab_size}" in section
+        assert f"kept: {len(filter_vocabulary(tiny, rule))} of {tiny.vocab_size}" in section
     assert "'▁horse'" not in sections[1].split("dropped:")[1] and "single_letter" in sections[1]
     np.testing.assert_array_equal(np.load(out), kept)
     code, stdout, _ = _run_main(["--tokenizer", tiny.path, "--rule", "word_start", "--out", str(out)])
     assert code == 0 and stdout.count("rule ") == 1 and "continuation" in stdout
-    np.testing.assert_array_equal(np.load(out), vocab.filter_vocabulary(tiny, "word_start"))
+    np.testing.assert_array_equal(np.load(out), filter_vocabulary(tiny, "word_start"))
     code, _, stderr = _run_main(["--tokenizer", str(tmp_path / "nope.model")])
     assert code == 2 and "does not exist" in stderr and stderr.count("\n") == 1
 
@@ -489,7 +500,7 @@ def test_vocab_command_prints_count_and_writes_ids(tiny, tmp_path):
 def test_vocab_command_on_llama2(llama2_tokenizer_path):
     code, stdout, _ = _run_main(["--tokenizer", llama2_tokenizer_path])
     assert code == 0
-    for rule, count in vocab.LLAMA2_KEPT_COUNTS.items():
+    for rule, count in LLAMA2_KEPT_COUNTS.items():
         assert f"rule {rule}" in stdout and f"kept: {count} of 32000" in stdout
 
 
@@ -497,4 +508,4 @@ def test_cli_dispatches_vocab(tiny, capsys):
     from lexvla_jax import cli
 
     assert cli.main(["vocab", "--tokenizer", tiny.path, "--examples", "3"]) == 0
-    assert f"kept: {len(vocab.filter_vocabulary(tiny))} of" in capsys.readouterr().out
+    assert f"kept: {len(filter_vocabulary(tiny))} of" in capsys.readouterr().out

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lexvla_jax import words
 from lexvla_jax.evaluate import word_precision
+from lexvla_jax.text.content_words import STOPWORDS, content_words
 
 WORDS = ["red", "blue", "circle", "square", "ora", "above", "large", "gray", "picture", "star"]
 
@@ -18,7 +18,7 @@ def _vector(*strong: str) -> np.ndarray:
 
 
 def test_content_words():
-    assert words.content_words("a small red circle above a large blue square") == [
+    assert content_words("a small red circle above a large blue square") == [
         "small",
         "red",
         "circle",
@@ -27,10 +27,10 @@ def test_content_words():
         "square",
     ]
     # Lowercased, punctuation split off, repeats once, stopwords and single letters dropped.
-    assert words.content_words("There is a Red star; the star's left of THE cross!") == ["red", "star", "left", "cross"]
-    assert words.content_words("The man is riding a white horse.") == ["man", "riding", "white", "horse"]
-    assert words.content_words("a of the") == []
-    assert len(words.STOPWORDS) == 153 and {"a", "the", "above", "of", "is"} <= words.STOPWORDS
+    assert content_words("There is a Red star; the star's left of THE cross!") == ["red", "star", "left", "cross"]
+    assert content_words("The man is riding a white horse.") == ["man", "riding", "white", "horse"]
+    assert content_words("a of the") == []
+    assert len(STOPWORDS) == 153 and {"a", "the", "above", "of", "is"} <= STOPWORDS
 
 
 def test_top_k_precision_counts_relevant_words_among_the_top_k():

@@ -5,9 +5,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lexvla_jax import sharding
+from lexvla_jax import optim, sharding
 from lexvla_jax import step as step_lib
 from lexvla_jax.models import dinov2, lexvla, llama
+from lexvla_jax.models.split import SplitModel
 
 TRAINABLE = ("adapter", "visual_codebook", "logit_scale", "lora")
 OPTIM = ml_collections.ConfigDict(
@@ -63,11 +64,11 @@ def tiny_batch(batch_size: int = 16, seed: int = 0, length: int = 12) -> dict[st
 
 
 def split(model):
-    return nnx.split(model, step_lib.trainable_filter(TRAINABLE), nnx.Param, ...)
+    return nnx.split(model, optim.trainable_filter(TRAINABLE), nnx.Param, ...)
 
 
-def split_model(graphdef) -> step_lib.SplitModel:
-    return step_lib.SplitModel(graphdef)
+def split_model(graphdef) -> SplitModel:
+    return SplitModel(graphdef)
 
 
 def loss_config() -> step_lib.LossConfig:

@@ -8,10 +8,8 @@ tars would. Reading: shuffle the whole dataset with `(seed, epoch)`, repeat, the
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
-import os
 from collections.abc import Sequence
 from concurrent import futures
 
@@ -93,19 +91,3 @@ def array_record_dataset(
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
     ds = ds.map_with_index(DecodeRecord(seed))
     return ds[process_index::process_count]
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lexvla convert-data", description="Convert webdataset tars to ArrayRecord shards."
-    )
-    parser.add_argument("--input", required=True, help="tar glob, list (a,b), directory or brace range")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel conversions")
-    args = parser.parse_args(argv)
-    totals = convert(args.input, args.output, args.workers)
-    damaged = {k: v for k, v in totals.items() if k in SKIP_REASONS and v}
-    print(f"converted {totals['shards']} shards, {totals['records']} records -> {args.output}")
-    if damaged:
-        print(f"damaged tars (kept as error records, skipped when read): {damaged}")
-    return 0

@@ -22,7 +22,7 @@ RESAMPLE_FILTERS = ("bilinear", "bicubic")
 
 def default_data_config() -> ml_collections.ConfigDict:
     """All data fields with defaults; `train_shards`/`eval_shards` must be set by the experiment config."""
-    from lexvla_jax.vocab import DEFAULT_PROMPT
+    from lexvla_jax.text.prompt import DEFAULT_PROMPT
 
     return ml_collections.ConfigDict(
         {

@@ -1,28 +1,17 @@
-"""Device side of a batch: per-process host rows → global `jax.Array`s, and image normalisation on device.
+"""Device side of a batch: per-process host rows → global `jax.Array`s sharded on the batch axes.
 
-Images travel as uint8 (a quarter of float32's host→device traffic); `normalize_images` applies DINOv2's
-mean and std inside the jitted step.
+Images stay uint8 (`models/image_norm.py` normalises them inside the jitted functions).
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lexvla_jax import sharding
 from lexvla_jax.data.config import DataConfigError
 
 HOST_KEYS = ("skipped", "key")  # batch entries that stay on the host
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalize_images(images: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """uint8 [..., 3] → (x/255 - mean) / std with DINOv2's (ImageNet) mean and std, on the device."""
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
-    std = jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0
-    return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
 
 
 def make_global_batch(local_batch: dict, mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES) -> dict:

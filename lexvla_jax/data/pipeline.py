@@ -39,23 +39,6 @@ from lexvla_jax.data.webdataset import WebDatasetSource
 MIN_SHM_BYTES = 64 * 1024
 
 
-def prompt_encoder(config, tokenizer=None):
-    """`vocab.PromptEncoder` with `config.data`'s template and lengths; the tokenizer defaults to
-    `config.data.tokenizer` (None when that is empty too: batches then hold images only)."""
-    from lexvla_jax.vocab import PromptEncoder, load_tokenizer
-
-    if tokenizer is None:
-        if not config.tokenizer:
-            return None
-        tokenizer = load_tokenizer(config.tokenizer)
-    return PromptEncoder(
-        tokenizer,
-        template=config.prompt_template,
-        max_caption_tokens=config.max_caption_tokens,
-        max_length=config.max_length,
-    )
-
-
 def raw_dataset(config, process_index: int, process_count: int) -> grain.IterDataset | grain.MapDataset:
     """This process's raw training samples in `config.format`."""
     if config.format == "array_record":

@@ -9,8 +9,8 @@ Sources (a `format` and its fields, as `config.evals.<name>` declares them):
   instances from the largest to the smallest (small objects stay visible on top). With `classes="coco"`
   label i is the json's i-th category by id; with `classes="voc"` COCO's 20 VOC categories get VOC's
   labels and every other object 255. Images without a scored object are left out.
-- `synthetic` (`shards`): `lexvla make-synthetic` eval tars, `KEY.jpg` with its `KEY.mask.png`
-  (labels 1..6 are `synthetic.SHAPES`).
+- `webdataset` (`shards`, `classes`): tars of `KEY.jpg` with its `KEY.mask.png` (labels 1..C are the names in
+  `classes`, a list given in the entry), e.g. the embedded job's synthetic eval set.
 
 Image and mask get the same centre crop to `image_size` (the image antialiased, the mask
 nearest-neighbour). Returns masks with labels 0 (background), 1..C (`classes[label - 1]`) and 255 (ignore).
@@ -32,11 +32,10 @@ from lexvla_jax.data.config import DataConfigError, resolve_shards
 from lexvla_jax.data.eval_set import check_exists, check_image_root, eval_image
 from lexvla_jax.data.masks import IGNORE, crop_mask, open_mask
 from lexvla_jax.data.records import MISSING_IMAGE, REASON_INDEX, SKIP_REASONS, BadSample, skip_counts_dict
-from lexvla_jax.data.synthetic import SHAPES
 from lexvla_jax.data.tar_reader import iter_samples
 from lexvla_jax.data.transforms import image_member, open_image
 
-SEG_FORMATS = ("voc", "coco", "synthetic")
+SEG_FORMATS = ("voc", "coco", "webdataset")
 
 # VOC's 20 classes in label order (1..20), as text: VOC's own names with their words separated.
 VOC_CLASSES = (
@@ -46,7 +45,7 @@ VOC_CLASSES = (
 # COCO's names of the VOC classes (the others are spelled the same).
 COCO_TO_VOC = {"airplane": "aeroplane", "motorcycle": "motorbike", "couch": "sofa", "tv": "tv monitor"}
 # Which class lists each format can be scored with; the first is its default.
-CLASS_LISTS = {"voc": ("voc",), "coco": ("coco", "voc"), "synthetic": ("synthetic",)}
+CLASS_LISTS = {"voc": ("voc",), "coco": ("coco", "voc")}
 
 
 def voc_records(root: str, split: str, where: str) -> list[dict]:
@@ -67,16 +66,16 @@ def voc_records(root: str, split: str, where: str) -> list[dict]:
     ]
 
 
-def synthetic_records(shards, where: str) -> list[dict]:
+def webdataset_records(shards, where: str) -> list[dict]:
     records = []
     for path in resolve_shards(shards, f"{where}.shards", ".tar"):
         with epath.Path(path).open("rb") as f:
             for sample in iter_samples(f):
                 if sample.error is not None:
-                    raise DataConfigError(f"{path} is damaged ({sample.error}); rewrite it with lexvla make-synthetic")
+                    raise DataConfigError(f"{path} is damaged ({sample.error}); rewrite it")
                 if "mask.png" not in sample.files:
                     raise DataConfigError(
-                        f"{path}: sample {sample.key} has no mask.png; regenerate the set with lexvla make-synthetic "
+                        f"{path}: sample {sample.key} has no mask.png; rewrite the set "
                         "(sets written before class masks existed lack them)"
                     )
                 try:
@@ -182,7 +181,13 @@ def load_segmentation_set(source: Mapping, data_config, where: str) -> dict:
     kind, classes = source["format"], source["classes"] or CLASS_LISTS.get(source["format"], ("",))[0]
     if kind not in SEG_FORMATS:
         raise DataConfigError(f"{where}.format={kind!r}: use one of {', '.join(SEG_FORMATS)}")
-    if classes not in CLASS_LISTS[kind]:
+    if kind == "webdataset":
+        if isinstance(classes, str) or not classes:
+            raise DataConfigError(
+                f"{where}.classes={classes!r}: a webdataset segmentation set needs its class names in label order, "
+                "e.g. classes=('circle', 'square')"
+            )
+    elif classes not in CLASS_LISTS[kind]:
         raise DataConfigError(
             f"{where}.classes={classes!r} is not a class list for {kind} data; use {' or '.join(CLASS_LISTS[kind])}"
         )
@@ -191,7 +196,7 @@ def load_segmentation_set(source: Mapping, data_config, where: str) -> dict:
     elif kind == "coco":
         records, names = coco_records(source["json"], source["image_root"], classes, where)
     else:
-        records, names = synthetic_records(source["shards"], where), SHAPES
+        records, names = webdataset_records(source["shards"], where), tuple(classes)
     dataset = grain.MapDataset.source(records)
     if source.get("max_images") is not None:
         dataset = dataset[: source["max_images"]]

@@ -1,7 +1,7 @@
 """Raw sample → `{"image": uint8 [S,S,3], "input_ids", "attention_mask"}` or a skip marker (PIL + numpy).
 
 This runs inside grain workers, so it imports no JAX. Images stay uint8 on the host (4× less
-host→device traffic than float32); `device_batch.normalize_images` applies DINOv2's mean/std on the
+host→device traffic than float32); `models/image_norm.py` applies the vision tower's mean/std on the
 device. Checks run cheapest first: container error, missing members, caption, image header (pixel
 limit, minimum size), then decoding. The first failing check names the reason.
 """

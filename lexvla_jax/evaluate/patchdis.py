@@ -128,8 +128,9 @@ class PatchDisEvaluator(Evaluator):
         "split": "val",  # voc: ImageSets/Segmentation/<split>.txt
         "json": "",  # coco: instances json
         "image_root": "",  # coco: its image folder
-        "shards": "",  # synthetic: eval tars with KEY.mask.png
-        "classes": "",  # "": the format's own list; coco data can also use "voc" (its 20 VOC categories)
+        "shards": "",  # webdataset: eval tars with KEY.mask.png
+        # "": the format's own list; coco data can also use "voc" (its 20 VOC categories); webdataset: the names
+        "classes": "",
         "random_seed": 0,
     }
 

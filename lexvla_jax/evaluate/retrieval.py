@@ -30,6 +30,7 @@ from lexvla_jax import losses
 from lexvla_jax.data.eval_set import SOURCE_FORMATS, image_text_records, read_image_text_set
 from lexvla_jax.evaluate import word_precision
 from lexvla_jax.evaluate.base import EvalConfigError, Evaluator
+from lexvla_jax.evaluate.metrics import retrieval_metrics
 
 MODES = ("dense", "threshold", "topk")
 
@@ -57,7 +58,7 @@ def retrieval_scores(
     for mode in modes:
         images = sparse_vectors(s_img, mode, threshold, top_k)
         texts = sparse_vectors(s_txt, mode, threshold, top_k)
-        recalls = losses.retrieval_metrics(images, texts, image_of_text, ks=ks)
+        recalls = retrieval_metrics(images, texts, image_of_text, ks=ks)
         for k in ks:
             i2t, t2i = float(recalls[f"i2t_r@{k}"]), float(recalls[f"t2i_r@{k}"])
             metrics[f"{mode}/i2t_r@{k}"] = metrics[f"{mode}/text_retrieval_recall@{k}"] = i2t

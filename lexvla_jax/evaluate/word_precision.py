@@ -1,6 +1,6 @@
 """Word precision: do the strongest words of a lexical vector name what the image or caption shows?
 
-For each eval image, the fraction of its top-k words (k = 5) that are content words (`words.content_words`) of
+For each eval image, the fraction of its top-k words (k = 5) that are content words (`content_words`) of
 any of its captions; for each caption, the same against that caption's own content words; each averaged over
 rows. A word is one kept vocabulary entry read as text (word-start mark removed, `explain.word_of`), so a
 sub-word piece such as "ora" counts as a miss. The baseline is the expected precision of k distinct kept words
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lexvla_jax import words as words_lib
+from lexvla_jax.text.content_words import content_words
 
 
 def top_k_precision(scores: np.ndarray, relevant: Sequence[set[str]], words: Sequence[str], k: int = 5) -> float:
@@ -52,7 +52,7 @@ def word_precision(
             f"{len(text_vectors)} text vectors, {len(captions)} captions and image_of_text of shape "
             f"{image_of_text.shape}: all three must count the same captions"
         )
-    caption_words = [set(words_lib.content_words(c)) for c in captions]
+    caption_words = [set(content_words(c)) for c in captions]
     image_words = [set() for _ in range(len(image_vectors))]
     for caption, image in enumerate(image_of_text):
         image_words[image] |= caption_words[caption]

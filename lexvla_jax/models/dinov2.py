@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from lexvla_jax.models import layers
+from lexvla_jax.models import image_norm, layers
 
 # Hugging Face `hidden_act` names → functions.
 ACTIVATIONS = {
@@ -65,6 +65,7 @@ class Dinov2Config:
     qkv_bias: bool = True
     initializer_range: float = 0.02
     pos_embed_antialias: bool = False
+    image_norm: str = "imagenet"  # the pixel normalisation the tower was trained with (`image_norm.py`)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
@@ -78,6 +79,7 @@ class Dinov2Config:
             raise ValueError(f"hidden_act {self.hidden_act!r} unsupported; choose one of {sorted(ACTIVATIONS)}")
         if self.remat not in layers.REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r} unknown; choose one of {sorted(layers.REMAT_POLICIES)}")
+        image_norm.check_image_norm(self.image_norm)
 
     @property
     def head_dim(self) -> int:

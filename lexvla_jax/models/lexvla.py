@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lexvla_jax.models import dinov2, layers, lexical, llama
+from lexvla_jax.models import dinov2, image_norm, layers, lexical, llama
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ def bag_of_words(columns: jax.Array, mask: jax.Array, vocab_size: int) -> jax.Ar
 class LexVLA(nnx.Module):
     """The two towers, the adapter, both codebooks and the logit scale, randomly initialised.
 
-    `convert.load_model` builds it with the towers and codebooks read from checkpoints instead (the text
+    `hf_loader.load_model` builds it with the towers and codebooks read from checkpoints instead (the text
     codebook and the visual codebook's starting point are then Llama's `lm_head` rows of the kept words).
     """
 
@@ -140,6 +140,10 @@ class LexVLA(nnx.Module):
         self.visual_codebook = nnx.Param(jnp.array(codebook), sharding_names=("vocab", "embed"))
         self.adapter = Adapter(config, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(math.log(config.logit_scale_init), jnp.float32))
+
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """uint8 images → the vision tower's input, normalised as that tower expects (`image_norm.py`)."""
+        return image_norm.normalize_images(images, self.config.vision.image_norm)
 
     def logit_scale_value(self) -> jax.Array:
         """`exp(logit_scale)` clamped to `logit_scale_max` (float32)."""

@@ -8,7 +8,7 @@ language model on
 
     BOS + prompt(caption) + " w1, w2, …, wn." + EOS
 
-where `w1…wn` are the caption's content words (`words.content_words`) in a fresh random order per example, with
+where `w1…wn` are the caption's content words (`content_words`) in a fresh random order per example, with
 the loss on the continuation tokens only. The best prediction after the prompt's last token is then an even
 spread over the caption's content words: the in-context lexical prediction the paper borrows from Llama 2.
 That first token weighs 1 in the loss and the later ones `later_words_weight` (0.1 in configs/tiny.py): they
@@ -26,11 +26,11 @@ The prompt is `config.data.prompt_template`, the same one stage 2 reads, and it 
 (`check_template_ends_before_a_word`).
 
 The model (`config.model.text`, no LoRA) is saved as a Hugging Face Llama directory (`config.json`,
-`model.safetensors`, the tokenizer and `pretrain_report.json`), which `convert.load_hf_llama` and transformers'
+`model.safetensors`, the tokenizer and `pretrain_report.json`), which `hf_loader.load_hf_llama` and transformers'
 `LlamaForCausalLM` both load: the same path as the paper's Llama-2-7B. `ensure_pretrained_lm` skips the stage
 when that directory is complete.
 
-`lexvla train` runs it first (`prepare.py`) when `config.model.text_checkpoint` is `lm_pretrain.dir`, as in
+`lexvla train` runs it first (`prepare.py`) when `config.model.text_checkpoint` is `miniature.lm.dir`, as in
 configs/tiny.py; `lexvla pretrain-lm --config configs/tiny.py` (`prepare.pretrain_lm_main`) runs it alone.
 """
 
@@ -51,21 +51,25 @@ import optax
 from etils import epath
 from flax import nnx
 
-from lexvla_jax import build, configlib, explain, hf_export, vocab, words
-from lexvla_jax.data import pipeline
+from lexvla_jax import build, configlib, explain
 from lexvla_jax.data.config import resolve_shards
 from lexvla_jax.data.eval_set import webdataset_eval_records
 from lexvla_jax.data.records import BadSample
 from lexvla_jax.data.tar_reader import iter_samples
 from lexvla_jax.data.transforms import decode_caption
 from lexvla_jax.evaluate import word_precision
+from lexvla_jax.miniature import hf_export
 from lexvla_jax.models import llama
+from lexvla_jax.text.content_words import content_words
+from lexvla_jax.text.prompt import PromptEncoder, prompt_encoder
+from lexvla_jax.text.tokenizer import load_tokenizer
+from lexvla_jax.text.vocabulary import DEFAULT_RULE, filter_vocabulary
 
 REPORT = "pretrain_report.json"
 _print = functools.partial(print, flush=True)
 
 
-def check_template_ends_before_a_word(prompt: vocab.PromptEncoder, word: str = "red") -> None:
+def check_template_ends_before_a_word(prompt: PromptEncoder, word: str = "red") -> None:
     """Raises unless the prompt's last token is directly followed by `word`'s own word-start piece.
 
     The lexical prediction is read at that token, and stage 1 trains the model to predict the caption's words right
@@ -92,7 +96,7 @@ class ExampleBuilder:
     the joined text's tokens). Words that do not fit in `length` are dropped from the end of the list.
     """
 
-    def __init__(self, prompt: vocab.PromptEncoder, max_word_tokens: int, later_words_weight: float = 1.0):
+    def __init__(self, prompt: PromptEncoder, max_word_tokens: int, later_words_weight: float = 1.0):
         self.prompt, self.tokenizer = prompt, prompt.tokenizer
         self.length = prompt.max_length + max_word_tokens
         self.later_words_weight = later_words_weight
@@ -103,7 +107,7 @@ class ExampleBuilder:
     def example(self, caption: str, rng: np.random.Generator) -> tuple[list[int], int]:
         """(ids, number of prompt tokens) for one caption with its content words shuffled."""
         ids = self.prompt.encode(caption)
-        content = words.content_words(caption)
+        content = content_words(caption)
         content = [content[i] for i in rng.permutation(len(content))]
         tail = self.continuation(content)
         while content and len(ids) + len(tail) > self.length:
@@ -184,12 +188,12 @@ def continuation_loss(model: llama.LlamaModel, batch: dict, z_loss: float = 0.0)
 
 def train_lm(
     config: ml_collections.ConfigDict,
-    prompt: vocab.PromptEncoder,
+    prompt: PromptEncoder,
     captions: Sequence[str],
     log: Callable[[str], None] = _print,
 ) -> tuple[llama.LlamaModel, list[float]]:
     """Trains the language model of `lm_config(config)` on `captions`; returns it and the logged losses."""
-    cfg = config.lm_pretrain
+    cfg = config.miniature.lm
     builder = ExampleBuilder(prompt, cfg.max_word_tokens, cfg.later_words_weight)
     rng = np.random.default_rng(cfg.seed)
     model = llama.LlamaModel(lm_config(config), rngs=nnx.Rngs(cfg.seed))
@@ -217,7 +221,7 @@ def train_lm(
 
 
 def next_word_scores(
-    model: llama.LlamaModel, prompt: vocab.PromptEncoder, captions: Sequence[str], kept_ids: np.ndarray
+    model: llama.LlamaModel, prompt: PromptEncoder, captions: Sequence[str], kept_ids: np.ndarray
 ) -> np.ndarray:
     """Next-token logits after each caption's prompt, over the kept vocabulary `[N, V']` (float32)."""
     forward = jax.jit(lambda ids, mask: model(ids, mask).logits)
@@ -230,7 +234,7 @@ def next_word_scores(
 
 
 def next_word_quality(
-    model: llama.LlamaModel, prompt: vocab.PromptEncoder, captions: Sequence[str], kept_ids: np.ndarray, k: int = 5
+    model: llama.LlamaModel, prompt: PromptEncoder, captions: Sequence[str], kept_ids: np.ndarray, k: int = 5
 ) -> dict[str, float]:
     """How well the next-token prediction after the prompt names each caption's content words.
 
@@ -239,7 +243,7 @@ def next_word_quality(
     """
     scores = next_word_scores(model, prompt, captions, kept_ids)
     kept_words = [explain.word_of(prompt.tokenizer, i) for i in kept_ids]
-    relevant = [set(words.content_words(c)) for c in captions]
+    relevant = [set(content_words(c)) for c in captions]
     order = np.argsort(-scores, axis=1, kind="stable")
     found = [
         sum(kept_words[j] in rel for j in row[: len(rel)]) / len(rel)
@@ -260,21 +264,21 @@ def is_complete(out_dir: str) -> bool:
 def ensure_pretrained_lm(
     config: ml_collections.ConfigDict, out_dir: str | None = None, log: Callable[[str], None] = _print
 ) -> str:
-    """The pretrained LM directory (`config.lm_pretrain.dir` by default), trained and saved unless complete."""
-    out_dir = out_dir or config.lm_pretrain.dir
+    """The pretrained LM directory (`config.miniature.lm.dir` by default), trained and saved unless complete."""
+    out_dir = out_dir or config.miniature.lm.dir
     if is_complete(out_dir):
         log(f"stage 1 (language model): using {out_dir}")
         return out_dir
-    tokenizer = vocab.load_tokenizer(config.data.tokenizer)
-    prompt = pipeline.prompt_encoder(config.data, tokenizer)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    prompt = prompt_encoder(config.data, tokenizer)
     check_template_ends_before_a_word(prompt)
     captions = read_captions(config.data.train_shards)
-    log(f"stage 1 (language model): {config.lm_pretrain.steps} steps on {len(captions)} captions")
+    log(f"stage 1 (language model): {config.miniature.lm.steps} steps on {len(captions)} captions")
     start = time.perf_counter()
     model, losses = train_lm(config, prompt, captions, log)
-    report = {"steps": config.lm_pretrain.steps, "seconds": time.perf_counter() - start, "losses": losses}
+    report = {"steps": config.miniature.lm.steps, "seconds": time.perf_counter() - start, "losses": losses}
     if config.data.get("eval_shards"):
-        kept = vocab.filter_vocabulary(tokenizer, config.model.get("vocab_filter", vocab.DEFAULT_RULE))
+        kept = filter_vocabulary(tokenizer, config.model.get("vocab_filter", DEFAULT_RULE))
         report["held_out"] = next_word_quality(model, prompt, read_eval_captions(config.data.eval_shards), kept)
         log(
             "stage 1 (language model): held-out captions, next-word "

@@ -2,7 +2,7 @@
 
 Q(BoW) (Table 1) replaces the language model by the caption's own words: the text lexical vector is the
 L2-normalised indicator of the caption's content words over the kept vocabulary, with no model at all.
-Content words are `words.content_words`: the caption's lowercase letter runs less NLTK's English stopword list
+Content words are `content_words`: the caption's lowercase letter runs less NLTK's English stopword list
 (153 words: pronouns, articles, prepositions, conjunctions, auxiliaries), which leaves its nouns, adjectives and
 verbs (and the few adverbs the list lacks). No part-of-speech tagger: the list is what decides.
 
@@ -28,13 +28,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lexvla_jax import vocab, words
+from lexvla_jax.text.content_words import content_words
+from lexvla_jax.text.tokenizer import Tokenizer
 
 
 class BowEncoder:
     """Captions → fixed-length rows of kept-vocabulary columns (see the module docstring); picklable."""
 
-    def __init__(self, tokenizer: vocab.Tokenizer, kept_ids: Sequence[int], max_words: int):
+    def __init__(self, tokenizer: Tokenizer, kept_ids: Sequence[int], max_words: int):
         if max_words < 1:
             raise ValueError(f"max_words={max_words} must be >= 1")
         self.tokenizer = tokenizer
@@ -45,7 +46,7 @@ class BowEncoder:
         """The kept columns of the caption's content words, in order of first appearance, each once."""
         found = [
             column
-            for word in words.content_words(caption)
+            for word in content_words(caption)
             for token in self.tokenizer.encode(word)
             if (column := self.column_of.get(token)) is not None
         ]

@@ -13,11 +13,12 @@ import time
 from lexvla_jax import configlib
 from lexvla_jax.data import pipeline
 from lexvla_jax.data.device_batch import HOST_KEYS
+from lexvla_jax.text.prompt import prompt_encoder
 
 
 def inspect(config, num_batches: int, global_batch_size: int) -> dict:
     """Reads `num_batches` batches; returns counts, throughput and shapes."""
-    encoder = pipeline.prompt_encoder(config.data)
+    encoder = prompt_encoder(config.data)
     start = time.perf_counter()
     iterator = pipeline.train_iterator(config.data, global_batch_size, prompt_encoder=encoder)
     shapes, batches, first = {}, 0, None

@@ -2,7 +2,7 @@
 
 `save_hf_llama` writes `config.json` (transformers' `LlamaConfig` fields) and `model.safetensors` with the
 `LlamaForCausalLM` tensor names, so `transformers.LlamaForCausalLM.from_pretrained(dir)` and
-`convert.load_hf_llama(dir)` both load it. Each tensor is the model parameter run backwards through its
+`hf_loader.load_hf_llama(dir)` both load it. Each tensor is the model parameter run backwards through its
 `hf_layout.Source` (the same `{nnx path: Source}` mapping loading uses): per layer, axes permuted back.
 """
 

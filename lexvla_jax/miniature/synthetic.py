@@ -13,15 +13,13 @@ background, 1 + the `SHAPES` index of the object there) as a palette PNG, for Pa
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import multiprocessing
 import os
 import tarfile
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent import futures
 
 import numpy as np
@@ -321,27 +319,3 @@ def all_captions(out_dir: str) -> list[str]:
                     meta = json.loads(sample.files["json"])
                     captions += meta.get("captions", [meta["caption"]])
     return captions
-
-
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lexvla make-synthetic", description="Write the synthetic captioned-shapes dataset (webdataset)."
-    )
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--train", type=int, default=20_000, help="training samples")
-    parser.add_argument("--eval", type=int, default=500, help="eval images (5 captions each)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    manifest = make_synthetic(
-        args.out, args.train, args.eval, args.seed, args.image_size, args.shard_size, args.workers
-    )
-    seconds = time.perf_counter() - start
-    print(
-        f"wrote {args.train} train ({len(manifest['train']['shards'])} shards) and {args.eval} eval samples "
-        f"({len(manifest['eval']['shards'])} shards) to {args.out} in {seconds:.1f}s"
-    )
-    return 0

@@ -1,0 +1,23 @@
+"""`lexvla train`: make what the config's `miniature` section asks for (the embedded job), then train (`train.run`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lexvla_jax import configlib, sharding, train
+from lexvla_jax.miniature import prepare
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lexvla train", description=train.__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard files go here")
+    config, args = configlib.parse_command(argv, parser)
+    sharding.initialize_distributed(config.dist)
+    prepare.prepare(config, print if sharding.is_main_process() else lambda _: None)
+    try:
+        train.run(config, args.workdir)
+    except train.TrainingError as e:
+        print(f"lexvla train: {e}", file=sys.stderr)
+        return 1
+    return 0
