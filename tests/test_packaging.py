@@ -16,12 +16,14 @@ NOT_IMPORTED = {"jaxlib"}
 
 
 def _setup_requirements() -> tuple[set[str], set[str]]:
-    """Distribution names in setup.py: (INSTALL_REQUIRES, every pinned requirement, extras included)."""
+    """Distribution names in setup.py: (INSTALL_REQUIRES, every requirement, extras included)."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     pinned = lambda node: {
-        _normalise(re.split(r"[\[=]", c.value)[0])
+        _normalise(re.split(r"[\[=<>~]", c.value)[0])
         for c in ast.walk(node)
-        if isinstance(c, ast.Constant) and isinstance(c.value, str) and re.fullmatch(r"[\w.\-\[\]]+==\S+", c.value)
+        if isinstance(c, ast.Constant)
+        and isinstance(c.value, str)
+        and re.fullmatch(r"[\w.\-\[\]]+(==|>=|~=|<)\d\S*", c.value)
     }
     install = [n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "INSTALL_REQUIRES"]
     assert install, "setup.py defines no INSTALL_REQUIRES"
@@ -170,3 +172,37 @@ def test_architecture_doc_names_files_that_exist():
     assert len(named) > 20
     gone = sorted(n for n in named if not any(f == n or f.endswith("/" + n) for f in files))
     assert not gone, f"docs/architecture.md names files that do not exist: {gone}"
+
+
+def _requirements(node) -> list[str]:
+    return [
+        c.value
+        for c in ast.walk(node)
+        if isinstance(c, ast.Constant)
+        and isinstance(c.value, str)
+        and re.fullmatch(r"[\w.\-\[\]]+(==|>=|~=|<)\d\S*", c.value)
+    ]
+
+
+def test_ranges_admit_the_constrained_versions():
+    """setup.py states compatible ranges (exact pins only for torch's CPU build); constraints.txt pins each of them
+    to a version inside its range, so `pip install -c constraints.txt` installs exactly what CI tests."""
+    from packaging.requirements import Requirement
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[_normalise(name)] = version
+    requirements = [Requirement(r) for r in _requirements(ast.parse((ROOT / "setup.py").read_text()))]
+    assert len(requirements) > 25
+    for req in requirements:
+        name = _normalise(req.name)
+        assert name in pins, f"{req} has no exact version in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt {name}=={pins[name]} not in {req}"
+        )
+        exact = [s for s in req.specifier if s.operator == "=="]
+        assert not exact or name == "torch", f"{req}: use a compatible range (the exact version is in constraints.txt)"
+    python = re.search(r'python_requires="([^"]+)"', (ROOT / "setup.py").read_text()).group(1)
+    assert python == ">=3.11"
