@@ -145,8 +145,7 @@ class Ours:
         from lexvla_jax.data.device_batch import make_global_batch
         from lexvla_jax.program import make_program
 
-        mesh = sharding.mesh_from_config(config.mesh, jax.devices()[:1])
-        rules = tuple(tuple(r) for r in config.sharding.rules)
+        mesh, rules = sharding.mesh_and_rules(config, jax.devices()[:1])
         with sharding.use_mesh_rules(mesh, rules):
             model = build.build_model(config, mesh, np.arange(num_words))
             self.program, params, self.frozen, self.rest = make_program(config, mesh, model)

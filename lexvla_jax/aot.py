@@ -135,9 +135,11 @@ def _vocab_and_length(config) -> tuple[int, int]:
 
 def compile_train_step(config, devices, topology: str = "") -> CompileReport:
     """Lowers and compiles the train step of `config` for `devices`; nothing is allocated."""
-    mesh = sharding.mesh_from_config(config.mesh, devices)
+    mesh, rules = sharding.mesh_and_rules(config, devices)
+    tc = config.train
+    sharding.check_batch_size(tc.global_batch_size, mesh, rules, tc.micro_batches)
     num_words, length = _vocab_and_length(config)
-    with sharding.use_mesh_rules(mesh, tuple(tuple(r) for r in config.sharding.rules)):
+    with sharding.use_mesh_rules(mesh, rules):
         model = build.abstract_model(config, num_words)
         program, _, frozen, rest = make_program(config, mesh, model)
         b, size = config.train.global_batch_size, config.data.image_size

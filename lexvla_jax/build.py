@@ -24,7 +24,7 @@ from flax import nnx
 from flax.nnx import filterlib
 from jax.sharding import Mesh
 
-from lexvla_jax import hf_layout, hf_loader, optim
+from lexvla_jax import hf_layout, hf_loader, optim, sharding
 from lexvla_jax.configlib import ConfigError
 from lexvla_jax.models import dinov2, lexvla, llama
 from lexvla_jax.text import bow
@@ -182,9 +182,7 @@ def storage_dtypes(r: ModelRecipe):
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh, kept_ids: np.ndarray) -> lexvla.LexVLA:
     """LexVLA with checkpoints loaded where configured, every variable created on `mesh` by the rules."""
     r = recipe(config, kept_ids)
-    return hf_loader.load_model(
-        r.make, r.parts, mesh=mesh, rules=tuple(config.sharding.rules), dtype_of=storage_dtypes(r)
-    )
+    return hf_loader.load_model(r.make, r.parts, mesh=mesh, rules=sharding.rules_of(config), dtype_of=storage_dtypes(r))
 
 
 def abstract_model(config: ml_collections.ConfigDict, num_words: int) -> lexvla.LexVLA:

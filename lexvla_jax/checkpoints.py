@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -144,16 +143,29 @@ class Checkpointer:
             )
         return restored["state"]
 
+    def restore_params(self, step: int, abstract_params):
+        """Only the trainable parameters of step `step` (the optimiser's moments are not read), in the shardings
+        of `abstract_params`: what reading a trained model needs, without an optimiser or a train step."""
+        target = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
+        # The train state is saved in the PyTree format; a reader of that format restores a subtree of it.
+        reader = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        )
+        try:
+            with self._restoring(step, "trained parameters"):
+                return reader.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+        finally:
+            reader.close()
+
     def restore_config(self, step: int) -> dict:
         """The config dict saved with step `step`."""
         with self._restoring(step, "config"):
             return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-
-    def reached_preemption(self, step: int) -> bool:
-        """True when the cluster announced a preemption (TPU maintenance events); multi-host runs only."""
-        if jax.process_count() == 1:
-            return False
-        return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
         """Waits for the pending asynchronous save; its failure is raised here."""

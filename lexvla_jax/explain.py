@@ -17,16 +17,11 @@ from matplotlib import cm, colors
 from matplotlib.figure import Figure
 from PIL import Image
 
-from lexvla_jax.text.tokenizer import WORD_START, Tokenizer
+from lexvla_jax.text.tokenizer import Tokenizer
 
 MAP_COLUMNS = 4  # word-map panels per row
 CHART_TITLE_CHARACTERS = 30  # per line of the bar chart's title (its column is 3.2 inches wide)
 HEAT_MAP = "jet"  # word-map colours, low (blue) to high (red), over a grey copy of the image
-
-
-def word_of(tokenizer: Tokenizer, token_id: int) -> str:
-    """The readable word of a vocabulary piece (SentencePiece's word-start mark removed)."""
-    return tokenizer.id_to_piece(int(token_id)).replace(WORD_START, "")
 
 
 def strongest(s: np.ndarray, k: int) -> np.ndarray:
@@ -37,7 +32,7 @@ def strongest(s: np.ndarray, k: int) -> np.ndarray:
 def top_words(s: np.ndarray, kept_ids: Sequence[int], tokenizer: Tokenizer, k: int = 8) -> list[tuple[str, float]]:
     """The `k` strongest words of one lexical vector `[V']`, as (word, weight), strongest first."""
     s = np.asarray(s, np.float32)
-    return [(word_of(tokenizer, kept_ids[j]), float(s[j])) for j in strongest(s, k)]
+    return [(tokenizer.word(kept_ids[j]), float(s[j])) for j in strongest(s, k)]
 
 
 def format_top_words(words: Sequence[tuple[str, float]]) -> str:

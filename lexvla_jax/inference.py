@@ -7,8 +7,9 @@ Batches are padded to a fixed size (a multiple of the data-parallel size), so an
 each function compiles once.
 
 `restore(config, workdir)` builds the model of a config (frozen towers from their Hugging Face
-checkpoints), restores the trained parameters of a workdir's checkpoint onto the mesh, and returns the
-encoder.
+checkpoints), restores only the trained parameters of a workdir's checkpoint onto the mesh (no optimiser, no
+train step), and returns the encoder; `load(workdir)` does the same with the config saved beside the checkpoint
+(`lexvla_jax.load`, the Python API).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lexvla_jax import sharding
+from lexvla_jax import build, configlib, explain, optim, sharding
+from lexvla_jax.checkpoints import Checkpointer, CheckpointNotFound
 from lexvla_jax.models.split import SplitModel
 from lexvla_jax.text import bow
 from lexvla_jax.text.prompt import PromptEncoder
-from lexvla_jax.text.tokenizer import WORD_START, Tokenizer
+from lexvla_jax.text.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,10 @@ class LexicalEncoder:
             image_size=config.data.image_size, patch_size=patch_size, batch_size=config.eval.batch_size,
         )  # fmt: skip
 
+    def top_words(self, s: np.ndarray, k: int = 8) -> list[tuple[str, float]]:
+        """The `k` strongest words of one lexical vector `[V']`, as (word, weight), strongest first."""
+        return explain.top_words(s, self.kept_ids, self.tokenizer, k)
+
     def with_params(self, params) -> LexicalEncoder:
         """The same encoder (same compiled functions) with other trainable parameters."""
         return dataclasses.replace(self, params=params)
@@ -104,7 +111,7 @@ class LexicalEncoder:
     @property
     def words(self) -> list[str]:
         """The readable word of each dimension (SentencePiece's word-start mark removed)."""
-        return [self.tokenizer.id_to_piece(int(i)).replace(WORD_START, "") for i in self.kept_ids]
+        return [self.tokenizer.word(i) for i in self.kept_ids]
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -168,32 +175,69 @@ class LexicalEncoder:
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> tuple[LexicalEncoder, int]:
-    """The trained parameters of `workdir` (latest step, or `step`) on the config's mesh, and that step."""
-    from lexvla_jax import build
-    from lexvla_jax.checkpoints import Checkpointer, CheckpointNotFound
-    from lexvla_jax.program import make_program
+    """The trained parameters of `workdir` (latest step, or `step`) on the config's mesh, and that step.
 
+    Builds the model of `config` (frozen towers from their Hugging Face checkpoints) and reads only the trained
+    parameters of the checkpoint: no optimiser, no train step.
+    """
     sharding.initialize_distributed(config.dist)
     tokenizer, kept_ids = build.load_vocabulary(config)
     checkpointer = Checkpointer(workdir, every_steps=1, keep=None, async_save=False, create=False)
     try:
         # The checkpoint and its vocabulary are checked before the model is built: user errors come fast.
-        step = checkpointer.latest_step() if step is None else step
-        if step is None or step not in checkpointer.all_steps():
-            raise CheckpointNotFound(
-                f"no checkpoint {'' if step is None else f'at step {step} '}under {checkpointer.directory}; "
-                "pass the workdir `lexvla train` wrote (and an existing --step)"
-            )
+        step = _existing_step(checkpointer, step)
         checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
-        mesh = sharding.mesh_from_config(config.mesh)
-        rules = tuple(tuple(r) for r in config.sharding.rules)
+        mesh, rules = sharding.mesh_and_rules(config)
         with sharding.use_mesh_rules(mesh, rules):
             model = build.build_model(config, mesh, kept_ids)
-            program, _, frozen, rest = make_program(config, mesh, model)
-        state = checkpointer.restore(step, program.abstract_state)
+        graphdef, params, frozen, rest = nnx.split(
+            model, optim.trainable_filter(config.train.trainable), nnx.Param, ...
+        )
+        shardings = sharding.state_shardings(params, mesh, rules)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+        del params
+        params = checkpointer.restore_params(step, abstract)
     finally:
         checkpointer.close()
-    prompt = build.caption_encoder(config, tokenizer, kept_ids)
-    patch_size = model.config.vision.patch_size
-    encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
+    encoder = LexicalEncoder.create(
+        SplitModel(graphdef), params, frozen, rest, mesh, rules, build.caption_encoder(config, tokenizer, kept_ids),
+        kept_ids, image_size=config.data.image_size, patch_size=model.config.vision.patch_size,
+        batch_size=config.eval.batch_size,
+    )  # fmt: skip
     return encoder, step
+
+
+def _existing_step(checkpointer: Checkpointer, step: int | None) -> int:
+    """`step`, or the latest one, when the workdir has it; else a one-line `CheckpointNotFound`."""
+    step = checkpointer.latest_step() if step is None else step
+    if step is None or step not in checkpointer.all_steps():
+        raise CheckpointNotFound(
+            f"no checkpoint {'' if step is None else f'at step {step} '}under {checkpointer.directory}; "
+            "pass the workdir `lexvla train` wrote (and an existing --step)"
+        )
+    return step
+
+
+def saved_config(workdir: str, step: int | None = None) -> ml_collections.ConfigDict:
+    """The config a workdir's checkpoint (latest, or `step`) was trained with."""
+    checkpointer = Checkpointer(workdir, every_steps=1, keep=None, async_save=False, create=False)
+    try:
+        return ml_collections.ConfigDict(checkpointer.restore_config(_existing_step(checkpointer, step)))
+    finally:
+        checkpointer.close()
+
+
+def load(
+    workdir: str, config: ml_collections.ConfigDict | str | None = None, step: int | None = None
+) -> LexicalEncoder:
+    """A trained LexVLA, ready to encode: `lexvla_jax.load("runs/tiny")`.
+
+    `config`: the config the run was trained with — by default the one saved with the checkpoint; or a config
+    file (`"configs/tiny.py"`, with `:arg`) or a `ConfigDict`. Relative paths in it (tokenizer, Hugging Face
+    towers) are read from the current directory. `step`: a checkpoint step (default: the latest).
+    """
+    if config is None:
+        config = saved_config(workdir, step)
+    elif isinstance(config, str):
+        config = configlib.load_config(config)
+    return restore(config, workdir, step)[0]

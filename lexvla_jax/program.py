@@ -51,9 +51,8 @@ def with_shardings(tree, shardings):
 
 def make_program(config: ml_collections.ConfigDict, mesh: Mesh, model: nnx.Module):
     """`(program, params, frozen, rest)` for `model` (real or abstract) under `config` on `mesh`."""
-    rules = tuple(tuple(r) for r in config.sharding.rules)
+    rules = sharding.rules_of(config)
     tc = config.train
-    sharding.check_batch_size(tc.global_batch_size, mesh, rules, tc.micro_batches)
     loss_config = step_lib.LossConfig(**config.loss.to_dict())
     if not 0 <= loss_config.top_k <= model.config.vocab_size:
         raise ConfigError(

@@ -185,6 +185,16 @@ def mesh_from_config(mesh_config, devices: Sequence | None = None) -> Mesh:
     return make_mesh(tuple(mesh_config.shape), tuple(mesh_config.get("dcn_shape", (1, 1, 1))), devices)
 
 
+def rules_of(config) -> Rules:
+    """The logical-axis rules of `config.sharding.rules` as a tuple of pairs."""
+    return tuple(tuple(rule) for rule in config.sharding.rules)
+
+
+def mesh_and_rules(config, devices: Sequence | None = None) -> tuple[Mesh, Rules]:
+    """The mesh (`config.mesh`, over `devices` or all devices) and the logical-axis rules of a config."""
+    return mesh_from_config(config.mesh, devices), rules_of(config)
+
+
 def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
     """How many ways the `batch` logical axis is split on `mesh`."""
     size = 1

@@ -66,8 +66,7 @@ class StopRequest:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains; returns the last logged and evaluated metrics."""
     sharding.initialize_distributed(config.dist)
-    mesh = sharding.mesh_from_config(config.mesh)
-    rules = tuple(tuple(r) for r in config.sharding.rules)
+    mesh, rules = sharding.mesh_and_rules(config)
     tc = config.train
     sharding.check_batch_size(tc.global_batch_size, mesh, rules, tc.micro_batches)
     writer = MetricWriter(workdir, tc.num_steps, enabled=sharding.is_main_process())

@@ -20,13 +20,14 @@ from lexvla_jax.data import (
     pipeline,
     records,
     streams,
-    synthetic,
     tar_reader,
     transforms,
 )
 from lexvla_jax.data.config import DataConfigError, default_data_config, resolve_shards
 from lexvla_jax.data.shuffle import WindowShuffleDataset
 from lexvla_jax.data.webdataset import shards_for_process
+from lexvla_jax.miniature import synthetic
+from lexvla_jax.models import image_norm
 from lexvla_jax.sharding import DEFAULT_RULES
 from lexvla_jax.text.prompt import DEFAULT_PROMPT, PromptEncoder
 from lexvla_jax.text.tokenizer import train_tokenizer
@@ -374,8 +375,8 @@ def test_global_batch_and_normalisation():
         5,
     )
     np.testing.assert_array_equal(np.asarray(batch["image"]), local["image"])
-    normalised = np.asarray(jax.jit(device_batch.normalize_images)(batch["image"]))
-    expected = (local["image"] / 255.0 - np.array(device_batch.IMAGENET_MEAN)) / np.array(device_batch.IMAGENET_STD)
+    normalised = np.asarray(jax.jit(image_norm.normalize_images)(batch["image"]))
+    expected = (local["image"] / 255.0 - np.array(image_norm.IMAGENET_MEAN)) / np.array(image_norm.IMAGENET_STD)
     np.testing.assert_allclose(normalised, expected, atol=1e-5)
     with pytest.raises(DataConfigError, match="not divisible"):
         device_batch.make_global_batch({"image": local["image"][:6]}, mesh, DEFAULT_RULES)

@@ -27,8 +27,8 @@ from test_train_loop import data_dir  # noqa: F401 (fixture)
 
 from lexvla_jax import build, configlib, inference
 from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch, vocabulary_record
+from lexvla_jax.commands import eval as eval_command
 from lexvla_jax.data import pipeline
-from lexvla_jax.evaluate import command as eval_command
 from lexvla_jax.metric_writers import MetricWriter
 from lexvla_jax.text.prompt import prompt_encoder
 

@@ -1,18 +1,16 @@
-"""Input pipeline: sources, transforms, batching with exact bad-sample counts, and the synthetic set.
+"""Input pipeline: sources, transforms, batching with exact bad-sample counts, evaluation sets.
 
 config.py      every data setting (`default_data_config`) and shard globs → file lists
 records.py     raw samples, skip reasons, the ArrayRecord record layout
 tar_reader.py  streaming tar reader: webdataset samples with resumable byte offsets
 webdataset.py  resumable grain source over tar shards (per-process, per-worker shard split)
 shuffle.py     window shuffle whose state is a position
-array_record.py  `lexvla convert-data` and the globally shuffled ArrayRecord source
+array_record.py  webdataset → ArrayRecord conversion and the globally shuffled ArrayRecord source
 transforms.py  decode, RGB, crops, flip, tokenise (runs in grain workers; no JAX)
 batching.py    batches carrying skip counts; totals in the consumer's iterator state
 pipeline.py    config → this process's checkpointable batch iterator (host side)
-device_batch.py  per-process rows → global jax.Arrays; on-device image normalisation
+device_batch.py  per-process rows → global jax.Arrays
 eval_set.py    image-text eval sets (webdataset, Karpathy json, TFDS array_record) read whole
-seg_set.py     segmentation sets for PatchDis (VOC layout, COCO instances, synthetic masks)
+seg_set.py     segmentation sets for PatchDis (VOC layout, COCO instances, webdataset masks)
 masks.py       class-mask PNGs (VOC palette) and their evaluation crop
-synthetic.py   `lexvla make-synthetic`: the embedded captioned-shapes set (and its tokenizer)
-inspect_data.py  `lexvla inspect-data`
 """

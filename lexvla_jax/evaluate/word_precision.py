@@ -2,7 +2,7 @@
 
 For each eval image, the fraction of its top-k words (k = 5) that are content words (`content_words`) of
 any of its captions; for each caption, the same against that caption's own content words; each averaged over
-rows. A word is one kept vocabulary entry read as text (word-start mark removed, `explain.word_of`), so a
+rows. A word is one kept vocabulary entry read as text (word-start mark removed, `Tokenizer.word`), so a
 sub-word piece such as "ora" counts as a miss. The baseline is the expected precision of k distinct kept words
 drawn at random: per row, the share of the vocabulary that is a relevant word.
 """

@@ -51,7 +51,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from lexvla_jax import build, configlib, explain
+from lexvla_jax import build, configlib
 from lexvla_jax.data.config import resolve_shards
 from lexvla_jax.data.eval_set import webdataset_eval_records
 from lexvla_jax.data.records import BadSample
@@ -242,7 +242,7 @@ def next_word_quality(
     of the caption's content words among its top-|content| kept words; `random`: either one for random words.
     """
     scores = next_word_scores(model, prompt, captions, kept_ids)
-    kept_words = [explain.word_of(prompt.tokenizer, i) for i in kept_ids]
+    kept_words = [prompt.tokenizer.word(i) for i in kept_ids]
     relevant = [set(content_words(c)) for c in captions]
     order = np.argsort(-scores, axis=1, kind="stable")
     found = [

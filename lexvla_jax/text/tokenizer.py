@@ -56,6 +56,10 @@ class Tokenizer(abc.ABC):
     def decode(self, ids) -> str:
         """Text of `ids` (control tokens dropped)."""
 
+    def word(self, token_id: int) -> str:
+        """The readable word of a piece: its text with SentencePiece's word-start mark removed."""
+        return self.id_to_piece(int(token_id)).replace(WORD_START, "")
+
     @abc.abstractmethod
     def id_to_piece(self, i: int) -> str:
         """The vocabulary piece of id `i` (e.g. `▁horse`)."""
