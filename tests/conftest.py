@@ -1,4 +1,8 @@
-"""Test environment: 8 fake CPU devices, no network, grain-ready absl flags."""
+"""Test environment (8 fake CPU devices, no network, grain-ready absl flags) and the fixtures shared across files.
+
+Helpers live in `tests/support/`. Markers: `slow` (more than ~20 s on a 2-core CPU), `multiprocess` (several JAX
+processes on 127.0.0.1); `pytest -m "not slow and not multiprocess"` is the quick tier for development.
+"""
 
 import os
 
@@ -35,6 +39,14 @@ def llama2_tokenizer_path():
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The small synthetic set of the training tests (600 training and 24 eval images of 32 px) and its tokenizer."""
+    from support import local_cluster
+
+    return local_cluster.make_data(str(tmp_path_factory.mktemp("synthetic")))
+
+
+@pytest.fixture(scope="session")
 def synthetic_text(tmp_path_factory):
     """`(captions, tokenizer)`: 7,500 synthetic captions (1,500 scenes × 5) and a 512-piece tokenizer trained on
     them and configs/tiny.py's prompt, as the embedded job trains its own."""
@@ -49,3 +61,6 @@ def synthetic_text(tmp_path_factory):
     captions = [c for _ in range(1500) for c in synthetic.captions_for(synthetic.random_scene(rng))]
     path = tmp_path_factory.mktemp("synthetic_tokenizer") / "tokenizer.model"
     return captions, train_tokenizer([*captions, template], 512, str(path))
+
+
+from support.gcs_emulator import gcs_emulator  # noqa: E402, F401 (a session fixture: the GCS emulator)

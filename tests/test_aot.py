@@ -10,6 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from lexvla_jax import aot, configlib, throughput  # noqa: E402
+from lexvla_jax.commands import compile as compile_command
 
 TOPOLOGY = "v5p:2x2x1"
 # The tiny config without its tokenizer file: shapes come from these fields.
@@ -39,7 +40,7 @@ def test_tiny_config_compiles_and_fits(tiny_report):
 
 
 def test_batch_that_cannot_fit_is_reported_and_fails_the_command(capsys):
-    code = aot.main([*TINY, "--config.train.global_batch_size=1048576", "--topology", TOPOLOGY])
+    code = compile_command.main([*TINY, "--config.train.global_batch_size=1048576", "--topology", TOPOLOGY])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 1
     assert lines[-1] == "does not fit"
@@ -87,7 +88,7 @@ def test_xla_flops_are_per_device_and_match_the_jaxpr_count_without_loops():
 def test_local_compile_reports_the_same_fields_for_this_machine(capsys, tiny_report):
     """`lexvla compile --local`: the train step compiled for the local devices (8 fake CPUs here), reported line
     for line like the TPU compile of the same config."""
-    code = aot.main([*TINY, "--config.train.global_batch_size=16", "--local"])
+    code = compile_command.main([*TINY, "--config.train.global_batch_size=16", "--local"])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0 and lines[-1] == "fits"
     assert lines[0].startswith("topology      local cpu (8 × cpu)")

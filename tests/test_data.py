@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
+from support import corrupt_data
 
 from lexvla_jax.data import (
     array_record,
@@ -31,8 +32,6 @@ from lexvla_jax.models import image_norm
 from lexvla_jax.sharding import DEFAULT_RULES
 from lexvla_jax.text.prompt import DEFAULT_PROMPT, PromptEncoder
 from lexvla_jax.text.tokenizer import train_tokenizer
-
-import corrupt_data
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,10 @@ import torch
 import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from support import jaxpr_counts
 
 from lexvla_jax import hf_layout, hf_loader, sharding
 from lexvla_jax.models import dinov2
-
-import jaxpr_counts
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=16)
 

@@ -8,15 +8,15 @@ import types
 import numpy as np
 import pytest
 from PIL import Image
+from support.fake_encoder import FakeEncoder, code_of, colour_of
 
 from lexvla_jax import cli, configlib
 from lexvla_jax.data.config import DataConfigError, default_data_config
 from lexvla_jax.evaluate import registry, retrieval, table, word_precision
 from lexvla_jax.evaluate.base import EvalConfigError, entry_settings
+from lexvla_jax.evaluate.patchdis import PatchDisEvaluator
 from lexvla_jax.evaluate.retrieval import RetrievalEvaluator
 from lexvla_jax.miniature import synthetic
-
-from fake_encoder import FakeEncoder, code_of, colour_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -414,7 +414,11 @@ def test_lexvla_eval_prints_tables_and_writes_json(tmp_path, capsys, monkeypatch
     for k in (1, 5, 10):
         assert metrics[f"coco/dense/image_retrieval_recall@{k}"] == metrics[f"coco/dense/t2i_r@{k}"]
         assert metrics[f"coco/topk/text_retrieval_recall@{k}"] == metrics[f"coco/topk/i2t_r@{k}"]
-    assert 0 <= metrics["shapes/miou"] <= 1 and 0 < metrics["shapes/random_miou"] < 1
+    shapes = dict(format="webdataset", shards=out + "/eval", classes=synthetic.SHAPES)
+    seg = PatchDisEvaluator("shapes", entry_settings("shapes", shapes, PatchDisEvaluator), data_config())
+    direct = seg.run(encoder)
+    assert sorted(set(direct) - set(metrics)) == [] and {k: metrics[k] for k in direct} == pytest.approx(direct)
+    assert 0 < metrics["shapes/random_miou"] < 1
     assert (
         f"{100 * metrics['coco/dense/i2t_r@1']:.1f}"
         in printed.splitlines()[[i for i, line in enumerate(printed.splitlines()) if line.startswith("dense")][0]]

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
+from support.fake_encoder import FakeEncoder
 
 from lexvla_jax import cli, explain
 from lexvla_jax.commands import common
-
-from fake_lexical_encoder import FakeLexicalEncoder
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py") + ":scratch"
 PATCH = 8
@@ -30,7 +29,7 @@ def patch_of_pixel(flat_index: int, size: int) -> tuple[int, int]:
 
 
 def test_word_heat_maps_peak_on_the_patch_that_holds_the_word():
-    encoder = FakeLexicalEncoder(extra_words=[f"w{i}" for i in range(20)])
+    encoder = FakeEncoder.colours(extra_words=[f"w{i}" for i in range(20)])
     images = np.stack([two_patch_image(), two_patch_image(red_at=(3, 0), blue_at=(1, 2))])
     explained = explain.explain_images(encoder, images, k=4)
     patches = encoder.encode_patches(images)
@@ -50,7 +49,7 @@ def test_word_heat_maps_peak_on_the_patch_that_holds_the_word():
 
 
 def test_a_top_k_above_the_vocabulary_gives_every_word():
-    encoder = FakeLexicalEncoder(extra_words=["w0", "w1"])  # V' = 5
+    encoder = FakeEncoder.colours(extra_words=["w0", "w1"])  # V' = 5
     (explained,) = explain.explain_images(encoder, two_patch_image()[None], k=8)
     assert sorted(explained.words) == sorted(encoder.words) and explained.grids.shape == (5, 4, 4)
     words, weights = explain.explain_texts(encoder, ["red"], k=8)[0]
@@ -76,7 +75,7 @@ def assert_png(path: str, min_size=(200, 150)) -> None:
 
 
 def test_figures_are_valid_pngs(tmp_path):
-    encoder = FakeLexicalEncoder(extra_words=[f"w{i}" for i in range(20)])
+    encoder = FakeEncoder.colours(extra_words=[f"w{i}" for i in range(20)])
     image = two_patch_image()
     (explained,) = explain.explain_images(encoder, image[None], k=5)
     assert_png(explain.plot_image_words(image, explained, str(tmp_path / "image.png"), title="two patches"))
@@ -100,7 +99,7 @@ def clipped_panels(fig) -> list[str]:
 
 @pytest.mark.parametrize("k", [1, 3, 8, 16])
 def test_figures_keep_every_title_and_label_inside(k):
-    encoder = FakeLexicalEncoder(extra_words=[f"w{i}" for i in range(20)])
+    encoder = FakeEncoder.colours(extra_words=[f"w{i}" for i in range(20)])
     image = two_patch_image()
     (explained,) = explain.explain_images(encoder, image[None], k=k)
     caption = "a small purple triangle left of a large green cross"[:48]  # titles as `lexvla train` writes them
@@ -113,7 +112,7 @@ def test_figures_keep_every_title_and_label_inside(k):
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    encoder = FakeLexicalEncoder(extra_words=[f"w{i}" for i in range(20)])
+    encoder = FakeEncoder.colours(extra_words=[f"w{i}" for i in range(20)])
     monkeypatch.setattr(common, "restore_encoder", lambda config, workdir, step=None: encoder)
     return encoder
 

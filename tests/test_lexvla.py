@@ -4,11 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from support import tiny_hf
 
 from lexvla_jax import build, hf_loader, sharding
 from lexvla_jax.models import lexical
-
-import tiny_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

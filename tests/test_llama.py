@@ -11,12 +11,11 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from support import jaxpr_counts
 
 from lexvla_jax import configlib, hf_layout, hf_loader, sharding
 from lexvla_jax.models import layers, llama
 from lexvla_jax.program import make_program
-
-import jaxpr_counts
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

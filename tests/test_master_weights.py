@@ -6,11 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from support import tiny_lexvla as tiny
 
 from lexvla_jax import build, configlib, sharding
 from lexvla_jax.program import make_program
-
-import tiny_lexvla as tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_WORDS = 17149

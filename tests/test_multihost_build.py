@@ -6,12 +6,10 @@ import pathlib
 
 import numpy as np
 import pytest
-
-import local_cluster
-import tiny_hf
+from support import local_cluster, tiny_hf
 
 pytest.importorskip("transformers")
-WORKER = pathlib.Path(__file__).with_name("multihost_build_worker.py")
+WORKER = pathlib.Path(__file__).parent / "support" / "multihost_build_worker.py"
 
 
 def _read(out_dir, process: int):

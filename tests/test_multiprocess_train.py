@@ -17,17 +17,16 @@ import time
 import jax
 import numpy as np
 import pytest
+from support import local_cluster
+from support.local_cluster import Cluster
 
-from lexvla_jax import build, configlib, inference, sharding
+from lexvla_jax import build, cli, configlib, inference, sharding
 from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch
 from lexvla_jax.data import pipeline
 from lexvla_jax.miniature import synthetic
 from lexvla_jax.program import make_program
 from lexvla_jax.text.tokenizer import load_tokenizer, train_tokenizer
 from lexvla_jax.text.vocabulary import filter_vocabulary
-
-import local_cluster
-from local_cluster import Cluster
 
 STEPS = 12
 EXTRA = {
@@ -45,11 +44,6 @@ EXTRA = {
 # most 2.5e-6 after 12 steps); 1e-5 is 1/300 of one AdamW step at the peak learning rate 3e-3.
 PARAMS_TOL = dict(rtol=1e-4, atol=1e-5)
 STOP_SECONDS = 120  # a stopped run must have checkpointed and exited within this after the signal
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return local_cluster.make_data(str(tmp_path_factory.mktemp("synthetic")))
 
 
 @pytest.fixture(scope="session")
@@ -226,18 +220,23 @@ def _assert_restores_exactly_on_one_process(workdir: str, step: int, data_dir: s
     [("data.num_workers", 0, 1), ("data.num_streams", 4, 2)],
     ids=["num_workers", "num_streams"],
 )
-def test_resume_with_other_data_layout_is_refused(runs, data_dir, tmp_path, setting, value, saved):
+def _refused(workdir, data_dir, capsys, monkeypatch, **extra) -> str:
+    """`lexvla train` in this process on `workdir`: must stop with one line (exit code 2) before building a model."""
+    monkeypatch.setattr(build, "build_model", lambda *a, **k: pytest.fail("the model was built before the refusal"))
+    command = local_cluster.command(workdir, data_dir, **{**EXTRA, **extra})
+    assert cli.main(command[command.index("train") :]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lexvla train: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_resume_with_other_data_layout_is_refused(runs, data_dir, tmp_path, capsys, monkeypatch, setting, value, saved):
     workdir = _copy(runs["one"], tmp_path)
     _truncate(workdir, step=4)
-    cluster = Cluster(workdir, data_dir, 1, 2, **{**EXTRA, setting: value})
-    assert cluster.wait(timeout=600) == [2]  # a user error: one line, exit code 2
-    output = cluster.output(0)
-    errors = [line for line in output.splitlines() if line.startswith("lexvla train:")]
-    assert errors == [
+    assert _refused(workdir, data_dir, capsys, monkeypatch, **{setting: value}) == (
         f"lexvla train: the checkpoint's data position was saved with config.{setting}={saved} but this run has "
         f"{value}; set config.{setting}={saved} to resume it exactly"
-    ], output[-3000:]
-    assert "parameters: trainable" not in output  # refused before the model was built
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -321,15 +320,12 @@ def _kept_words(tokenizer_path: str) -> int:
     return len(filter_vocabulary(load_tokenizer(tokenizer_path)))
 
 
-def test_resume_with_another_vocabulary_is_refused(runs, data_dir, other_tokenizer, tmp_path):
+def test_resume_with_another_vocabulary_is_refused(runs, data_dir, other_tokenizer, tmp_path, capsys, monkeypatch):
     workdir = _copy(runs["one"], tmp_path)
     trained, now = _kept_words(os.path.join(data_dir, "tokenizer.model")), _kept_words(other_tokenizer)
     assert trained != now
-    cluster = Cluster(workdir, data_dir, 1, 2, **{**EXTRA, "data.tokenizer": other_tokenizer})
-    assert cluster.wait(timeout=600) == [2]  # a user error: one line, exit code 2
-    errors = [line for line in cluster.output(0).splitlines() if line.startswith("lexvla train:")]
-    assert len(errors) == 1, cluster.output(0)[-3000:]
-    assert f"trained on {trained} kept words of" in errors[0] and f"{other_tokenizer} gives {now} of 512" in errors[0]
+    error = _refused(workdir, data_dir, capsys, monkeypatch, **{"data.tokenizer": other_tokenizer})
+    assert f"trained on {trained} kept words of" in error and f"{other_tokenizer} gives {now} of 512" in error
 
     config = configlib.load_config(
         local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **{**EXTRA, "data.tokenizer": other_tokenizer})

@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from support.fake_encoder import FakeEncoder, colour_of
 
 from lexvla_jax.data import masks
 from lexvla_jax.data.config import DataConfigError, default_data_config
@@ -17,8 +18,6 @@ from lexvla_jax.evaluate import patchdis
 from lexvla_jax.evaluate.base import entry_settings
 from lexvla_jax.evaluate.patchdis import UNSCORED, PatchDisEvaluator
 from lexvla_jax.miniature import synthetic
-
-from fake_encoder import FakeEncoder, colour_of
 
 # Every class name the tests use; an image region of class `n` is painted `colour_of(NAMES.index(n))`.
 NAMES = ("background", *VOC_CLASSES, "cup")

@@ -22,8 +22,11 @@ import pytest
 from etils import epath
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from support.gcs_emulator import LOCAL_SUSPECTS, local_traces
+from support.local_cluster import REPO
+from support.local_cluster import command as _command
+from support.local_cluster import overrides as _overrides
 from tensorboardX.proto import event_pb2
-from test_train_loop import data_dir  # noqa: F401 (fixture)
 
 from lexvla_jax import build, configlib, inference
 from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch, vocabulary_record
@@ -31,11 +34,6 @@ from lexvla_jax.commands import eval as eval_command
 from lexvla_jax.data import pipeline
 from lexvla_jax.metric_writers import MetricWriter
 from lexvla_jax.text.prompt import prompt_encoder
-
-from gcs_emulator import LOCAL_SUSPECTS, gcs_emulator, local_traces  # noqa: F401 (fixture)
-from local_cluster import REPO
-from local_cluster import command as _command
-from local_cluster import overrides as _overrides
 
 TINY = os.path.join(REPO, "configs", "tiny.py:scratch")
 

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import scipy.sparse
 from PIL import Image
+from support.fake_encoder import FakeEncoder
 
 from lexvla_jax import cli, losses
 from lexvla_jax.commands import common
 from lexvla_jax.commands.export import export_eval_set
 from lexvla_jax.miniature import synthetic
 from lexvla_jax.sparse import export, index
-
-from fake_lexical_encoder import FakeLexicalEncoder
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py") + ":scratch"
 EXTRA_WORDS = [f"w{i}" for i in range(40)]
@@ -72,7 +71,7 @@ def fake_eval_set(n_images: int = 8, seed: int = 0) -> dict:
 
 @pytest.mark.parametrize("top_k", [None, 6])
 def test_export_round_trip_keeps_words_weights_and_top_k(tmp_path, top_k):
-    encoder = FakeLexicalEncoder(extra_words=EXTRA_WORDS)
+    encoder = FakeEncoder.colours(extra_words=EXTRA_WORDS)
     eval_set = fake_eval_set()
     scale = 1000
     written = export_eval_set(encoder, eval_set, str(tmp_path), top_k=top_k, scale=scale)
@@ -198,7 +197,7 @@ def test_hits_name_the_shared_words_by_contribution():
 
 @pytest.fixture
 def exported(tmp_path, monkeypatch):
-    encoder = FakeLexicalEncoder(extra_words=EXTRA_WORDS)
+    encoder = FakeEncoder.colours(extra_words=EXTRA_WORDS)
     monkeypatch.setattr(common, "restore_encoder", lambda config, workdir, step=None: encoder)
     export_eval_set(encoder, fake_eval_set(), str(tmp_path / "sparse"))
     return tmp_path / "sparse"
@@ -235,7 +234,7 @@ def test_index_and_search_commands_find_by_text_image_and_id(exported, tmp_path,
 
 
 def test_export_command_reads_a_webdataset_eval_set(tmp_path, monkeypatch, capsys):
-    encoder = FakeLexicalEncoder(extra_words=EXTRA_WORDS, image_size=64)
+    encoder = FakeEncoder.colours(extra_words=EXTRA_WORDS, image_size=64)
     monkeypatch.setattr(common, "restore_encoder", lambda config, workdir, step=None: encoder)
     (tmp_path / "eval").mkdir()
     synthetic.write_shard(str(tmp_path / "eval" / "shard-00000.tar"), "eval", 0, 0, 4, seed=0, image_size=64)

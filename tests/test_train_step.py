@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from support import tiny_lexvla as tiny
 
 from lexvla_jax import build, configlib, optim, sharding
 from lexvla_jax import step as step_lib
 from lexvla_jax.models.split import SplitModel
 from lexvla_jax.program import make_program
-
-import tiny_lexvla as tiny
 
 
 def _loss(s_img, s_txt, scale):

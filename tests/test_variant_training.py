@@ -1,4 +1,5 @@
-"""Every variant in configs/variants trains a few steps of the tiny job (`:tiny`), with its setting in effect.
+"""The variants that change training (configs/variants) train a few steps of the tiny job (`:tiny`), with their
+setting in effect. (registers and adapter17m change only shapes: tests/test_variants.py checks them abstractly.)
 
 Each run is the real `train.run` on the small synthetic set of `test_train_loop` (1 layer per tower, 32 px,
 batch 16). The loss function is wrapped so that each step also logs numbers computed independently from the
@@ -11,13 +12,11 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_loop import data_dir  # noqa: F401 (fixture)
+from support import local_cluster
 
 from lexvla_jax import configlib, inference, losses, train
 from lexvla_jax import step as step_lib
 from lexvla_jax.evaluate import registry
-
-import local_cluster
 
 VARIANTS = os.path.join(local_cluster.REPO, "configs", "variants")
 STEPS = 8
@@ -43,7 +42,7 @@ def _bag_of_words(s_img, s_txt, scale):
     return {"bow_deviation": jnp.max(jnp.abs(s_txt - unit)), "bow_words": jnp.mean(jnp.sum(on, axis=1))}
 
 
-PROBES = {"qflops": _flops, "registers": None, "adapter17m": None, "q512": _top_k, "qbow": _bag_of_words}
+PROBES = {"qflops": _flops, "q512": _top_k, "qbow": _bag_of_words}
 
 
 @dataclasses.dataclass
@@ -57,25 +56,10 @@ class Run:
     workdir: str
 
 
-def _count(params, part: str) -> int:
-    return sum(int(np.prod(v.shape)) for k, v in params.items() if k[0] == part)
-
-
 def _check_qflops(run):
     for r in run.rows:  # the logged penalties are SPLADE's FLOPs regulariser of the step's vectors
         assert r["penalty_img"] == pytest.approx(r["probe/flops_img"], rel=1e-5)
         assert r["penalty_txt"] == pytest.approx(r["probe/flops_txt"], rel=1e-5)
-
-
-def _check_registers(run):
-    assert run.params[("vision", "register_tokens", "value")].shape == (1, 4, 64)
-
-
-def _check_adapter17m(run):
-    dv = dt = 64  # tiny vision / text widths
-    m = 128  # tiny adapter MLP width
-    block = 4 * (dv * dv + dv) + 3 * 2 * dv + (dv * m + m) + (m * dv + dv) + (dv * dt + dt)
-    assert _count(run.params, "adapter") == block and ("adapter", "proj", "kernel", "value") in run.params
 
 
 def _check_q512(run):
@@ -92,7 +76,6 @@ def _check_qbow(run):
         assert r["probe/bow_deviation"] < 1e-6 and 4 <= r["probe/bow_words"] <= 8 and r["empty_txt"] == 0
     final = run.final
     assert final["retrieval/num_empty_texts"] == 0 and final["retrieval/num_texts"] == 120
-    assert 0 <= final["patchdis/miou"] <= 1  # class names → bags of words
     first, last = np.mean([r["loss"] for r in run.rows[:2]]), np.mean([r["loss"] for r in run.rows[-2:]])
     assert last < first
     # `lexvla eval`'s path: the restored encoder reads bags of words and reproduces the final evaluation.
@@ -110,8 +93,6 @@ def _check_qbow(run):
 
 CHECKS = {
     "qflops": _check_qflops,
-    "registers": _check_registers,
-    "adapter17m": _check_adapter17m,
     "q512": _check_q512,
     "qbow": _check_qbow,
 }
@@ -148,7 +129,7 @@ def test_variant_trains_a_few_steps(name, data_dir, tmp_path, monkeypatch):  # n
     print(f"\n{name}: loss {' '.join(f'{x:.3f}' for x in losses_seen)}")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert np.all(np.isfinite(losses_seen)) and len(set(losses_seen)) == STEPS
-    assert 0 <= final["retrieval/dense/i2t_r@1"] <= 1 and 0 <= final["retrieval/topk/t2i_r@1"] <= 1
+    assert final["retrieval/num_images"] == 24 and final["retrieval/num_texts"] == 120  # the whole eval set
     CHECKS[name](Run(rows, params, final, config, workdir))
 
 

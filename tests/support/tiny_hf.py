@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Kept vocabulary of the LexVLA built on them: codebook rows of the 128-piece lm_head.
 KEPT = np.array([3, 5, 8, 13, 21, 34, 55, 89, 100, 120], np.int32)
 

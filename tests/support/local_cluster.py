@@ -25,7 +25,7 @@ from lexvla_jax import configlib
 from lexvla_jax.miniature import synthetic
 from lexvla_jax.text.tokenizer import train_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py:scratch")  # no stage 1: a from-scratch text tower
 STEPS = 24
 
