@@ -43,22 +43,39 @@ from lexvla_jax.data.transforms import center_crop_box, crop_resize, decode_capt
 SOURCE_FORMATS = ("webdataset", "karpathy", "tfds")
 
 
+def sample_captions(files: Mapping[str, bytes]) -> list[bytes]:
+    """A webdataset sample's captions: the `captions` list of its `.json` (several paraphrases), else its `.txt`."""
+    if "json" in files:
+        try:
+            listed = json.loads(files["json"]).get("captions")
+        except (ValueError, AttributeError):
+            listed = None
+        if isinstance(listed, list):
+            return [str(c).encode() for c in listed]
+    return [files[CAPTION_EXTENSION]] if CAPTION_EXTENSION in files else []
+
+
+def read_captions(paths: Sequence[str]) -> list[str]:
+    """Every readable caption of the webdataset tars `paths` (all paraphrases), in order; bad ones are skipped."""
+    captions = []
+    for path in paths:
+        with epath.Path(path).open("rb") as f:
+            for sample in iter_samples(f):
+                for caption in sample_captions(sample.files):
+                    try:
+                        captions.append(decode_caption(caption))
+                    except BadSample:
+                        continue
+    return captions
+
+
 def webdataset_eval_records(paths: list[str]) -> list[dict]:
     """`{"key", "image": bytes | None, "captions": [bytes], "error"}` per sample, in order."""
     records = []
     for path in paths:
         with epath.Path(path).open("rb") as f:
             for sample in iter_samples(f):
-                files, captions = sample.files, []
-                if "json" in files:
-                    try:
-                        listed = json.loads(files["json"]).get("captions")
-                    except (ValueError, AttributeError):
-                        listed = None
-                    if isinstance(listed, list):
-                        captions = [str(c).encode() for c in listed]
-                if not captions and CAPTION_EXTENSION in files:
-                    captions = [files[CAPTION_EXTENSION]]
+                files, captions = sample.files, sample_captions(sample.files)
                 try:
                     image = image_member(files) if sample.error is None else None
                 except BadSample as e:

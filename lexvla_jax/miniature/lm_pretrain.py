@@ -48,15 +48,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 from flax import nnx
 
 from lexvla_jax import build, configlib
+from lexvla_jax.data import eval_set
 from lexvla_jax.data.config import resolve_shards
-from lexvla_jax.data.eval_set import webdataset_eval_records
-from lexvla_jax.data.records import BadSample
-from lexvla_jax.data.tar_reader import iter_samples
-from lexvla_jax.data.transforms import decode_caption
 from lexvla_jax.evaluate import word_precision
 from lexvla_jax.miniature import hf_export
 from lexvla_jax.models import llama
@@ -136,26 +132,17 @@ class ExampleBuilder:
         return out
 
 
-def read_captions(spec: str, field: str = "data.train_shards") -> list[str]:
-    """Every readable caption (`.txt`) of the webdataset tars in `spec`, in shard order."""
-    captions = []
-    for path in resolve_shards(spec, field):
-        with epath.Path(path).open("rb") as f:
-            for sample in iter_samples(f):
-                if "txt" in sample.files:
-                    try:
-                        captions.append(decode_caption(sample.files["txt"]))
-                    except BadSample:
-                        continue
+def train_captions(spec: str, field: str = "data.train_shards") -> list[str]:
+    """Every readable caption of the webdataset tars in `spec`, in shard order."""
+    captions = eval_set.read_captions(resolve_shards(spec, field))
     if not captions:
         raise configlib.ConfigError(f"config.{field}={spec!r} holds no readable captions to pretrain on")
     return captions
 
 
-def read_eval_captions(spec: str) -> list[str]:
+def eval_captions(spec: str) -> list[str]:
     """Every caption of every eval image (all paraphrases) of the webdataset tars in `spec`."""
-    records = webdataset_eval_records(resolve_shards(spec, "data.eval_shards"))
-    return [c.decode("utf-8").strip() for record in records for c in record["captions"]]
+    return eval_set.read_captions(resolve_shards(spec, "data.eval_shards"))
 
 
 def lm_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
@@ -272,14 +259,14 @@ def ensure_pretrained_lm(
     tokenizer = load_tokenizer(config.data.tokenizer)
     prompt = prompt_encoder(config.data, tokenizer)
     check_template_ends_before_a_word(prompt)
-    captions = read_captions(config.data.train_shards)
+    captions = train_captions(config.data.train_shards)
     log(f"stage 1 (language model): {config.miniature.lm.steps} steps on {len(captions)} captions")
     start = time.perf_counter()
     model, losses = train_lm(config, prompt, captions, log)
     report = {"steps": config.miniature.lm.steps, "seconds": time.perf_counter() - start, "losses": losses}
     if config.data.get("eval_shards"):
         kept = filter_vocabulary(tokenizer, config.model.get("vocab_filter", DEFAULT_RULE))
-        report["held_out"] = next_word_quality(model, prompt, read_eval_captions(config.data.eval_shards), kept)
+        report["held_out"] = next_word_quality(model, prompt, eval_captions(config.data.eval_shards), kept)
         log(
             "stage 1 (language model): held-out captions, next-word "
             + ", ".join(f"{k} {v:.3f}" for k, v in report["held_out"].items())

@@ -25,6 +25,7 @@ from concurrent import futures
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lexvla_jax.data.eval_set import read_captions
 from lexvla_jax.data.masks import encode_mask_png
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -307,15 +308,6 @@ def exists(out_dir: str) -> bool:
 
 def all_captions(out_dir: str) -> list[str]:
     """Every caption of the set (train captions, all eval paraphrases), in shard order: tokenizer training text."""
-    from lexvla_jax.data.tar_reader import iter_samples
-
     with open(os.path.join(out_dir, MANIFEST)) as f:
         manifest = json.load(f)
-    captions = []
-    for split in SPLITS:
-        for shard in manifest[split]["shards"]:
-            with open(os.path.join(out_dir, shard), "rb") as f:
-                for sample in iter_samples(f):
-                    meta = json.loads(sample.files["json"])
-                    captions += meta.get("captions", [meta["caption"]])
-    return captions
+    return read_captions([os.path.join(out_dir, shard) for split in SPLITS for shard in manifest[split]["shards"]])
