@@ -51,18 +51,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     return config
 
 
-VARIANT_BASES = {"paper": "lexvla_cc12m.py", "tiny": "tiny.py"}
-
-
 def variant_base(variant_file: str, arg: str | None) -> ml_collections.ConfigDict:
-    """The config a variant file (`configs/variants/x.py`) modifies, from the folder above it.
-
-    `arg` (the `:arg` of `--config configs/variants/x.py:arg`) names the base: "paper" (default) or "tiny".
-    """
-    name = arg or "paper"
-    if name not in VARIANT_BASES:
-        raise ConfigError(f"variant base {name!r} unknown; append :{' or :'.join(VARIANT_BASES)} to the config path")
-    return load_config_file(os.path.join(os.path.dirname(os.path.abspath(variant_file)), "..", VARIANT_BASES[name]))
+    """The config a variant file modifies: `bases.py` beside it, called with the variant's `:arg` (the config files
+    of a project name their bases; e.g. configs/variants/bases.py: "paper" by default, or "tiny")."""
+    bases = os.path.join(os.path.dirname(os.path.abspath(variant_file)), "bases.py")
+    return load_config_file(f"{bases}:{arg}" if arg else bases)
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

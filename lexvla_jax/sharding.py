@@ -14,8 +14,10 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lexvla_jax import cluster
 from lexvla_jax.configlib import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -158,8 +160,6 @@ def make_mesh(
     shape: per-slice (ICI) sizes, one may be -1. dcn_shape: how many slices each axis spans (multi-slice
     TPU or multi-node GPU); the full mesh is `shape * dcn_shape` elementwise.
     """
-    from jax.experimental import mesh_utils
-
     devices = list(jax.devices() if devices is None else devices)
     dcn_shape = tuple(int(s) for s in dcn_shape)
     num_slices = 1
@@ -230,8 +230,6 @@ def initialize_distributed(dist_config) -> None:
     if mode == "none" or jax.distributed.is_initialized():  # a command may start them before the library does
         return
     if mode == "auto":
-        from lexvla_jax import cluster
-
         # SLURM with one task per node or GPUs bound per task: which local GPUs this process drives.
         jax.distributed.initialize(**cluster.distributed_kwargs(os.environ))
         return

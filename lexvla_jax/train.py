@@ -19,6 +19,7 @@ import textwrap
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lexvla_jax import build, explain, sharding, throughput
 from lexvla_jax.checkpoints import Checkpointer, vocabulary_record, workdir_path
@@ -54,8 +55,6 @@ class StopRequest:
     def __call__(self, step: int) -> bool:
         if jax.process_count() == 1:
             return self.received
-        from jax.experimental import multihost_utils
-
         return multihost_utils.reached_preemption_sync_point(step)
 
     def restore(self):

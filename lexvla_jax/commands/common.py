@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lexvla_jax import inference
 from lexvla_jax.configlib import ConfigError
 from lexvla_jax.data.records import BadSample
 from lexvla_jax.data.transforms import load_image
@@ -22,8 +23,6 @@ def restore_encoder(config, workdir: str | None, step: int | None = None):
     """The trained `LexicalEncoder` of `workdir` (latest step, or `step`)."""
     if not workdir:
         raise ConfigError("--workdir is required to encode with the model, e.g. --workdir runs/tiny")
-    from lexvla_jax import inference
-
     encoder, _ = inference.restore(config, workdir, step)
     return encoder
 

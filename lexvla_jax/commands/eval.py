@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 
+import jax
 from etils import epath
 
-from lexvla_jax import configlib
+from lexvla_jax import configlib, inference
 from lexvla_jax.evaluate import registry, table
 from lexvla_jax.evaluate.base import EvalConfigError, Evaluator
 
@@ -43,10 +44,6 @@ def main(argv: list[str]) -> int:
         raise EvalConfigError(
             "config.evals declares no evaluators; add e.g. config.evals.coco = dict(type='retrieval', ...)"
         )
-    import jax
-
-    from lexvla_jax import inference
-
     encoder, step = inference.restore(config, args.workdir, args.step)
     lead = jax.process_index() == 0
     metrics = registry.run_evaluators(evaluators, encoder, log=print if lead else None)

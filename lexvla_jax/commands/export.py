@@ -21,6 +21,8 @@ import numpy as np
 from lexvla_jax import configlib
 from lexvla_jax.commands import common
 from lexvla_jax.data.eval_set import image_text_records, read_image_text_set
+from lexvla_jax.evaluate.base import entry_settings
+from lexvla_jax.evaluate.retrieval import RetrievalEvaluator
 from lexvla_jax.sparse import export
 
 WHAT = ("images", "captions")
@@ -64,10 +66,7 @@ def _source(config, name: str | None) -> tuple[str, dict]:
     name = name or sorted(entries)[0]
     if name not in entries:
         raise configlib.ConfigError(f"--source {name!r} is not a retrieval entry of config.evals: {', '.join(entries)}")
-    from lexvla_jax.evaluate.base import COMMON_DEFAULTS
-    from lexvla_jax.evaluate.retrieval import RetrievalEvaluator
-
-    return name, {**COMMON_DEFAULTS, **RetrievalEvaluator.defaults, **entries[name]}
+    return name, entry_settings(name, entries[name], RetrievalEvaluator)
 
 
 def main(argv: list[str]) -> int:

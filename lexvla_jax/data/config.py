@@ -15,6 +15,7 @@ import ml_collections
 from etils import epath
 
 from lexvla_jax.configlib import ConfigError
+from lexvla_jax.text.prompt import DEFAULT_PROMPT
 
 FORMATS = ("webdataset", "array_record")
 RESAMPLE_FILTERS = ("bilinear", "bicubic")
@@ -22,8 +23,6 @@ RESAMPLE_FILTERS = ("bilinear", "bicubic")
 
 def default_data_config() -> ml_collections.ConfigDict:
     """All data fields with defaults; `train_shards`/`eval_shards` must be set by the experiment config."""
-    from lexvla_jax.text.prompt import DEFAULT_PROMPT
-
     return ml_collections.ConfigDict(
         {
             # Sources.

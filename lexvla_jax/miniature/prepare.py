@@ -11,6 +11,7 @@ import os
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from lexvla_jax import sharding
 from lexvla_jax.miniature import lm_pretrain, synthetic
@@ -49,6 +50,4 @@ def prepare(config: ml_collections.ConfigDict, log=print) -> None:
         if uses_pretrained_lm(config):
             lm_pretrain.ensure_pretrained_lm(config, log=log)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("lexvla prepare")
