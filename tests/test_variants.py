@@ -57,7 +57,7 @@ def _abstract(config, num_words: int) -> lexvla.LexVLA:
 def test_variant_changes_exactly_its_setting(name, base, expected):
     path = os.path.join(VARIANTS, f"{name}.py")
     spec = path if base == "paper" else f"{path}:{base}"
-    base_config = configlib.load_config(os.path.join(REPO, "configs", configlib.VARIANT_BASES[base]))
+    base_config = configlib.load_config(os.path.join(VARIANTS, f"bases.py:{base}"))
     if name == "qbow":  # no language model: nothing to load, no text tower or LoRA to train
         trainable = base_config.train.trainable
         without_text = tuple(g for g in trainable if g not in ("text", "lora"))
