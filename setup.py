@@ -35,6 +35,7 @@ EXTRAS = {
     # wheel) is the GCS emulator of the gs:// workdir tests.
     "test": [
         "pytest>=9.0.3,<10",
+        "pytest-xdist>=3.8.0,<4",
         "transformers>=5.23.0,<6",
         "torch==2.13.0",
         "libtpu>=0.0.42,<0.0.43",

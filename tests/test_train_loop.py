@@ -1,6 +1,7 @@
 """`lexvla train`: exact resume after SIGKILL and SIGTERM, non-finite steps never checkpointed, metrics."""
 
 import glob
+import io
 import json
 import os
 import shutil
@@ -11,10 +12,14 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from flax.traverse_util import flatten_dict
+from PIL import Image
 from support import local_cluster
 
 from lexvla_jax import configlib, train
 from lexvla_jax import step as step_lib
+from lexvla_jax.data.tar_reader import iter_samples
 
 STEPS = local_cluster.STEPS
 
@@ -321,3 +326,40 @@ def test_search_finds_with_the_trained_model(uninterrupted, data_dir, tmp_path, 
         assert lines[0].endswith(f", {n_words} words; exact search of 120 vectors")
     scores = [[float(line.split()[2]) for line in lines[1:]] for lines in (by_model, by_id["exact"])]
     np.testing.assert_allclose(scores[0], scores[1], atol=2e-3)
+
+
+def test_python_api_reads_the_trained_parameters_without_an_optimizer(uninterrupted, data_dir, monkeypatch):
+    """`lexvla_jax.load(workdir)`: the config saved with the checkpoint, only the trained parameters (bit for bit
+    those of the train state), no optimiser and no train step; the encoder reads images and texts as words."""
+    import lexvla_jax
+    from lexvla_jax import explain, optim
+
+    never = lambda *a, **k: pytest.fail("reading a model must not make an optimiser or a train step")  # noqa: E731
+    monkeypatch.setattr(optim, "make_optimizer", never)
+    monkeypatch.setattr(step_lib, "jit_train_step", never)
+    workdir = str(uninterrupted[0])
+    model = lexvla_jax.load(workdir)
+    saved = _flat_params(local_cluster.final_state(workdir, STEPS)["params"])
+    loaded = _flat_params(nnx.to_pure_dict(model.params))
+    assert sorted(loaded) == sorted(saved) and len(saved) > 10
+    for key, value in saved.items():
+        np.testing.assert_array_equal(np.asarray(loaded[key]), value, err_msg=str(key))
+
+    with open(os.path.join(data_dir, "eval", "shard-00000.tar"), "rb") as f:
+        jpegs = [sample.files["jpg"] for _, sample in zip(range(3), iter_samples(f), strict=False)]
+    images = np.stack([np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")) for jpeg in jpegs])
+    s_img, s_txt = model.encode_images(images), model.encode_texts(["a small red circle", "a large blue square"])
+    assert s_img.shape == (3, len(model.kept_ids)) and s_txt.shape == (2, len(model.kept_ids))
+    np.testing.assert_allclose(np.linalg.norm(s_img, axis=1), 1.0, rtol=1e-5)
+    top = model.top_words(s_txt[0], k=5)
+    assert top == explain.top_words(s_txt[0], model.kept_ids, model.tokenizer, 5)
+    assert [w for w, _ in top] == [model.words[j] for j in np.argsort(-s_txt[0], kind="stable")[:5]]
+    assert all(a >= b for (_, a), (_, b) in zip(top, top[1:], strict=False))
+
+
+def _flat_params(tree) -> dict:
+    """`{path: array}` of a nested parameter dict, with NNX's `value` leaf level dropped."""
+    flat = {}
+    for path, value in flatten_dict(tree).items():
+        flat[tuple(str(k) for k in path if k != "value")] = value
+    return flat
