@@ -161,26 +161,28 @@ def test_resume_on_a_different_mesh(uninterrupted, terminated, data_dir, env, tm
     local_cluster.assert_close(_final_state(workdir), _final_state(uninterrupted[0]), rtol=1e-3, atol=1e-4)
 
 
-def test_non_finite_step_is_skipped_and_never_saved(data_dir, tmp_path, monkeypatch):
-    """A NaN loss at step 6 skips that update; no checkpoint is written from it; training goes on."""
+def test_non_finite_steps_are_skipped_never_saved_and_stop_the_run_when_repeated(data_dir, tmp_path, monkeypatch):
+    """A NaN loss at step 6 skips that update, no checkpoint is written from it and training goes on; NaN losses at
+    steps 10, 11 and 12 (3 in a row, `train.max_consecutive_skips=3`) stop the run with one line."""
     real_loss = step_lib.losses.lexvla_loss
 
     def loss_with_nan(*args, step, **kwargs):
         loss, metrics = real_loss(*args, step=step, **kwargs)
-        return jnp.where(step == 5, jnp.nan, loss), metrics
+        return jnp.where((step == 5) | (step >= 9), jnp.nan, loss), metrics
 
     monkeypatch.setattr(step_lib.losses, "lexvla_loss", loss_with_nan)
-    config = configlib.load_config(
-        local_cluster.TINY_CONFIG,
-        local_cluster.overrides(data_dir, **{"train.num_steps": 8, "checkpoint.every_steps": 2, "train.log_every": 1}),
-    )
+    extra = {"train.num_steps": 20, "train.max_consecutive_skips": 3, "checkpoint.every_steps": 2, "train.log_every": 1}
+    config = configlib.load_config(local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **extra))
     workdir = str(tmp_path / "work")
-    train.run(config, workdir)
+    with pytest.raises(
+        train.TrainingError, match=r"3 steps in a row had a non-finite loss or gradient \(last at step 12\)"
+    ):
+        train.run(config, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     by_step = {r["step"]: r for r in rows if "loss" in r}
     assert np.isnan(by_step[6]["loss"]) and by_step[6]["skipped_updates"] == 1
     assert np.isfinite(by_step[7]["loss"]) and by_step[8]["skipped_updates"] == 1
-    assert local_cluster.saved_steps(workdir) == [2, 4, 8]  # step 6 (the skipped update) was not saved
+    assert local_cluster.saved_steps(workdir) == [2, 4, 8]  # steps 6, 10 and 12 were skipped updates: not saved
     state = _final_state(workdir, step=8)
     assert (int(state["step"]), int(state["skipped_updates"]), int(state["consecutive_skips"])) == (8, 1, 0)
 
@@ -229,24 +231,6 @@ def test_throughput_leaves_out_evaluation_and_checkpoint_time(data_dir, tmp_path
     for step in (4, 6):  # the intervals after an evaluation and a save
         assert rows[step]["step_time_s"] < slow / 2, rows[step]
         assert rows[step]["samples_per_s"] == pytest.approx(16 / rows[step]["step_time_s"], rel=1e-6)
-
-
-def test_repeated_non_finite_steps_stop_the_run(data_dir, tmp_path, monkeypatch):
-    real_loss = step_lib.losses.lexvla_loss
-
-    def loss_nan_from_step_3(*args, step, **kwargs):
-        loss, metrics = real_loss(*args, step=step, **kwargs)
-        return jnp.where(step >= 3, jnp.nan, loss), metrics
-
-    monkeypatch.setattr(step_lib.losses, "lexvla_loss", loss_nan_from_step_3)
-    extra = {"train.num_steps": 20, "train.max_consecutive_skips": 3, "checkpoint.every_steps": 2}
-    config = configlib.load_config(local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **extra))
-    workdir = str(tmp_path / "work")
-    with pytest.raises(
-        train.TrainingError, match=r"3 steps in a row had a non-finite loss or gradient \(last at step 6\)"
-    ):
-        train.run(config, workdir)
-    assert local_cluster.saved_steps(workdir) == [2]  # steps 4 and 6 were skipped updates: not saved
 
 
 def _cli(capsys, *args) -> tuple[int, str, str]:
