@@ -158,6 +158,7 @@ def _frequency_baseline(train: list[str], held_out: list[str], k: int = 5) -> fl
     return float(np.mean([len(set(top) & set(content_words(c))) / k for c in held_out]))
 
 
+@pytest.mark.slow
 def test_short_pretraining_names_the_captions_content_words(synthetic_text, prompt, tmp_path):
     captions, tokenizer = synthetic_text
     config = configlib.load_config(

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from support import local_cluster, tiny_hf
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 pytest.importorskip("transformers")
 WORKER = pathlib.Path(__file__).parent / "support" / "multihost_build_worker.py"
 

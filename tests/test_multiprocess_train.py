@@ -28,6 +28,8 @@ from lexvla_jax.program import make_program
 from lexvla_jax.text.tokenizer import load_tokenizer, train_tokenizer
 from lexvla_jax.text.vocabulary import filter_vocabulary
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
 STEPS = 12
 EXTRA = {
     "train.num_steps": STEPS,

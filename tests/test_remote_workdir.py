@@ -187,6 +187,7 @@ def test_eval_results_in_gcs(gcs_emulator, tmp_path, monkeypatch):  # noqa: F811
 # ------------------------------------------------------------------------------------------ lexvla train
 
 
+@pytest.mark.slow
 def test_train_resume_and_restore_in_gcs(gcs_emulator, data_dir, tmp_path, tmp_path_factory):  # noqa: F811
     """`lexvla train --workdir gs://...` twice (the second resumes), then `inference.restore` from gs://."""
     workdir = gcs_emulator.new_workdir()

@@ -43,6 +43,7 @@ def uninterrupted(data_dir, env, tmp_path_factory):
     return workdir, result.stdout
 
 
+@pytest.mark.slow
 def test_metrics_rows(uninterrupted):
     workdir, stdout = uninterrupted
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -68,6 +69,7 @@ def test_metrics_rows(uninterrupted):
     assert "eval image 1:" in stdout and "caption words:" in stdout  # top words of eval images and captions
 
 
+@pytest.mark.slow
 def test_the_model_learns(data_dir, tmp_path):
     """A short in-process run: the contrastive loss falls and retrieval on held-out images beats chance widely.
 
@@ -137,6 +139,7 @@ def terminated(data_dir, env, tmp_path_factory):
     return workdir, saved
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigkill(uninterrupted, data_dir, env, tmp_path):
     workdir = tmp_path / "work"
     saved, _, returncode = _interrupt(workdir, data_dir, env, signal.SIGKILL)
@@ -145,6 +148,7 @@ def test_exact_resume_after_sigkill(uninterrupted, data_dir, env, tmp_path):
     local_cluster.assert_bitwise_equal(_final_state(workdir), _final_state(uninterrupted[0]))
 
 
+@pytest.mark.slow
 def test_exact_resume_after_sigterm(uninterrupted, terminated, data_dir, env, tmp_path):
     workdir = tmp_path / "work"
     shutil.copytree(terminated[0], workdir)
@@ -152,6 +156,7 @@ def test_exact_resume_after_sigterm(uninterrupted, terminated, data_dir, env, tm
     local_cluster.assert_bitwise_equal(_final_state(workdir), _final_state(uninterrupted[0]))
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_mesh(uninterrupted, terminated, data_dir, env, tmp_path):
     """Saved on a data-parallel mesh, resumed with FSDP: the same training up to float reassociation."""
     workdir = tmp_path / "work"
@@ -161,6 +166,7 @@ def test_resume_on_a_different_mesh(uninterrupted, terminated, data_dir, env, tm
     local_cluster.assert_close(_final_state(workdir), _final_state(uninterrupted[0]), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_never_saved_and_stop_the_run_when_repeated(data_dir, tmp_path, monkeypatch):
     """A NaN loss at step 6 skips that update, no checkpoint is written from it and training goes on; NaN losses at
     steps 10, 11 and 12 (3 in a row, `train.max_consecutive_skips=3`) stop the run with one line."""
@@ -241,6 +247,7 @@ def _cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow
 def test_eval_explain_and_export_read_the_trained_checkpoint(uninterrupted, data_dir, tmp_path, capsys):
     """`lexvla eval`, `explain` and `export` restore the run's checkpoint and agree with its final evaluation."""
     workdir = str(uninterrupted[0])
@@ -312,6 +319,7 @@ def test_search_finds_with_the_trained_model(uninterrupted, data_dir, tmp_path, 
     np.testing.assert_allclose(scores[0], scores[1], atol=2e-3)
 
 
+@pytest.mark.slow
 def test_python_api_reads_the_trained_parameters_without_an_optimizer(uninterrupted, data_dir, monkeypatch):
     """`lexvla_jax.load(workdir)`: the config saved with the checkpoint, only the trained parameters (bit for bit
     those of the train state), no optimiser and no train step; the encoder reads images and texts as words."""
