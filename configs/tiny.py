@@ -116,7 +116,7 @@ def get_config(arg=None):
         b1=0.9,
         b2=0.98,
         weight_decay=0.05,
-        lr_scales={"lora": 0.1},  # per-group learning-rate factors (step.scale_by_group)
+        lr_scales={"lora": 0.1},  # per-group learning-rate factors (optim.scale_by_group)
         # Weight decay shrinks the codebook rows of words no caption has and pulls their image logits toward 0,
         # where ELU1p is 1: those word pieces then fill the images' top words (BENCHMARKS.md).
         no_decay=("visual_codebook",),

@@ -1,7 +1,7 @@
 """Q(BoW), Table 1: the text vector is the caption's bag of content words; no language model at all.
 
 `model.text_encoder="bow"`: a caption's text lexical vector is the L2-normalised indicator of its content words
-over the kept vocabulary (`bow.py`: NLTK's English stopword list removed from the caption's lowercase words, so
+over the kept vocabulary (`text/bow.py`: NLTK's English stopword list removed from the caption's lowercase words, so
 its nouns, adjectives and verbs remain; each word counts through every kept piece of its tokenisation). Llama is
 neither built nor loaded, so there is no text codebook, no LoRA and no `lm_head` to start the visual codebook
 from: it starts from random rows (normal, std 0.02) at the text config's width, and the image side trains to

@@ -12,7 +12,7 @@ among its top k texts) and `<mode>/t2i_r@k` (a caption is a hit when its image i
 numbers under CLIP_benchmark's names, `<mode>/text_retrieval_recall@k` (= i2t: texts retrieved for an image
 query) and `<mode>/image_retrieval_recall@k` (= t2i), `<mode>/active_words_image|text`, `chance/i2t_r@k`,
 `chance/t2i_r@k`, `num_images`, `num_texts`, `num_skipped` (bad images or captions) and `num_empty_texts`
-(captions whose vector is all zero: a bag-of-words text with no kept word, `bow.py`). Recalls are fractions in
+(captions whose vector is all zero: a bag-of-words text with no kept word, `text/bow.py`). Recalls are fractions in
 [0, 1].
 
 From the same dense vectors, word precision (`word_precision.py`): `word_precision/image` and

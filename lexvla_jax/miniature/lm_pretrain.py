@@ -31,7 +31,7 @@ The model (`config.model.text`, no LoRA) is saved as a Hugging Face Llama direct
 when that directory is complete.
 
 `lexvla train` runs it first (`prepare.py`) when `config.model.text_checkpoint` is `miniature.lm.dir`, as in
-configs/tiny.py; `lexvla pretrain-lm --config configs/tiny.py` (`prepare.pretrain_lm_main`) runs it alone.
+configs/tiny.py; `lexvla prepare --config configs/tiny.py` makes it (and the rest of the miniature) alone.
 """
 
 from __future__ import annotations
