@@ -29,6 +29,7 @@ def tiny_report(devices):
     return aot.compile_train_step(configlib.load_config(spec, overrides), devices, TOPOLOGY)
 
 
+@pytest.mark.slow
 def test_tiny_config_compiles_and_fits(tiny_report):
     r = tiny_report
     assert (r.num_devices, r.device_kind, r.global_batch) == (4, "TPU v5", 16)
@@ -39,6 +40,7 @@ def test_tiny_config_compiles_and_fits(tiny_report):
     assert r.lines()[-1] == "fits"
 
 
+@pytest.mark.slow
 def test_batch_that_cannot_fit_is_reported_and_fails_the_command(capsys):
     code = compile_command.main([*TINY, "--config.train.global_batch_size=1048576", "--topology", TOPOLOGY])
     lines = capsys.readouterr().out.strip().splitlines()
@@ -85,6 +87,7 @@ def test_xla_flops_are_per_device_and_match_the_jaxpr_count_without_loops():
         assert throughput.matmul_flops(traced.jaxpr) == total
 
 
+@pytest.mark.slow
 def test_local_compile_reports_the_same_fields_for_this_machine(capsys, tiny_report):
     """`lexvla compile --local`: the train step compiled for the local devices (8 fake CPUs here), reported line
     for line like the TPU compile of the same config."""

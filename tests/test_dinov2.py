@@ -209,6 +209,7 @@ def test_drop_path_rate_one_skips_every_branch(hf_checkpoint, forward_with):
     assert np.abs(kept[-1] - kept[0]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_remat_gives_same_outputs_and_gradients(hf_checkpoint, loaded):
     _, path = hf_checkpoint("plain_mlp")
     pixels = jnp.asarray(_pixels(2, (20, 20)))

@@ -73,6 +73,7 @@ def test_logit_scale_is_clamped(model):
     assert float(model.logit_scale_value()) == pytest.approx(model.config.logit_scale_init, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_random_and_loaded_models_are_made_one_way_in_their_rule_shardings(model, monkeypatch):
     """A random build goes through `hf_loader.load_model` like a loaded one, and every variable of both is
     created in the sharding the rules give it (split over the mesh, not replicated then moved)."""

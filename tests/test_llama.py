@@ -287,6 +287,7 @@ def _flat_numpy(state):
     return {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
+@pytest.mark.slow
 def test_training_split_freezes_all_but_lora(lora_loaded):
     """`train.trainable=("lora",)` through the split training makes (`program.make_program`)."""
     model = nnx.clone(lora_loaded)
@@ -414,6 +415,7 @@ def test_bf16_compute_stays_close(hf_checkpoints, batch):
     assert bf16_diff <= 1e-3 * scale
 
 
+@pytest.mark.slow
 def test_full_remat_gives_same_outputs_and_grads(hf_checkpoints, lora_loaded, batch):
     path = hf_checkpoints["gqa"][1]
     ids, mask = jnp.asarray(batch[0]), jnp.asarray(batch[1]["right"])

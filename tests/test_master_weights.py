@@ -5,6 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from support import tiny_lexvla as tiny
 
@@ -45,6 +46,7 @@ def test_paper_config_trains_float32_master_weights():
     assert len(frozen_floats) > 10 and {x.dtype for x in frozen_floats} == {jnp.dtype(jnp.bfloat16)}
 
 
+@pytest.mark.slow
 def test_bfloat16_frozen_towers_with_float32_lora_train():
     """A tiny model stored like the paper's (bf16 frozen towers, f32 LoRA) fits a fixed batch: the loss falls."""
     overrides = [

@@ -289,6 +289,7 @@ def test_commands_report_bad_input_in_one_line(exported, tmp_path, capsys, args,
     assert err.startswith(message.format(**paths)) and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_sparse_search_benchmark_agrees_with_exact_at_a_small_size():
     """benchmarks/sparse_search.py end to end on 1,000 docs: dense brute force (measured on all docs) and an
     exhaustive Seismic (whole documents, every posting, every query word, all docs re-ranked) find the exact

@@ -56,6 +56,7 @@ def test_only_trainable_parameters_get_gradients(setup):
     assert frozen_groups == {"vision", "text", "text_codebook"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [None, (8, 1, 1), (2, 4, 1)], ids=["one_device", "data8", "data2xfsdp4"])
 def test_gradient_accumulation_matches_one_batch(setup, mesh_shape):
     """GradCache with 4 strided micro-batches equals one pass, also with the batch split over a mesh."""
@@ -109,6 +110,7 @@ def _collectives_on_inputs(num_micro: int) -> list[str]:
     return moved
 
 
+@pytest.mark.slow
 def test_strided_micro_batches_move_no_input_between_devices():
     """Strided micro-batches each take an equal share of every device's rows: in the compiled step, 2
     micro-batches add no collective on the images, the token rows or their activations (1 needs none)."""
@@ -116,6 +118,7 @@ def test_strided_micro_batches_move_no_input_between_devices():
     assert _collectives_on_inputs(2) == []
 
 
+@pytest.mark.slow
 def test_contiguous_micro_batches_would_move_inputs(monkeypatch):
     """The check above can fail: contiguous blocks (each micro-batch on half of the devices) reshard."""
     monkeypatch.setattr(step_lib, "split_micro", lambda b, m: jax.tree.map(lambda x: x.reshape(m, -1, *x.shape[1:]), b))
@@ -138,6 +141,7 @@ class _OtherKeysInPass2(SplitModel):
         return super().encode(params, frozen, rest, batch, rng, deterministic)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_replays_dropout_keys():
     """With drop path and LoRA dropout on, GradCache's gradient is that of the loss pass 1 computed.
 
@@ -177,6 +181,7 @@ def test_gradient_accumulation_replays_dropout_keys():
     assert relative_error(other) > 1e-2
 
 
+@pytest.mark.slow
 def test_non_finite_loss_skips_the_update(setup):
     graphdef, params, frozen, rest, tx, schedule = setup
     step = jax.jit(
@@ -214,6 +219,7 @@ def _per_device_loss(mesh, s_img, s_txt, scale):
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=P()))(s_img, s_txt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 4, 2)], ids=["data8", "fsdp4xtensor2"])
 def test_sharded_step_equals_single_device(setup, mesh_shape):
     graphdef, params, frozen, rest, tx, schedule = setup
