@@ -26,6 +26,8 @@ RUNS = {
     "adapter17m": "configs/variants/adapter17m.py:tiny",
     "q512": "configs/variants/q512.py:tiny",
     "qbow": "configs/variants/qbow.py:tiny",
+    "qclip": "configs/variants/qclip.py:tiny",
+    "siglip": "configs/variants/siglip.py:tiny",
 }
 
 
