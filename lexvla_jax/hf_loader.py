@@ -295,6 +295,9 @@ def load_hf_llama(
     )
 
 
+_TOWER_NAMES = {"dinov2": "DINOv2", "clip": "CLIP", "siglip": "SigLIP"}
+
+
 def load_hf_vision(
     path: str | os.PathLike,
     dtype=jnp.float32,
@@ -322,9 +325,6 @@ def load_hf_vision(
     return load_model(
         lambda: vision.make_tower(config, rngs=nnx.Rngs(seed)), [vision_part(ckpt, config)], mesh=mesh, rules=rules
     )
-
-
-_TOWER_NAMES = {"dinov2": "DINOv2", "clip": "CLIP", "siglip": "SigLIP"}
 
 
 def load_hf_dinov2(path: str | os.PathLike, dtype=jnp.float32, **kwargs) -> dinov2.Dinov2Model:
