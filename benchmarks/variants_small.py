@@ -17,6 +17,7 @@ import time
 from absl import flags
 
 from lexvla_jax import configlib, train
+from lexvla_jax.miniature import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {
@@ -71,6 +72,7 @@ def main() -> None:
     for name in args.only:
         config = configlib.load_config(os.path.join(REPO, RUNS[name]), overrides(f"{args.dir}/data", args.steps))
         del config.evals["patchdis"]
+        prepare.prepare(config)  # the small synthetic set and its tokenizer, as `lexvla train` makes them
         start = time.perf_counter()
         m = train.run(config, f"{args.dir}/{name}")
         r = lambda key, m=m: f"{100 * m[f'retrieval/{key}']:.1f}"

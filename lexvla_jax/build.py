@@ -73,7 +73,10 @@ def vision_config(config: ml_collections.ConfigDict) -> vision.VisionConfig:
                 f"set --config.model.vision.tower={found}"
             )
         return loaded
-    return vision.tower_config(tower, m.vision.get("preset") or "", **fields, **_runtime(config))
+    try:
+        return vision.tower_config(tower, m.vision.get("preset") or "", **fields, **_runtime(config))
+    except ValueError as e:
+        raise ConfigError(f"config.model.vision: {e}") from None
 
 
 def text_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:

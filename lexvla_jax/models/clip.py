@@ -114,7 +114,7 @@ class ClipVisionConfig:
 
     @property
     def family(self) -> str:
-        """ "clip" with a class token, else "siglip"."""
+        """The family: `clip` with a class token, else `siglip`."""
         return "clip" if self.class_token else "siglip"
 
     @property

@@ -7,6 +7,7 @@ patch tokens that LexVLA's adapter reads.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from flax import nnx
@@ -21,6 +22,11 @@ def tower_config(tower: str, preset: str = "", **fields) -> VisionConfig:
     """The config of a `tower` from an optional preset and explicit (HF-named) fields."""
     if tower not in TOWERS:
         raise ValueError(f"vision tower {tower!r} unknown; choose one of {TOWERS}")
+    cls = dinov2.Dinov2Config if tower == "dinov2" else clip.ClipVisionConfig
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is no field of the {tower} tower's config; its fields: {sorted(known)}")
     if tower == "dinov2":
         return dinov2.dinov2_preset(preset, **fields) if preset else dinov2.Dinov2Config(**fields)
     return clip.clip_vision_config(tower, preset, **fields)
