@@ -33,7 +33,7 @@ def get_config(arg=None):
     config.data.max_length = 96  # used only when no tokenizer file is given (shapes-only compiles)
 
     config.model = dict(
-        vision=dict(preset="dinov2_vitl14"),
+        vision=dict(tower="dinov2", preset="dinov2_vitl14"),  # tower: models/vision.py; qclip.py
         text=dict(preset="llama2-7b"),
         vision_checkpoint="",
         text_checkpoint="",

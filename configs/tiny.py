@@ -52,6 +52,7 @@ def get_config(arg=None):
 
     config.model = dict(
         vision=dict(
+            tower="dinov2",  # models/vision.py: "dinov2", "clip" or "siglip"
             preset="",
             hidden_size=64,
             num_hidden_layers=2,

@@ -1,6 +1,7 @@
 """The LexVLA model from a config: one construction path for random, loaded and abstract models.
 
 `config.model.vision` / `config.model.text` name a preset (`preset`) and/or set architecture fields;
+`config.model.vision.tower` picks the image tower ("dinov2", "clip" or "siglip": `models/vision.py`);
 `config.model.vision_checkpoint` / `text_checkpoint` point at local Hugging Face directories (empty:
 random initialisation, e.g. for debugging or ahead-of-time compiles). The rows of both codebooks are the
 kept vocabulary (`filter_vocabulary` of `config.data.tokenizer`). `config.model.text_encoder="bow"`
@@ -26,7 +27,7 @@ from jax.sharding import Mesh
 
 from lexvla_jax import hf_layout, hf_loader, optim, sharding
 from lexvla_jax.configlib import ConfigError
-from lexvla_jax.models import dinov2, lexvla, llama
+from lexvla_jax.models import lexvla, llama, vision
 from lexvla_jax.text import bow
 from lexvla_jax.text.prompt import prompt_encoder
 from lexvla_jax.text.tokenizer import Tokenizer, load_tokenizer
@@ -47,17 +48,35 @@ def _lora(config: ml_collections.ConfigDict) -> dict:
     return dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=tuple(lora.targets))
 
 
-def vision_config(config: ml_collections.ConfigDict) -> dinov2.Dinov2Config:
-    """The DINOv2 config: the checkpoint's, else preset (if any) then explicit fields; runtime dtypes."""
+def vision_tower(config: ml_collections.ConfigDict) -> str:
+    """`config.model.vision.tower` ("dinov2" when absent), checked against `vision.TOWERS`."""
+    tower = config.model.vision.get("tower", "dinov2")
+    if tower not in vision.TOWERS:
+        raise ConfigError(f"config.model.vision.tower={tower!r} unknown; choose one of {vision.TOWERS}")
+    return tower
+
+
+def vision_config(config: ml_collections.ConfigDict) -> vision.VisionConfig:
+    """The image tower's config (`config.model.vision.tower`): the checkpoint's, else preset (if any) then explicit
+    fields; runtime dtypes. A checkpoint must hold the configured tower; `image_norm`, when set, applies to it too."""
     m = config.model
+    tower = vision_tower(config)
+    fields = {k: v for k, v in _fields(m.vision).items() if k != "tower"}
     if m.vision_checkpoint:
-        return hf_loader.dinov2_config(
-            hf_loader.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"), **_runtime(config)
-        )
-    fields = {**_fields(m.vision), **_runtime(config)}
-    if m.vision.get("preset"):
-        return dinov2.dinov2_preset(m.vision.preset, **fields)
-    return dinov2.Dinov2Config(**fields)
+        ckpt = hf_loader.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint")
+        norm = {"image_norm": fields["image_norm"]} if fields.get("image_norm") else {}
+        loaded = hf_loader.vision_config(ckpt, **_runtime(config), **norm)
+        found = vision.tower_name(loaded)
+        if found != tower:
+            raise ConfigError(
+                f"config.model.vision_checkpoint holds a {found} tower but config.model.vision.tower={tower!r}; "
+                f"set --config.model.vision.tower={found}"
+            )
+        return loaded
+    try:
+        return vision.tower_config(tower, m.vision.get("preset") or "", **fields, **_runtime(config))
+    except ValueError as e:
+        raise ConfigError(f"config.model.vision: {e}") from None
 
 
 def text_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
@@ -148,7 +167,7 @@ def recipe(config: ml_collections.ConfigDict, kept_ids: np.ndarray) -> ModelReci
     parts = []
     if m.vision_checkpoint:
         parts.append(
-            hf_loader.dinov2_part(
+            hf_loader.vision_part(
                 hf_loader.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"),
                 cfg.vision,
                 prefix="vision",

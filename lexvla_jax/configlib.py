@@ -58,6 +58,18 @@ def variant_base(variant_file: str, arg: str | None) -> ml_collections.ConfigDic
     return load_config_file(f"{bases}:{arg}" if arg else bases)
 
 
+def swap_vision_tower(config: ml_collections.ConfigDict, tower: str, preset: str) -> None:
+    """Makes a variant's image tower `tower` (`models/vision.py`): `preset` where the base names a released size (the
+    paper config), else the base's own widths (the tiny config), its FFN width spelled as CLIP and SigLIP spell it."""
+    vision = config.model.vision
+    if vision.get("preset"):
+        config.model.vision = ml_collections.ConfigDict({"tower": tower, "preset": preset})
+        return
+    fields = {k: v for k, v in vision.items() if k not in ("tower", "mlp_ratio")}
+    fields["intermediate_size"] = int(vision.hidden_size * vision.get("mlp_ratio", 4.0))
+    config.model.vision = ml_collections.ConfigDict({"tower": tower, **fields})
+
+
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     """All dotted leaf and node keys of a config."""
     keys = []

@@ -1,4 +1,5 @@
-"""Where each of our parameters lives in a Hugging Face checkpoint: `{nnx path: Source}` per model.
+"""Where each of our parameters lives in a Hugging Face checkpoint: `{nnx path: Source}` per model (DINOv2, CLIP and
+SigLIP vision towers, Llama).
 
 The layouts describe tensors as `save_pretrained` writes them (and the released checkpoints hold them):
 PyTorch `[out, in]` linear weights, one tensor per layer, fused SwiGLU inputs. The models know nothing of
@@ -13,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from lexvla_jax.models.clip import ClipVisionConfig
 from lexvla_jax.models.dinov2 import Dinov2Config
 from lexvla_jax.models.llama import LlamaConfig
 
@@ -128,6 +130,80 @@ def dinov2_sources(config: Dinov2Config) -> dict[str, Source]:
         sources[f"layers.{ours}.kernel"] = stacked(f"{theirs}.weight", perm=(1, 0))
         if ours not in ("attention.q_proj", "attention.k_proj", "attention.v_proj") or config.qkv_bias:
             sources[f"layers.{ours}.bias"] = stacked(f"{theirs}.bias")
+    return sources
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLIP / SigLIP: HF `CLIPVisionModel`, `CLIPModel`, `SiglipVisionModel`, `SiglipModel`.
+
+# Where the vision tower's tensors start: joint image-text checkpoints (and vision-only ones written by transformers
+# before v5) put them under `vision_model.`; vision-only ones written by transformers v5 at the top.
+CLIP_VISION_PREFIXES = ("vision_model.", "")
+
+
+def clip_vision_prefix(keys) -> str:
+    """The prefix of the vision tower's tensors among a checkpoint's `keys` ("" when it has none of them)."""
+    keys = set(keys)
+    for prefix in CLIP_VISION_PREFIXES:
+        if prefix + "embeddings.patch_embedding.weight" in keys:
+            return prefix
+    return ""
+
+
+def clip_vision_ignored(prefix: str):
+    """Checkpoint tensors a CLIP / SigLIP vision tower leaves unused: everything outside `prefix` (the text tower,
+    projections, logit scale and bias of a joint model) and the `position_ids` buffer older checkpoints carry."""
+    return lambda key: not key.startswith(prefix) or key.endswith("embeddings.position_ids")
+
+
+def clip_vision_sources(config: ClipVisionConfig, prefix: str = "vision_model.") -> dict[str, Source]:
+    """`{nnx parameter path: Source}` for a CLIP / SigLIP vision tower whose tensors start with `prefix`."""
+    n, d = config.num_hidden_layers, config.hidden_size
+    embeddings = prefix + "embeddings."
+    sources = {
+        "patch_embeddings.kernel": Source(embeddings + "patch_embedding.weight", perm=(2, 3, 1, 0)),
+        "position_embeddings": Source(embeddings + "position_embedding.weight"),
+        "post_layernorm.scale": Source(prefix + "post_layernorm.weight"),
+        "post_layernorm.bias": Source(prefix + "post_layernorm.bias"),
+    }
+    if config.patch_bias:
+        sources["patch_embeddings.bias"] = Source(embeddings + "patch_embedding.bias")
+    if config.class_token:
+        sources["class_embedding"] = Source(embeddings + "class_embedding")
+    if config.pre_layernorm:
+        sources["pre_layernorm.scale"] = Source(prefix + "pre_layrnorm.weight")  # sic: HF's name
+        sources["pre_layernorm.bias"] = Source(prefix + "pre_layrnorm.bias")
+    layer = prefix + "encoder.layers.{layer}."
+    per_layer = {
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+        "attention.q_proj": "self_attn.q_proj",
+        "attention.k_proj": "self_attn.k_proj",
+        "attention.v_proj": "self_attn.v_proj",
+        "attention.o_proj": "self_attn.out_proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    for ours, theirs in per_layer.items():
+        norm = ours.startswith("norm")
+        sources[f"layers.{ours}.{'scale' if norm else 'kernel'}"] = Source(
+            f"{layer}{theirs}.weight", perm=None if norm else (1, 0), num_layers=n
+        )
+        sources[f"layers.{ours}.bias"] = Source(f"{layer}{theirs}.bias", num_layers=n)
+    if config.pooling == "map":
+        head = prefix + "head."
+        sources["head.probe"] = Source(head + "probe")
+        # torch's MultiheadAttention holds q, k and v fused along the output axis: `in_proj_weight [3D, D]`.
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            rows = tuple(range(i * d, (i + 1) * d))
+            sources[f"head.attention.{name}.kernel"] = Source(head + "attention.in_proj_weight", (1, 0), rows=rows)
+            sources[f"head.attention.{name}.bias"] = Source(head + "attention.in_proj_bias", rows=rows)
+        linears = {"attention.o_proj": "attention.out_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+        for ours, theirs in linears.items():
+            sources[f"head.{ours}.kernel"] = Source(f"{head}{theirs}.weight", perm=(1, 0))
+            sources[f"head.{ours}.bias"] = Source(f"{head}{theirs}.bias")
+        sources["head.layernorm.scale"] = Source(head + "layernorm.weight")
+        sources["head.layernorm.bias"] = Source(head + "layernorm.bias")
     return sources
 
 

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from lexvla_jax import hf_layout, sharding
 from lexvla_jax.configlib import ConfigError
 from lexvla_jax.hf_layout import Source
-from lexvla_jax.models import dinov2, llama
+from lexvla_jax.models import clip, dinov2, llama, vision
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -222,12 +222,12 @@ def llama_config(ckpt: HFCheckpoint, **runtime) -> llama.LlamaConfig:
     return llama.LlamaConfig.from_hf(ckpt.config, **runtime)
 
 
-def dinov2_config(ckpt: HFCheckpoint, **runtime) -> dinov2.Dinov2Config:
-    """The `Dinov2Config` of a DINOv2 checkpoint (one-line error for other model types)."""
+def vision_config(ckpt: HFCheckpoint, **runtime) -> vision.VisionConfig:
+    """The config of whichever vision tower (`vision.TOWERS`) a checkpoint holds."""
     try:
-        return dinov2.Dinov2Config.from_hf(ckpt.config, **runtime)
+        return vision.config_from_hf(ckpt.config, **runtime)
     except ValueError as e:
-        raise CheckpointError(f"{ckpt.path!r}: {e}; pass a DINOv2 checkpoint") from None
+        raise CheckpointError(f"{ckpt.path!r}: {e}") from None
 
 
 def llama_part(ckpt: HFCheckpoint, config: llama.LlamaConfig, prefix: str = "", with_lm_head: bool = True):
@@ -249,6 +249,23 @@ def dinov2_part(ckpt: HFCheckpoint, config: dinov2.Dinov2Config, prefix: str = "
     return CheckpointPart(
         ckpt, prefixed(prefix, sources) if prefix else sources, prefix, lambda key: key in hf_layout.DINOV2_IGNORED
     )
+
+
+def clip_vision_part(ckpt: HFCheckpoint, config: clip.ClipVisionConfig, prefix: str = ""):
+    """The `CheckpointPart` of a CLIP / SigLIP vision tower (at `prefix` in the model being built), from a vision-only
+    or a joint image-text checkpoint: the other tower's tensors are ignored by name."""
+    where = hf_layout.clip_vision_prefix(ckpt.keys())
+    sources = hf_layout.clip_vision_sources(config, where)
+    return CheckpointPart(
+        ckpt, prefixed(prefix, sources) if prefix else sources, prefix, hf_layout.clip_vision_ignored(where)
+    )
+
+
+def vision_part(ckpt: HFCheckpoint, config: vision.VisionConfig, prefix: str = ""):
+    """The `CheckpointPart` of the vision tower `config` describes."""
+    if isinstance(config, dinov2.Dinov2Config):
+        return dinov2_part(ckpt, config, prefix)
+    return clip_vision_part(ckpt, config, prefix)
 
 
 def load_hf_llama(
@@ -278,7 +295,10 @@ def load_hf_llama(
     )
 
 
-def load_hf_dinov2(
+_TOWER_NAMES = {"dinov2": "DINOv2", "clip": "CLIP", "siglip": "SigLIP"}
+
+
+def load_hf_vision(
     path: str | os.PathLike,
     dtype=jnp.float32,
     *,
@@ -287,17 +307,34 @@ def load_hf_dinov2(
     compute_dtype=None,
     remat: str = "none",
     seed: int = 0,
-) -> dinov2.Dinov2Model:
-    """A `Dinov2Model` from a local `Dinov2Model` / `Dinov2WithRegistersModel` checkpoint, streamed into its shards.
+    towers: tuple[str, ...] = vision.TOWERS,
+) -> dinov2.Dinov2Model | clip.ClipVisionModel:
+    """The vision tower of a local checkpoint (any of `towers`), streamed into its sharded layout.
 
     dtype: storage dtype of the parameters; compute_dtype: matmul dtype (default `dtype`); remat: a policy in
     `layers.REMAT_POLICIES`; seed: the drop-path random stream (used only when `deterministic=False`).
     """
     ckpt = HFCheckpoint(path)
-    config = dinov2_config(ckpt, dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat)
+    runtime = dict(dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat)
+    model_type = ckpt.config.get("model_type")
+    if vision.tower_of_model_type(model_type) not in towers:
+        names = " or ".join(_TOWER_NAMES[t] for t in towers)
+        message = f"config model_type {model_type!r} is not {names}; pass a {names} checkpoint"
+        raise CheckpointError(f"{ckpt.path!r}: {message}")
+    config = vision_config(ckpt, **runtime)
     return load_model(
-        lambda: dinov2.Dinov2Model(config, rngs=nnx.Rngs(seed)),
-        [dinov2_part(ckpt, config)],
-        mesh=mesh,
-        rules=rules,
+        lambda: vision.make_tower(config, rngs=nnx.Rngs(seed)), [vision_part(ckpt, config)], mesh=mesh, rules=rules
     )
+
+
+def load_hf_dinov2(path: str | os.PathLike, dtype=jnp.float32, **kwargs) -> dinov2.Dinov2Model:
+    """A `Dinov2Model` from a local `Dinov2Model` / `Dinov2WithRegistersModel` checkpoint (`load_hf_vision`'s
+    arguments)."""
+    return load_hf_vision(path, dtype, towers=("dinov2",), **kwargs)
+
+
+def load_hf_clip_vision(path: str | os.PathLike, dtype=jnp.float32, **kwargs) -> clip.ClipVisionModel:
+    """A `ClipVisionModel` from a local `CLIPVisionModel` / `CLIPModel` (or `SiglipVisionModel` / `SiglipModel`)
+    checkpoint (`load_hf_vision`'s arguments); its call on NHWC images returns `last_hidden_state` and
+    `pooler_output`."""
+    return load_hf_vision(path, dtype, towers=("clip", "siglip"), **kwargs)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from support import local_cluster
 
-from lexvla_jax import configlib, inference, losses, train
+from lexvla_jax import build, configlib, inference, losses, train
 from lexvla_jax import step as step_lib
 from lexvla_jax.evaluate import registry
 
@@ -42,7 +42,7 @@ def _bag_of_words(s_img, s_txt, scale):
     return {"bow_deviation": jnp.max(jnp.abs(s_txt - unit)), "bow_words": jnp.mean(jnp.sum(on, axis=1))}
 
 
-PROBES = {"qflops": _flops, "q512": _top_k, "qbow": _bag_of_words}
+PROBES = {"qflops": _flops, "q512": _top_k, "qbow": _bag_of_words, "qclip": None, "siglip": None}
 
 
 @dataclasses.dataclass
@@ -91,7 +91,20 @@ def _check_qbow(run):
         assert again[key] == pytest.approx(final[key], abs=1e-6)
 
 
+def _check_clip_tower(run, family: str):
+    """The trained vision tower is a CLIP (class token, pre-LayerNorm) or SigLIP (MAP head) one, and the run
+    normalised images as that tower expects."""
+    vision = run.params
+    assert (("vision", "class_embedding", "value") in vision) == (family == "clip")
+    assert (("vision", "pre_layernorm", "scale", "value") in vision) == (family == "clip")
+    assert (("vision", "head", "probe", "value") in vision) == (family == "siglip")
+    assert not [k for k in vision if k[:2] == ("vision", "cls_token")]
+    assert build.vision_config(run.config).image_norm == family
+
+
 CHECKS = {
+    "qclip": lambda run: _check_clip_tower(run, "clip"),
+    "siglip": lambda run: _check_clip_tower(run, "siglip"),
     "qflops": _check_qflops,
     "q512": _check_q512,
     "qbow": _check_qbow,

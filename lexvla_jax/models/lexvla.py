@@ -4,6 +4,9 @@
 image ─ DINOv2 (frozen) ─ patch tokens [B,P,Dv] ─ adapter ─ [B,P,Dt] ─ · Z_imgᵀ ─ ELU1p ─ max_P ─ L2 ─ s_img [B,V']
 text  ─ prompt ─ Llama (+LoRA) ─ final-norm hidden of the last real token [B,Dt] ─ · Z_txtᵀ ─ ELU1p ─ L2 ─ s_txt [B,V']
 ```
+The image tower is DINOv2 as in the paper, or CLIP / SigLIP (`models/vision.py`; Q(CLIP) of Table 1,
+`configs/variants/qclip.py`): whichever it is, its patch tokens (not the class token) feed the adapter, and images
+are normalised as that tower was trained (`config.vision.image_norm`).
 `Z_txt` holds the rows of Llama's `lm_head` for the kept vocabulary (frozen); `Z_img` starts as a copy
 of it and trains. Which parameters train is decided by the optimiser's filter, not here.
 
@@ -23,13 +26,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lexvla_jax.models import dinov2, image_norm, layers, lexical, llama
+from lexvla_jax.models import image_norm, layers, lexical, llama, vit
+from lexvla_jax.models.vision import VisionConfig, make_tower
 
 
 @dataclasses.dataclass(frozen=True)
 class LexVLAConfig:
     """Sizes of the joint model.
 
+    vision: the image tower's config (`models/vision.py`: DINOv2, CLIP or SigLIP).
     vocab_size: V', the number of kept words (rows of both codebooks).
     adapter_heads / adapter_mlp_dim: the adapter's attention heads and MLP width.
     adapter_shape: `ADAPTER_SHAPES`; "mlp" (Dv → mlp → Dt) or "block" (a whole Dv-wide transformer block, then a
@@ -40,7 +45,7 @@ class LexVLAConfig:
     max_pool_chunk: vocabulary chunk of the memory-lean max-pool.
     """
 
-    vision: dinov2.Dinov2Config
+    vision: VisionConfig
     text: llama.LlamaConfig
     vocab_size: int
     adapter_heads: int = 16
@@ -90,7 +95,7 @@ class Adapter(nnx.Module):
         norm = dict(eps=config.vision.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
         linear = dict(use_bias=True, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
         self.norm1 = layers.LayerNorm(dv, **norm)
-        self.attention = dinov2.Attention(block, rngs=rngs)
+        self.attention = vit.Attention(block, rngs=rngs)
         self.norm2 = layers.LayerNorm(dv, **norm)
         self.block = config.adapter_shape == "block"
         self.fc1 = layers.Linear(dv, config.adapter_mlp_dim, ("embed", "mlp"), **linear)
@@ -129,7 +134,7 @@ class LexVLA(nnx.Module):
 
     def __init__(self, config: LexVLAConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.vision = dinov2.Dinov2Model(config.vision, rngs=rngs)
+        self.vision = make_tower(config.vision, rngs=rngs)
         with_text = config.text_encoder == "llm"
         if with_text:  # before the codebook, as always: the same seed gives the same "llm" model
             self.text = llama.LlamaModel(config.text, with_lm_head=False, rngs=rngs)
@@ -150,7 +155,7 @@ class LexVLA(nnx.Module):
         return jnp.minimum(jnp.exp(self.logit_scale[...]), self.config.logit_scale_max)
 
     def patch_features(self, pixels: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """Adapter output on the patch tokens only (CLS and registers dropped) → `[B,P,Dt]`."""
+        """Adapter output on the patch tokens only (class token and registers dropped) → `[B,P,Dt]`."""
         tokens = self.vision(pixels, deterministic=deterministic).last_hidden_state
         patches = layers.constrain(tokens[:, self.vision.num_prefix_tokens :], ("batch", "patches", "act_embed"))
         return self.adapter(patches)
