@@ -44,17 +44,27 @@ def _runtime(config: ml_collections.ConfigDict) -> dict:
 
 def _lora(config: ml_collections.ConfigDict) -> dict:
     lora = config.model.lora
-    return dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=tuple(lora.targets))
+    return dict(
+        lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=tuple(lora.targets),
+        lora_init=lora.get("init", "peft"),
+    )  # fmt: skip
 
 
 def vision_config(config: ml_collections.ConfigDict) -> dinov2.Dinov2Config:
     """The DINOv2 config: the checkpoint's, else preset (if any) then explicit fields; runtime dtypes."""
     m = config.model
+    # How position embeddings are resampled is ours to choose, checkpoint or not (`Dinov2Config.pos_interpolation`).
+    runtime = {**_runtime(config), "pos_interpolation": m.vision.get("pos_interpolation", "hf")}
+    if runtime["pos_interpolation"] not in dinov2.POS_INTERPOLATION_OFFSETS:
+        raise ConfigError(
+            f"config.model.vision.pos_interpolation={runtime['pos_interpolation']!r} unknown; use 'hf' (transformers) "
+            "or 'dinov2' (facebookresearch's +0.1 offset)"
+        )
     if m.vision_checkpoint:
         return hf_loader.dinov2_config(
-            hf_loader.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"), **_runtime(config)
+            hf_loader.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint"), **runtime
         )
-    fields = {**_fields(m.vision), **_runtime(config)}
+    fields = {**_fields(m.vision), **runtime}
     if m.vision.get("preset"):
         return dinov2.dinov2_preset(m.vision.preset, **fields)
     return dinov2.Dinov2Config(**fields)

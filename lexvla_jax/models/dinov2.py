@@ -36,7 +36,9 @@ MODEL_TYPES: dict[str, dict[str, Any]] = {
     "dinov2_with_registers": {"patch_size": 16, "num_register_tokens": 4, "pos_embed_antialias": True},
 }
 
-_NON_HF_FIELDS = ("dtype", "param_dtype", "remat", "pos_embed_antialias")
+_NON_HF_FIELDS = ("dtype", "param_dtype", "remat", "pos_embed_antialias", "pos_interpolation")
+# How position embeddings are resampled to another patch grid: the source offset of each (`Dinov2Config`).
+POS_INTERPOLATION_OFFSETS = {"hf": 0.0, "dinov2": 0.1}
 ACT = ("batch", "length", "act_embed")
 
 
@@ -46,6 +48,9 @@ class Dinov2Config:
 
     pos_embed_antialias: resample position embeddings with torch's antialiased bicubic (what
       `Dinov2WithRegistersModel` does) instead of plain bicubic (`Dinov2Model`).
+    pos_interpolation: "hf" resamples the N×N table to an n×n grid by output size, as transformers does;
+      "dinov2" by `scale_factor=(n + 0.1)/N`, as facebookresearch's DINOv2 does (`interpolate_offset=0.1`, the
+      default of its models without registers), which moves source positions by up to ~0.2 cells.
     dtype: compute dtype; param_dtype: parameter dtype; remat: a policy name in `layers.REMAT_POLICIES`.
     """
 
@@ -65,6 +70,7 @@ class Dinov2Config:
     qkv_bias: bool = True
     initializer_range: float = 0.02
     pos_embed_antialias: bool = False
+    pos_interpolation: str = "hf"
     image_norm: str = "imagenet"  # the pixel normalisation the tower was trained with (`image_norm.py`)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -80,6 +86,11 @@ class Dinov2Config:
         if self.remat not in layers.REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r} unknown; choose one of {sorted(layers.REMAT_POLICIES)}")
         image_norm.check_image_norm(self.image_norm)
+        if self.pos_interpolation not in POS_INTERPOLATION_OFFSETS:
+            raise ValueError(
+                f"pos_interpolation={self.pos_interpolation!r} unknown; "
+                f"choose one of {sorted(POS_INTERPOLATION_OFFSETS)}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -156,14 +167,16 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     return np.where(x <= 1, inner, np.where(x < 2, outer, 0.0))
 
 
-def bicubic_resize_matrix(in_size: int, out_size: int, *, antialias: bool = False) -> np.ndarray:
-    """`[out_size, in_size]` weights of torch's `interpolate(size=..., mode="bicubic", align_corners=False)`.
+def bicubic_resize_matrix(in_size: int, out_size: int, *, antialias: bool = False, offset: float = 0.0) -> np.ndarray:
+    """`[out_size, in_size]` weights of torch's `interpolate(size=..., mode="bicubic", align_corners=False)`, or with
+    `offset` of `interpolate(scale_factor=(out_size + offset)/in_size, ...)` (the same output size, a scale of
+    `in/(out + offset)`).
 
-    Without antialias: a=-0.75, source `(i + 0.5)·in/out − 0.5`, border taps clamped. With antialias (torch's
-    `_upsample_bicubic2d_aa`, PIL-style): a=-0.5, the kernel stretched by `in/out` when downsampling, taps outside
+    Without antialias: a=-0.75, source `(i + 0.5)·scale − 0.5`, border taps clamped. With antialias (torch's
+    `_upsample_bicubic2d_aa`, PIL-style): a=-0.5, the kernel stretched by `scale` when downsampling, taps outside
     the input dropped and the rest renormalised.
     """
-    scale = in_size / out_size
+    scale = in_size / (out_size + offset)
     weights = np.zeros((out_size, in_size))
     rows = np.arange(out_size)
     if not antialias:
@@ -340,14 +353,17 @@ class Dinov2Model(nnx.Module):
         return self.config.num_prefix_tokens
 
     def interpolate_pos_encoding(self, grid_h: int, grid_w: int, square_pixels: bool) -> jax.Array:
-        """Position embeddings `[1, 1+grid_h·grid_w, D]` for a patch grid, as transformers resamples them."""
+        """Position embeddings `[1, 1+grid_h·grid_w, D]` for a patch grid, resampled as `pos_interpolation` says."""
         pos = self.position_embeddings[...]
         n = self.config.grid_size
         if grid_h * grid_w == n * n and square_pixels:
             return pos
-        antialias = self.config.pos_embed_antialias
-        rows = jnp.asarray(bicubic_resize_matrix(n, grid_h, antialias=antialias), jnp.float32)
-        cols = jnp.asarray(bicubic_resize_matrix(n, grid_w, antialias=antialias), jnp.float32)
+        resize = functools.partial(
+            bicubic_resize_matrix,
+            antialias=self.config.pos_embed_antialias,
+            offset=POS_INTERPOLATION_OFFSETS[self.config.pos_interpolation],
+        )
+        rows, cols = jnp.asarray(resize(n, grid_h), jnp.float32), jnp.asarray(resize(n, grid_w), jnp.float32)
         grid = pos[0, 1:].astype(jnp.float32).reshape(n, n, -1)
         grid = jnp.einsum("ih,hwd->iwd", rows, grid, precision=jax.lax.Precision.HIGHEST)
         grid = jnp.einsum("jw,iwd->ijd", cols, grid, precision=jax.lax.Precision.HIGHEST)
