@@ -143,7 +143,7 @@ def test_retrieval_keeps_every_caption_by_default(karpathy_seven):
 
 
 def write_voc(root, layouts: dict[str, np.ndarray]) -> None:
-    """VOC's layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette labels), ImageSets/Segmentation/val.txt."""
+    """VOC's layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png (palette labels), ImageSets/.../val.txt."""
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for key, label in layouts.items():
@@ -246,7 +246,8 @@ def wds_classification(tmp_path_factory):
     """`wds_<name>` as CLIP_benchmark ships it: 2 shards of lossless webp + cls, and 3 bad samples."""
     root = tmp_path_factory.mktemp("wds_tiny")
     (root / "test").mkdir()
-    samples = [(f"s{i:04d}", [("webp", webp(code)), ("cls", str(label).encode())]) for i, (code, label) in enumerate(GOOD)]
+    samples = [(f"s{i:04d}", [("webp", webp(code)), ("cls", str(label).encode())]) for i, (code, label) in
+               enumerate(GOOD)]  # fmt: skip
     samples.insert(2, ("nolabel", [("webp", webp(0))]))
     samples.insert(5, ("broken", [("webp", b"RIFF....WEBPVP8L"), ("cls", b"1")]))
     samples.append(("outofrange", [("webp", webp(1)), ("cls", b"7")]))
