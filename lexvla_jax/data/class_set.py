@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import grain
 import numpy as np
 from etils import epath
 
 from lexvla_jax.data import clip_benchmark
 from lexvla_jax.data.config import DataConfigError, resolve_shards
-from lexvla_jax.data.eval_set import eval_image
+from lexvla_jax.data.eval_set import decode_in_order, eval_image
 from lexvla_jax.data.masks import IGNORE, open_mask
 from lexvla_jax.data.records import SKIP_REASONS, BadSample
 from lexvla_jax.data.tar_reader import iter_samples
@@ -91,16 +90,11 @@ def load_class_set(source: Mapping, data_config, where: str) -> dict:
         records, classes, templates = webdataset_records(source["shards"], where), list(classes), []
     else:
         raise DataConfigError(f"{where}.format={kind!r}: use one of {', '.join(CLASS_FORMATS)}")
-    dataset = grain.MapDataset.source(records)
-    if source.get("max_images") is not None:
-        dataset = dataset[: source["max_images"]]
-    read = grain.ReadOptions(num_threads=max(1, data_config.num_workers), prefetch_buffer_size=64)
     skipped = dict.fromkeys((*SKIP_REASONS, *LABEL_REASONS), 0)
     multi_class = 0
     images, labels, keys = [], [], []
-    for element in dataset.map(_DecodeLabelled(data_config, len(classes))).to_iter_dataset(read):
-        if "error" in element:
-            raise DataConfigError(f"{where}: {element['error']}")
+    decode = _DecodeLabelled(data_config, len(classes))
+    for element in decode_in_order(records, decode, data_config, source.get("max_images"), where):
         if element.get("skip") == "multi_class":
             multi_class += 1
         elif "skip" in element:

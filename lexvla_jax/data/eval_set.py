@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -233,6 +233,19 @@ class _DecodeEvalRecord:
             return {"error": f"{record['key']}: {e}"}
 
 
+def decode_in_order(records, decode, data_config, max_images: int | None, where: str) -> Iterator[dict]:
+    """`decode` of each of the first `max_images` records (a list or a `grain.MapDataset`), run in parallel threads
+    (`data_config.num_workers`), in order; an element `{"error": line}` is a one-line error naming `where`."""
+    dataset = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(list(records))
+    if max_images is not None:
+        dataset = dataset[:max_images]
+    read = grain.ReadOptions(num_threads=max(1, data_config.num_workers), prefetch_buffer_size=64)
+    for element in dataset.map(decode).to_iter_dataset(read):
+        if "error" in element:
+            raise DataConfigError(f"{where}: {element['error']}")
+        yield element
+
+
 def read_image_text_set(
     records: Sequence[dict] | grain.MapDataset,
     data_config,
@@ -245,16 +258,12 @@ def read_image_text_set(
     Returns `image` uint8 [N,S,S,3], `captions` (all T captions), `image_of_text` int32 [T] (the image
     each caption belongs to), `keys` (N) and `skipped` ({reason: count}).
     """
-    dataset = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(list(records))
-    if max_images is not None:
-        dataset = dataset[:max_images]
-    read = grain.ReadOptions(num_threads=max(1, data_config.num_workers), prefetch_buffer_size=64)
-    decoded = dataset.map(_DecodeEvalRecord(data_config, captions_per_image)).to_iter_dataset(read)
+    decoded = decode_in_order(
+        records, _DecodeEvalRecord(data_config, captions_per_image), data_config, max_images, where
+    )
     skipped = np.zeros(len(SKIP_REASONS), np.int64)
     images, keys, texts, image_of_text = [], [], [], []
     for element in decoded:
-        if "error" in element:
-            raise DataConfigError(f"{where}: {element['error']}")
         if "skip" in element:
             skipped[element["skip"]] += 1
             continue

@@ -24,13 +24,12 @@ import io
 import os
 from collections.abc import Mapping
 
-import grain
 import numpy as np
 from etils import epath
 from PIL import Image
 
 from lexvla_jax.data.config import DataConfigError, resolve_shards
-from lexvla_jax.data.eval_set import check_exists, check_image_root, eval_image, eval_transform
+from lexvla_jax.data.eval_set import check_exists, check_image_root, decode_in_order, eval_image, eval_transform
 from lexvla_jax.data.masks import IGNORE, crop_mask, open_mask
 from lexvla_jax.data.records import MISSING_IMAGE, REASON_INDEX, SKIP_REASONS, BadSample, skip_counts_dict
 from lexvla_jax.data.tar_reader import iter_samples
@@ -207,15 +206,10 @@ def load_segmentation_set(source: Mapping, data_config, where: str) -> dict:
         records, names = coco_records(source["json"], source["image_root"], classes, where)
     else:
         records, names = webdataset_records(source["shards"], where), tuple(classes)
-    dataset = grain.MapDataset.source(records)
-    if source.get("max_images") is not None:
-        dataset = dataset[: source["max_images"]]
-    read = grain.ReadOptions(num_threads=max(1, data_config.num_workers), prefetch_buffer_size=64)
+    decode = _DecodeImageAndMask(data_config, source.get("crop", "center"))
     skipped = np.zeros(len(SKIP_REASONS), np.int64)
     images, masks, keys = [], [], []
-    for element in dataset.map(_DecodeImageAndMask(data_config, source.get("crop", "center"))).to_iter_dataset(read):
-        if "error" in element:
-            raise DataConfigError(f"{where}: {element['error']}")
+    for element in decode_in_order(records, decode, data_config, source.get("max_images"), where):
         if "skip" in element:
             skipped[element["skip"]] += 1
             continue
