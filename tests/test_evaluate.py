@@ -419,7 +419,13 @@ def test_tiny_config_declares_retrieval_and_patchdis(tmp_path):
     overrides = [f"data.eval_shards={out}/eval", "data.image_size=32", "data.num_workers=0"]
     config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), overrides)
     evaluators = {e.name: e for e in registry.build_evaluators(config)}
-    assert {n: e.type for n, e in evaluators.items()} == {"retrieval": "retrieval", "patchdis": "patchdis"}
+    kinds = {n: e.type for n, e in evaluators.items()}
+    assert kinds == {"retrieval": "retrieval", "patchdis": "patchdis", "zeroshot": "classification"}
+    zeroshot = evaluators["zeroshot"]  # the one-shape images of the 5
+    assert (
+        zeroshot.classes == list(synthetic.SHAPES)
+        and len(zeroshot.data["label"]) + zeroshot.data["num_multi_class"] == 5
+    )
     assert evaluators["retrieval"].modes == retrieval.MODES and len(evaluators["retrieval"].data["image"]) == 5
     assert evaluators["patchdis"].classes == list(synthetic.SHAPES) and len(evaluators["patchdis"].data["mask"]) == 5
     paper = configlib.load_config(os.path.join(REPO, "configs", "lexvla_cc12m.py"))
@@ -433,7 +439,8 @@ def test_lexvla_eval_without_a_checkpoint_is_one_line(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(build, "build_model", lambda *a, **k: pytest.fail("the model was built"))
     out = str(tmp_path / "synthetic")
-    synthetic.make_synthetic(out, num_train=0, num_eval=2, seed=0, image_size=32, shard_size=100)
+    # 8 images: some show one kind of shape, which the zero-shot entry needs.
+    synthetic.make_synthetic(out, num_train=0, num_eval=8, seed=0, image_size=32, shard_size=100)
     args = [
         "--config",
         os.path.join(REPO, "configs", "tiny.py:scratch"),

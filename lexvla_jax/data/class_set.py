@@ -104,7 +104,10 @@ def load_class_set(source: Mapping, data_config, where: str) -> dict:
             labels.append(element["label"])
             keys.append(element["key"])
     if not images:
-        raise DataConfigError(f"{where}: no usable images (skipped: {skipped}, several classes: {multi_class})")
+        counts = {reason: n for reason, n in skipped.items() if n}
+        raise DataConfigError(
+            f"{where}: no usable images (skipped: {counts}; images of several classes or none: {multi_class})"
+        )
     return {
         "image": np.stack(images),
         "label": np.asarray(labels, np.int32),
