@@ -97,12 +97,12 @@ def test_eval_box_is_dinov2s_256_to_224():
     assert transforms.eval_box(64, 64, 64, 1.0) == (0, 0, 64, 64)  # CLIP's transform at the input size: identity
 
 
-def test_bad_eval_transform_settings_are_one_line():
-    from lexvla_jax.data.config import check_data_config
-
-    for field, value, message in (("eval_crop_pct", 1.5, "eval_crop_pct=1.5"), ("eval_resample", "box", "box")):
+def test_bad_eval_transform_settings_are_one_line(karpathy_seven):
+    json_path, root = karpathy_seven
+    for field, value, message in (("eval_crop_pct", 0.0, "eval_crop_pct=0.0"), ("eval_resample", "box", "'box'")):
         with pytest.raises(DataConfigError, match=message) as info:
-            check_data_config(data_config(train_shards="x", **{field: value}))
+            make(RetrievalEvaluator, format="karpathy", json=json_path, image_root=root,
+                 config=data_config(**{field: value}))  # fmt: skip
         assert "\n" not in str(info.value)
 
 

@@ -116,17 +116,25 @@ def resolve_shards(spec: str | Sequence[str] | None, field: str, suffix: str = "
     return paths
 
 
-def check_data_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, with the field named, on settings the pipeline cannot use."""
-    if config.format not in FORMATS:
-        raise DataConfigError(f"config.data.format={config.format!r}: use one of {', '.join(FORMATS)}")
-    for field in ("resample", "eval_resample"):
-        if config.get(field, "bicubic") not in RESAMPLE_FILTERS:
-            raise DataConfigError(f"config.data.{field}={config[field]!r}: use one of {', '.join(RESAMPLE_FILTERS)}")
+def check_eval_transform(config: ml_collections.ConfigDict) -> None:
+    """The evaluation transform's fields (`eval_resample`, `eval_crop_pct`), one line naming a bad one."""
+    if config.get("eval_resample", "bicubic") not in RESAMPLE_FILTERS:
+        raise DataConfigError(
+            f"config.data.eval_resample={config.eval_resample!r}: use one of {', '.join(RESAMPLE_FILTERS)}"
+        )
     if not 0 < config.get("eval_crop_pct", 0.875) <= 1:
         raise DataConfigError(
             f"config.data.eval_crop_pct={config.eval_crop_pct}: give the kept fraction in (0, 1], e.g. 0.875"
         )
+
+
+def check_data_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, with the field named, on settings the pipeline cannot use."""
+    if config.format not in FORMATS:
+        raise DataConfigError(f"config.data.format={config.format!r}: use one of {', '.join(FORMATS)}")
+    if config.resample not in RESAMPLE_FILTERS:
+        raise DataConfigError(f"config.data.resample={config.resample!r}: use one of {', '.join(RESAMPLE_FILTERS)}")
+    check_eval_transform(config)
     if config.num_workers < 0:
         raise DataConfigError(f"config.data.num_workers={config.num_workers}: must be >= 0 (0 reads in-process)")
     low, high = config.crop_scale
