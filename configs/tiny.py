@@ -86,7 +86,7 @@ def get_config(arg=None):
         compute_dtype="float32",
         frozen_param_dtype="float32",
         remat="none",
-        lora=dict(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v")),
+        lora=dict(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v"), init="peft"),
     )
 
     # Stage 1: the tiny Llama pretrained as a language model that names a caption's content words after the

@@ -110,3 +110,22 @@ def test_position_embedding_resampling_matches_its_reference(mode):
 def test_unknown_pos_interpolation_is_an_error():
     with pytest.raises(ValueError, match="pos_interpolation='torch' unknown"):
         dinov2.Dinov2Config(pos_interpolation="torch")
+
+
+def test_config_fields_reach_the_towers():
+    """`model.vision.pos_interpolation` and `model.lora.init` from the paper config (and overrides) to the towers."""
+    import os
+
+    from lexvla_jax import build, configlib
+
+    paper = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lexvla_cc12m.py")
+    config = configlib.load_config(paper)
+    assert build.vision_config(config).pos_interpolation == "hf" and build.text_config(config).lora_init == "peft"
+    other = configlib.load_config(paper, ["model.vision.pos_interpolation=dinov2", "model.lora.init=he_uniform"])
+    assert build.vision_config(other).pos_interpolation == "dinov2"
+    assert build.text_config(other).lora_init == "he_uniform"
+    bad = configlib.load_config(paper, ["model.vision.pos_interpolation=torch"])
+    with pytest.raises(configlib.ConfigError, match=r"pos_interpolation='torch' unknown; use 'hf'") as info:
+        build.vision_config(bad)
+    assert "\n" not in str(info.value)
+    assert config.model.adapter_shape == "block" and tuple(config.optim.no_decay) == ("visual_codebook",)
