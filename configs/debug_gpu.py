@@ -75,7 +75,8 @@ def get_config(arg=None):
         compute_dtype="bfloat16",
         frozen_param_dtype="bfloat16",
         remat="full",
-        lora=dict(rank=8, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down")),
+        # init: LoRA's A drawn as PEFT's default (uniform ±1/√in; "he_uniform": ±√(6/in)), B zero.
+        lora=dict(rank=8, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down"), init="peft"),
     )
 
     # top_k > 0: InfoNCE on each vector's top k entries (configs/variants/q512.py); 0: whole vectors.

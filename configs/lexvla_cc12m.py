@@ -33,14 +33,19 @@ def get_config(arg=None):
     config.data.max_length = 96  # used only when no tokenizer file is given (shapes-only compiles)
 
     config.model = dict(
-        vision=dict(tower="dinov2", preset="dinov2_vitl14"),  # tower: models/vision.py; qclip.py
+        # tower: models/vision.py (qclip.py, siglip.py). pos_interpolation: 37×37 position table → 16×16 as
+        # transformers does ("hf": we load HF checkpoints) or as facebookresearch's DINOv2 does ("dinov2":
+        # scale_factor (16 + 0.1)/37); the paper does not say which.
+        vision=dict(tower="dinov2", preset="dinov2_vitl14", pos_interpolation="hf"),
         text=dict(preset="llama2-7b"),
         vision_checkpoint="",
         text_checkpoint="",
         vocab_size=17149,  # V' of the paper's filtered Llama 2 vocabulary (used only without a tokenizer)
         vocab_filter="lowercase_alpha",  # vocab.RULES; keeps 17,182 of Llama 2's pieces (paper: 17,149)
         adapter_heads=16,
-        adapter_shape="mlp",  # or "block": models/lexvla.py:Adapter, configs/variants/adapter17m.py
+        # "block" (one width-1024 transformer block + a 1024→4096 projection, 16.8M parameters) matches the paper's
+        # reported ~17M adapter; "mlp" (25.2M) does not (models/lexvla.py:Adapter).
+        adapter_shape="block",
         text_encoder="llm",  # or "bow": models/lexvla.py:LexVLAConfig, configs/variants/qbow.py
         adapter_mlp_dim=4096,
         logit_scale_init=1 / 0.07,
@@ -49,13 +54,24 @@ def get_config(arg=None):
         compute_dtype="bfloat16",
         frozen_param_dtype="bfloat16",
         remat="full",
-        lora=dict(rank=8, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down")),
+        # init: LoRA's A drawn as PEFT's default (uniform ±1/√in; "he_uniform": ±√(6/in)), B zero.
+        lora=dict(rank=8, alpha=16.0, dropout=0.0, targets=("q", "k", "v", "o", "gate", "up", "down"), init="peft"),
     )
 
     # top_k > 0: InfoNCE on each vector's top k entries (configs/variants/q512.py); 0: whole vectors.
     config.loss = dict(lambda_img=1e-3, lambda_txt=1e-3, penalty="overuse", warmup_steps=500, top_k=0)
     config.optim = dict(
-        learning_rate=2e-4, warmup_steps=500, end_lr_fraction=0.0, grad_clip_norm=1.0, b1=0.9, b2=0.98, weight_decay=0.1
+        learning_rate=2e-4,
+        warmup_steps=500,
+        end_lr_fraction=0.0,
+        grad_clip_norm=1.0,
+        b1=0.9,
+        b2=0.98,
+        weight_decay=0.1,
+        # The visual codebook's rows are word embeddings copied from Llama's lm_head; decay pulls every row toward
+        # zero whether its word is used or not. On the main job, decay there (with λ_img 1e-3) let word pieces no
+        # caption has take 145 of the eval images' 1,250 top-5 slots, 30 without (README, "The main job").
+        no_decay=("visual_codebook",),
     )
     config.train = dict(
         num_steps=20_000,

@@ -41,6 +41,8 @@ def get_config(arg=None):
     config.data.eval_shards = "data/synthetic/eval"
     config.data.tokenizer = "data/synthetic/tokenizer.model"
     config.data.image_size = 64
+    # The synthetic images are drawn at the model's input size, shapes up to their edges: evaluation keeps them whole.
+    config.data.eval_crop_pct = 1.0
     config.data.min_image_size = 8
     config.data.num_workers = 1
     config.data.shuffle_buffer = 500
@@ -85,7 +87,7 @@ def get_config(arg=None):
         compute_dtype="float32",
         frozen_param_dtype="float32",
         remat="none",
-        lora=dict(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v")),
+        lora=dict(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v"), init="peft"),
     )
 
     # Stage 1: the tiny Llama pretrained as a language model that names a caption's content words after the
@@ -157,6 +159,18 @@ def get_config(arg=None):
         format="webdataset",
         classes=synthetic.SHAPES,
         shards=config.data.get_ref("eval_shards"),
+    )
+    # Zero-shot classification: the eval images with one kind of shape (label: their mask's one class), the shape
+    # names through a few templates (the vector of a class is their mean, evaluate/class_text.py).
+    config.evals.zeroshot = dict(
+        type="classification",
+        every_steps=0,
+        label="synthetic one-shape",
+        format="webdataset",
+        classes=synthetic.SHAPES,
+        shards=config.data.get_ref("eval_shards"),
+        templates=("a {c}", "a photo of a {c}", "a small {c}", "a large {c}"),
+        top_k=16,
     )
 
     if arg == "scratch":

@@ -45,7 +45,10 @@ def _runtime(config: ml_collections.ConfigDict) -> dict:
 
 def _lora(config: ml_collections.ConfigDict) -> dict:
     lora = config.model.lora
-    return dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=tuple(lora.targets))
+    return dict(
+        lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=tuple(lora.targets),
+        lora_init=lora.get("init", "peft"),
+    )  # fmt: skip
 
 
 def vision_tower(config: ml_collections.ConfigDict) -> str:
@@ -64,8 +67,9 @@ def vision_config(config: ml_collections.ConfigDict) -> vision.VisionConfig:
     fields = {k: v for k, v in _fields(m.vision).items() if k != "tower"}
     if m.vision_checkpoint:
         ckpt = hf_loader.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint")
-        norm = {"image_norm": fields["image_norm"]} if fields.get("image_norm") else {}
-        loaded = hf_loader.vision_config(ckpt, **_runtime(config), **norm)
+        # Our choices, not the checkpoint's: the normalisation and how position embeddings are resampled.
+        ours = {k: fields[k] for k in ("image_norm", "pos_interpolation") if fields.get(k)}
+        loaded = hf_loader.vision_config(ckpt, **_runtime(config), **ours)
         found = vision.tower_name(loaded)
         if found != tower:
             raise ConfigError(

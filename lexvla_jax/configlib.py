@@ -65,7 +65,7 @@ def swap_vision_tower(config: ml_collections.ConfigDict, tower: str, preset: str
     if vision.get("preset"):
         config.model.vision = ml_collections.ConfigDict({"tower": tower, "preset": preset})
         return
-    fields = {k: v for k, v in vision.items() if k not in ("tower", "mlp_ratio")}
+    fields = {k: v for k, v in vision.items() if k not in ("tower", "mlp_ratio", "pos_interpolation")}
     fields["intermediate_size"] = int(vision.hidden_size * vision.get("mlp_ratio", 4.0))
     config.model.vision = ml_collections.ConfigDict({"tower": tower, **fields})
 

@@ -30,13 +30,23 @@ def trainable_filter(groups: Sequence[str]):
     return nnx.All(nnx.Param, nnx.Any(*parts))
 
 
+# The attribute holding stacked layers (`layers.stack_layers`): its parameters carry a leading layer axis.
+STACKED = "layers"
+
+
 def decay_mask(no_decay: Sequence[str] = ()):
     """Weight decay on matrices only (no decay on norms, biases or the logit scale), and on no parameter whose
-    path names a group of `no_decay` (groups as in `trainable_filter`)."""
+    path names a group of `no_decay` (groups as in `trainable_filter`). A parameter is a matrix by its own
+    layer's shape: a stacked `[L, D]` norm scale or bias is L vectors, not a matrix."""
     no_decay = set(no_decay)
     return lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim >= 2 and not (_group_of(path) & no_decay), params
+        lambda path, p: layer_ndim(path, p) >= 2 and not (_group_of(path) & no_decay), params
     )
+
+
+def layer_ndim(path, p) -> int:
+    """Dimensions of one layer's copy of `p`: the stacked layer axis (`STACKED` on the path) not counted."""
+    return p.ndim - (STACKED in _group_of(path))
 
 
 def _group_of(path) -> set[str]:

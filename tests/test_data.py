@@ -145,7 +145,7 @@ def test_mode_variants_decode_like_the_original(corrupt):
     pixels = np.asarray(Image.open(io.BytesIO(synthetic.make_sample(0, "train", 3, "k", 64)["jpg"])).convert("RGB"))
     gray = np.asarray(Image.fromarray(pixels).convert("L")).astype(float)
     for name, (_, data) in corrupt_data.mode_variants(pixels).items():
-        decoded = transforms.load_image(data, 64, max_pixels=10**6, min_size=1).astype(float)
+        decoded = transforms.load_image(data, 64, max_pixels=10**6, min_size=1, crop_pct=1.0).astype(float)
         reference = np.repeat(gray[..., None], 3, -1) if name in ("gray", "la", "i16") else pixels
         if name == "palette":  # palette index 0 is transparent: composited on white
             continue
@@ -170,7 +170,7 @@ def test_jpeg_draft_mode_matches_full_decode():
     png = io.BytesIO()
     Image.open(io.BytesIO(jpeg)).save(png, "PNG")  # same pixels, no draft mode
     image = transforms.open_image(jpeg, max_pixels=10**7, min_size=1)
-    fast = transforms.crop_resize(image, (100, 50, 900, 700), 64)
+    fast = transforms.crop_resize(image, (100, 50, 900, 700), 64, draft=True)
     assert image.size == (125, 94)  # decoded at 1/8 scale: the 800x650 crop is still 100x81 >= 64
     slow = transforms.crop_resize(
         transforms.open_image(png.getvalue(), max_pixels=10**7, min_size=1), (100, 50, 900, 700), 64
@@ -395,7 +395,8 @@ def test_webdataset_eval_set_has_all_captions(synthetic_dir, prompt):
         meta = json.loads(tar.extractfile("000000007.json").read())
         jpg = tar.extractfile("000000007.jpg").read()
     assert data["keys"][7] == "000000007" and data["captions"][35:40] == meta["captions"]
-    np.testing.assert_array_equal(data["image"][7], transforms.load_image(jpg, 32, max_pixels=10**6, min_size=1))
+    expected = transforms.load_image(jpg, 32, max_pixels=10**6, min_size=1, **eval_set.eval_transform(config))
+    np.testing.assert_array_equal(data["image"][7], expected)
     assert sum(data["skipped"].values()) == 0
 
 

@@ -14,7 +14,7 @@ from support.fake_encoder import FakeEncoder, colour_of
 from lexvla_jax.data import masks
 from lexvla_jax.data.config import DataConfigError, default_data_config
 from lexvla_jax.data.seg_set import VOC_CLASSES
-from lexvla_jax.evaluate import patchdis
+from lexvla_jax.evaluate import class_text, patchdis
 from lexvla_jax.evaluate.base import entry_settings
 from lexvla_jax.evaluate.patchdis import UNSCORED, PatchDisEvaluator
 from lexvla_jax.miniature import synthetic
@@ -26,7 +26,8 @@ BLOCK = 16  # pixels per patch in the written images (image_size 32 with a 4x4 g
 
 def data_config(**overrides):
     config = default_data_config()
-    config.update({"image_size": 32, "num_workers": 0, "min_image_size": 8, **overrides})
+    # eval_crop_pct=1: the centre square (the written images' layouts are drawn for it)
+    config.update({"image_size": 32, "num_workers": 0, "min_image_size": 8, "eval_crop_pct": 1.0, **overrides})
     return config
 
 
@@ -47,6 +48,7 @@ def fake(confuse: dict[str, str] | None = None) -> FakeEncoder:
         return one_hot(NAMES.index(confuse.get(name, name)))
 
     texts = {name: one_hot(i) for i, name in enumerate(NAMES)}
+    texts |= {class_text.NAME_MAPS["voc"].get(name, name): one_hot(i) for i, name in enumerate(NAMES)}  # prompt names
     return FakeEncoder(len(NAMES), text_vectors=texts, patch_vector=patch_vector, image_size=32, patch_grid=(4, 4))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from lexvla_jax import inference
 from lexvla_jax.configlib import ConfigError
+from lexvla_jax.data.eval_set import eval_transform
 from lexvla_jax.data.records import BadSample
 from lexvla_jax.data.transforms import load_image
 
@@ -28,7 +29,7 @@ def restore_encoder(config, workdir: str | None, step: int | None = None):
 
 
 def read_images(paths: Sequence[str], data_config, size: int) -> np.ndarray:
-    """uint8 [N, size, size, 3]: each file centre-cropped and resized like evaluation images."""
+    """uint8 [N, size, size, 3]: each file through the evaluation transform (`eval_set.eval_transform`)."""
     images = []
     for path in paths:
         if not os.path.isfile(path):
@@ -41,7 +42,7 @@ def read_images(paths: Sequence[str], data_config, size: int) -> np.ndarray:
                 size,
                 max_pixels=data_config.max_image_pixels,
                 min_size=data_config.min_image_size,
-                resample=data_config.resample,
+                **eval_transform(data_config),
             )
         except BadSample as e:
             raise ConfigError(f"image {path!r} cannot be used ({e}); pass a JPEG/PNG/WebP image") from None

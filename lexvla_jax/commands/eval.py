@@ -1,5 +1,7 @@
 """Runs every evaluator of config.evals on a trained checkpoint, prints tables, writes DIR/eval/step_<N>.json.
 
+Tables: retrieval as the paper's Table 1, PatchDis as its Table 2 (per-image mIoU first), zero-shot classification.
+
 `lexvla eval --config CFG --workdir DIR [--step N] [--config.x=y ...]` restores the latest checkpoint
 (or step N) onto the config's mesh.
 
@@ -20,8 +22,13 @@ from lexvla_jax.evaluate import registry, table
 from lexvla_jax.evaluate.base import EvalConfigError, Evaluator
 
 
+def _metrics_of(name: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {key.removeprefix(f"{name}/"): value for key, value in metrics.items() if key.startswith(f"{name}/")}
+
+
 def write_results(workdir: str, step: int, evaluators: list[Evaluator], metrics: dict[str, float]) -> epath.Path:
-    """`<workdir>/eval/step_<step>.json`: the step, every evaluator's settings and the flat metrics."""
+    """`<workdir>/eval/step_<step>.json`: the step, every evaluator's settings, the flat metrics and, under
+    `results`, each dataset's metrics by its entry's name."""
     path = epath.Path(workdir) / "eval" / f"step_{step}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -29,6 +36,7 @@ def write_results(workdir: str, step: int, evaluators: list[Evaluator], metrics:
         "workdir": str(workdir),
         "evals": {e.name: {"type": e.type, **e.settings} for e in evaluators},
         "metrics": metrics,
+        "results": {e.name: _metrics_of(e.name, metrics) for e in evaluators},
     }
     path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path

@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     name, source = _source(config, args.source)
     where = f"config.evals.{name}"
     records = image_text_records(source, where)
-    eval_set = read_image_text_set(records, config.data, source.get("captions_per_image", 5), args.max_images, where)
+    eval_set = read_image_text_set(records, config.data, source.get("captions_per_image", 0), args.max_images, where)
     encoder = common.restore_encoder(config, args.workdir, args.step)
     if args.top_k is not None and args.top_k > len(encoder.words):
         raise configlib.ConfigError(f"--top-k {args.top_k}: the model has only {len(encoder.words)} words")

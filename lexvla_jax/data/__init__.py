@@ -10,7 +10,10 @@ transforms.py  decode, RGB, crops, flip, tokenise (runs in grain workers; no JAX
 batching.py    batches carrying skip counts; totals in the consumer's iterator state
 pipeline.py    config → this process's checkpointable batch iterator (host side)
 device_batch.py  per-process rows → global jax.Arrays
-eval_set.py    image-text eval sets (webdataset, Karpathy json, TFDS array_record) read whole
+eval_set.py    image-text eval sets (webdataset, Karpathy json, TFDS array_record, CLIP_benchmark) read whole;
+               the evaluation transform
 seg_set.py     segmentation sets for PatchDis (VOC layout, COCO instances, webdataset masks)
+class_set.py   classification sets for zero-shot classification (CLIP_benchmark, labelled webdataset)
+clip_benchmark.py  CLIP_benchmark's webdataset layout (nshards.txt, N.tar, classnames, templates)
 masks.py       class-mask PNGs (VOC palette) and their evaluation crop
 """

@@ -49,7 +49,12 @@ def default_data_config() -> ml_collections.ConfigDict:
             "crop_scale": (0.9, 1.0),  # random-resized-crop area range (open_clip's default)
             "crop_ratio": (3 / 4, 4 / 3),
             "random_flip": True,  # a flipped image gets "left" and "right" swapped in its caption
-            "resample": "bilinear",  # bilinear | bicubic (antialiased); bicubic costs ~25% more CPU
+            "resample": "bilinear",  # training: bilinear | bicubic (antialiased); bicubic costs ~25% more CPU
+            "jpeg_draft": True,  # training: decode a JPEG at 1/2–1/8 scale when its crop is ≥ 2× the output
+            # Evaluation (DINOv2's and CLIP's): shorter side to image_size / eval_crop_pct, centre crop, full-scale
+            # decoding (`transforms.eval_box`); 0.875: 256 → 224 as DINOv2, 1.0 as CLIP's own transform.
+            "eval_resample": "bicubic",
+            "eval_crop_pct": 0.875,
             # Text.
             "tokenizer": "",  # sentencepiece model path
             "prompt_template": DEFAULT_PROMPT,
@@ -110,12 +115,25 @@ def resolve_shards(spec: str | Sequence[str] | None, field: str, suffix: str = "
     return paths
 
 
+def check_eval_transform(config: ml_collections.ConfigDict) -> None:
+    """The evaluation transform's fields (`eval_resample`, `eval_crop_pct`), one line naming a bad one."""
+    if config.get("eval_resample", "bicubic") not in RESAMPLE_FILTERS:
+        raise DataConfigError(
+            f"config.data.eval_resample={config.eval_resample!r}: use one of {', '.join(RESAMPLE_FILTERS)}"
+        )
+    if not 0 < config.get("eval_crop_pct", 0.875) <= 1:
+        raise DataConfigError(
+            f"config.data.eval_crop_pct={config.eval_crop_pct}: give the kept fraction in (0, 1], e.g. 0.875"
+        )
+
+
 def check_data_config(config: ml_collections.ConfigDict) -> None:
     """Fails fast, with the field named, on settings the pipeline cannot use."""
     if config.format not in FORMATS:
         raise DataConfigError(f"config.data.format={config.format!r}: use one of {', '.join(FORMATS)}")
     if config.resample not in RESAMPLE_FILTERS:
         raise DataConfigError(f"config.data.resample={config.resample!r}: use one of {', '.join(RESAMPLE_FILTERS)}")
+    check_eval_transform(config)
     if config.num_workers < 0:
         raise DataConfigError(f"config.data.num_workers={config.num_workers}: must be >= 0 (0 reads in-process)")
     low, high = config.crop_scale

@@ -9,17 +9,21 @@ Sources (a `format` and its fields, as `config.evals.<name>` declares them):
 - `tfds` (`tfds_name`, `tfds_data_dir`, `split`, `image_key`, `caption_key`): a TFDS dataset prepared with
   `file_format="array_record"`, read through `tfds.data_source` (no TensorFlow), e.g. `coco_captions`
   (whose `test` split is Karpathy's) with `caption_key="captions/text"`.
+- `clip_benchmark` (`root`, `split`): CLIP_benchmark's webdataset layout as downloaded, e.g. `wds_mscoco_captions`
+  or `wds_flickr30k` (`clip_benchmark.py`; captions are the lines of `KEY.txt`).
 
-Images get the evaluation transform (centre crop to `image_size`); bad ones are skipped and counted like
-in training. The order is deterministic (shard order, then tar order; json order; dataset index), the same
-on every process.
+Every caption of an image is kept unless `captions_per_image` caps it (COCO's Karpathy 5k test has 25,010).
+
+Images get the evaluation transform (`eval_image`: the shorter side resized to `image_size / eval_crop_pct`,
+bicubic, centre crop, no reduced-scale JPEG decoding); bad ones are skipped and counted like in training. The
+order is deterministic (shard order, then tar order; json order; dataset index), the same on every process.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -27,6 +31,7 @@ from etils import epath
 from PIL import Image
 
 from lexvla_jax.configlib import first_line
+from lexvla_jax.data import clip_benchmark
 from lexvla_jax.data.config import DataConfigError, resolve_shards
 from lexvla_jax.data.records import (
     CAPTION_EXTENSION,
@@ -38,9 +43,17 @@ from lexvla_jax.data.records import (
     skip_counts_dict,
 )
 from lexvla_jax.data.tar_reader import iter_samples
-from lexvla_jax.data.transforms import center_crop_box, crop_resize, decode_caption, image_member, load_image
+from lexvla_jax.data.transforms import (
+    EVAL_CROP_PCT,
+    Box,
+    crop_resize,
+    decode_caption,
+    eval_box,
+    image_member,
+    open_image,
+)
 
-SOURCE_FORMATS = ("webdataset", "karpathy", "tfds")
+SOURCE_FORMATS = ("webdataset", "karpathy", "tfds", "clip_benchmark")
 
 
 def sample_captions(files: Mapping[str, bytes]) -> list[bytes]:
@@ -179,7 +192,7 @@ def tfds_eval_records(name: str, split: str, data_dir: str, image_key: str, capt
 
 
 def _captions(raw: list[bytes], limit: int) -> list[str]:
-    """Valid captions (first `limit`); raises `BadSample` when none is usable."""
+    """Valid captions (the first `limit`; 0: all); raises `BadSample` when none is usable."""
     if not raw:
         raise BadSample(MISSING_CAPTION)
     texts, first_error = [], None
@@ -190,22 +203,32 @@ def _captions(raw: list[bytes], limit: int) -> list[str]:
             first_error = first_error or e
     if not texts:
         raise first_error or BadSample(EMPTY_CAPTION)
-    return texts[:limit]
+    return texts[:limit] if limit else texts
 
 
-def eval_image(record: Mapping, data_config) -> np.ndarray:
-    """The record's image (`image` bytes, a file at `path`, or decoded `pixels`) centre-cropped to `image_size`."""
-    size, resample = data_config.image_size, data_config.resample
+def eval_transform(data_config) -> dict:
+    """The evaluation transform's settings (`transforms.eval_box`): `crop_pct` and `resample`."""
+    return {
+        "crop_pct": data_config.get("eval_crop_pct", EVAL_CROP_PCT),
+        "resample": data_config.get("eval_resample", "bicubic"),
+    }
+
+
+def eval_image(record: Mapping, data_config, box: Box | None = None) -> np.ndarray:
+    """The record's image (`image` bytes, a file at `path`, or decoded `pixels`) as evaluation sees it: the
+    evaluation transform (`eval_transform`), or the source `box` (e.g. the whole image) resized to `image_size`."""
+    size, transform = data_config.image_size, eval_transform(data_config)
     if "pixels" in record:
         pixels = np.asarray(record["pixels"], np.uint8)
         image = Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
-        return crop_resize(image, center_crop_box(*image.size), size, resample)
-    data = record.get("image")
-    if data is None:
-        with epath.Path(record["path"]).open("rb") as f:
-            data = f.read()
-    limits = {"max_pixels": data_config.max_image_pixels, "min_size": data_config.min_image_size}
-    return load_image(data, size, resample=resample, **limits)
+    else:
+        data = record.get("image")
+        if data is None:
+            with epath.Path(record["path"]).open("rb") as f:
+                data = f.read()
+        image = open_image(data, max_pixels=data_config.max_image_pixels, min_size=data_config.min_image_size)
+    box = box or eval_box(*image.size, size, transform["crop_pct"])
+    return crop_resize(image, box, size, transform["resample"])
 
 
 class _DecodeEvalRecord:
@@ -227,6 +250,19 @@ class _DecodeEvalRecord:
             return {"error": f"{record['key']}: {e}"}
 
 
+def decode_in_order(records, decode, data_config, max_images: int | None, where: str) -> Iterator[dict]:
+    """`decode` of each of the first `max_images` records (a list or a `grain.MapDataset`), run in parallel threads
+    (`data_config.num_workers`), in order; an element `{"error": line}` is a one-line error naming `where`."""
+    dataset = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(list(records))
+    if max_images is not None:
+        dataset = dataset[:max_images]
+    read = grain.ReadOptions(num_threads=max(1, data_config.num_workers), prefetch_buffer_size=64)
+    for element in dataset.map(decode).to_iter_dataset(read):
+        if "error" in element:
+            raise DataConfigError(f"{where}: {element['error']}")
+        yield element
+
+
 def read_image_text_set(
     records: Sequence[dict] | grain.MapDataset,
     data_config,
@@ -239,16 +275,12 @@ def read_image_text_set(
     Returns `image` uint8 [N,S,S,3], `captions` (all T captions), `image_of_text` int32 [T] (the image
     each caption belongs to), `keys` (N) and `skipped` ({reason: count}).
     """
-    dataset = records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(list(records))
-    if max_images is not None:
-        dataset = dataset[:max_images]
-    read = grain.ReadOptions(num_threads=max(1, data_config.num_workers), prefetch_buffer_size=64)
-    decoded = dataset.map(_DecodeEvalRecord(data_config, captions_per_image)).to_iter_dataset(read)
+    decoded = decode_in_order(
+        records, _DecodeEvalRecord(data_config, captions_per_image), data_config, max_images, where
+    )
     skipped = np.zeros(len(SKIP_REASONS), np.int64)
     images, keys, texts, image_of_text = [], [], [], []
     for element in decoded:
-        if "error" in element:
-            raise DataConfigError(f"{where}: {element['error']}")
         if "skip" in element:
             skipped[element["skip"]] += 1
             continue
@@ -277,4 +309,6 @@ def image_text_records(source: Mapping, where: str):
     if kind == "tfds":
         keys = ("tfds_name", "split", "tfds_data_dir", "image_key", "caption_key")
         return tfds_eval_records(*(source[k] for k in keys), where)
+    if kind == "clip_benchmark":
+        return clip_benchmark.records(source["root"], source["split"], where, "retrieval")
     raise DataConfigError(f"{where}.format={kind!r}: use one of {', '.join(SOURCE_FORMATS)}")

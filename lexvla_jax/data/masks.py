@@ -12,8 +12,6 @@ import io
 import numpy as np
 from PIL import Image
 
-from lexvla_jax.data.transforms import center_crop_box
-
 IGNORE = 255
 
 
@@ -51,7 +49,6 @@ def open_mask(data: bytes, name: str) -> Image.Image:
     return image
 
 
-def crop_mask(mask: Image.Image, size: int) -> np.ndarray:
-    """uint8 `[size, size]`: the same centre crop as the evaluation images, resized nearest-neighbour."""
-    box = center_crop_box(*mask.size)
+def crop_mask(mask: Image.Image, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """uint8 `[size, size]`: the source `box` of the mask (the one its image got) resized nearest-neighbour."""
     return np.asarray(mask.resize((size, size), Image.Resampling.NEAREST, box=box), np.uint8)

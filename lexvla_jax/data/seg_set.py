@@ -12,8 +12,9 @@ Sources (a `format` and its fields, as `config.evals.<name>` declares them):
 - `webdataset` (`shards`, `classes`): tars of `KEY.jpg` with its `KEY.mask.png` (labels 1..C are the names in
   `classes`, a list given in the entry), e.g. the embedded job's synthetic eval set.
 
-Image and mask get the same centre crop to `image_size` (the image antialiased, the mask
-nearest-neighbour). Returns masks with labels 0 (background), 1..C (`classes[label - 1]`) and 255 (ignore).
+Image and mask get the same box resized to `image_size` (the image antialiased, the mask nearest-neighbour):
+with `crop="center"` the evaluation transform's centre crop (`transforms.eval_box`), with `crop="none"` the whole
+image. Returns masks with labels 0 (background), 1..C (`classes[label - 1]`) and 255 (ignore).
 """
 
 from __future__ import annotations
@@ -23,17 +24,16 @@ import io
 import os
 from collections.abc import Mapping
 
-import grain
 import numpy as np
 from etils import epath
 from PIL import Image
 
 from lexvla_jax.data.config import DataConfigError, resolve_shards
-from lexvla_jax.data.eval_set import check_exists, check_image_root, eval_image
+from lexvla_jax.data.eval_set import check_exists, check_image_root, decode_in_order, eval_image, eval_transform
 from lexvla_jax.data.masks import IGNORE, crop_mask, open_mask
 from lexvla_jax.data.records import MISSING_IMAGE, REASON_INDEX, SKIP_REASONS, BadSample, skip_counts_dict
 from lexvla_jax.data.tar_reader import iter_samples
-from lexvla_jax.data.transforms import image_member, open_image
+from lexvla_jax.data.transforms import eval_box, image_member, open_image
 
 SEG_FORMATS = ("voc", "coco", "webdataset")
 
@@ -138,10 +138,14 @@ def coco_records(json_path: str, image_root: str, classes: str, where: str) -> t
 
 
 class _DecodeImageAndMask:
-    """Record → `{"key", "image", "mask"}`, `{"skip": reason index}` for a bad image, or `{"error": line}`."""
+    """Record → `{"key", "image", "mask"}`, `{"skip": reason index}` for a bad image, or `{"error": line}`.
 
-    def __init__(self, data_config):
-        self.data_config = data_config
+    `crop="center"`: image and mask get the evaluation transform's box (`transforms.eval_box`); `"none"`: the
+    whole image and mask are resized to the model's input (aspect ratio not kept, nothing cut off).
+    """
+
+    def __init__(self, data_config, crop: str):
+        self.data_config, self.crop = data_config, crop
 
     def _mask(self, record: dict) -> Image.Image:
         if "coco_mask" in record:
@@ -161,15 +165,20 @@ class _DecodeImageAndMask:
                 with epath.Path(record["path"]).open("rb") as f:
                     data = f.read()
             mask = self._mask(record)
-            size = open_image(data, max_pixels=self.data_config.max_image_pixels, min_size=1).size
-            if size != mask.size:
-                raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}")
-            image = eval_image({"image": data}, self.data_config)
+            width, height = open_image(data, max_pixels=self.data_config.max_image_pixels, min_size=1).size
+            if (width, height) != mask.size:
+                raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {width}x{height}")
+            size = self.data_config.image_size
+            if self.crop == "none":
+                box = (0, 0, width, height)
+            else:
+                box = eval_box(width, height, size, eval_transform(self.data_config)["crop_pct"])
+            image = eval_image({"image": data}, self.data_config, box)
         except BadSample as e:
             return {"skip": REASON_INDEX[e.reason]}
         except (OSError, ValueError) as e:
             return {"error": f"{record['key']}: {e}"}
-        return {"key": record["key"], "image": image, "mask": crop_mask(mask, self.data_config.image_size)}
+        return {"key": record["key"], "image": image, "mask": crop_mask(mask, box, size)}
 
 
 def load_segmentation_set(source: Mapping, data_config, where: str) -> dict:
@@ -197,15 +206,10 @@ def load_segmentation_set(source: Mapping, data_config, where: str) -> dict:
         records, names = coco_records(source["json"], source["image_root"], classes, where)
     else:
         records, names = webdataset_records(source["shards"], where), tuple(classes)
-    dataset = grain.MapDataset.source(records)
-    if source.get("max_images") is not None:
-        dataset = dataset[: source["max_images"]]
-    read = grain.ReadOptions(num_threads=max(1, data_config.num_workers), prefetch_buffer_size=64)
+    decode = _DecodeImageAndMask(data_config, source.get("crop", "center"))
     skipped = np.zeros(len(SKIP_REASONS), np.int64)
     images, masks, keys = [], [], []
-    for element in dataset.map(_DecodeImageAndMask(data_config)).to_iter_dataset(read):
-        if "error" in element:
-            raise DataConfigError(f"{where}: {element['error']}")
+    for element in decode_in_order(records, decode, data_config, source.get("max_images"), where):
         if "skip" in element:
             skipped[element["skip"]] += 1
             continue

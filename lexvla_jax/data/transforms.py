@@ -118,23 +118,41 @@ def random_resized_crop_box(
     return (x0, y0, x0 + w, y0 + h)
 
 
-def center_crop_box(width: int, height: int) -> Box:
-    """The centred square: resizing it equals resize-shorter-side then centre crop."""
-    side = min(width, height)
-    x0, y0 = (width - side) / 2, (height - side) / 2
-    return (x0, y0, x0 + side, y0 + side)
+# Evaluation keeps the centre `crop_pct` of the resized image (DINOv2's 224/256, timm's default).
+EVAL_CROP_PCT = 0.875
+
+
+def eval_box(width: int, height: int, size: int, crop_pct: float = EVAL_CROP_PCT) -> Box:
+    """What DINOv2's and CLIP's evaluation transform keeps of a `width`×`height` image, in its pixels.
+
+    That transform resizes the shorter side to `floor(size / crop_pct)` (torchvision's `Resize(int)`: the longer
+    side becomes `int(short · long / short_side)`) and centre-crops `size`² (torchvision's `CenterCrop` offsets,
+    `int(round((side − size) / 2))`): 256 then 224 for `size=224, crop_pct=0.875`; CLIP's own is `crop_pct=1`.
+    Resizing this box to `size`² in one step samples the same source positions.
+    """
+    short = math.floor(size / crop_pct + 1e-9)
+    if width <= height:
+        new_width, new_height = short, int(short * height / width)
+    else:
+        new_width, new_height = int(short * width / height), short
+    left, top = int(round((new_width - size) / 2.0)), int(round((new_height - size) / 2.0))
+    sx, sy = width / new_width, height / new_height
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
 
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-def crop_resize(image: Image.Image, box: Box, size: int, resample: str = "bilinear", flip: bool = False) -> np.ndarray:
-    """Decodes `image` (JPEG draft mode when the crop is ≥ 2× the output), crops `box`, resizes to `size`²
-    with antialiasing (`resample`: bilinear or bicubic), and mirrors it left-right if `flip`."""
+def crop_resize(
+    image: Image.Image, box: Box, size: int, resample: str = "bilinear", flip: bool = False, draft: bool = False
+) -> np.ndarray:
+    """Decodes `image`, crops `box`, resizes to `size`² with antialiasing (`resample`: bilinear or bicubic), and
+    mirrors it left-right if `flip`. With `draft` a JPEG whose crop is ≥ 2× the output is decoded at a reduced
+    scale (1/2 to 1/8: faster, pixels change by a few grey levels; training only)."""
     width, height = image.size
     shrink = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
     try:
-        if image.format == "JPEG" and shrink >= 2:
+        if draft and image.format == "JPEG" and shrink >= 2:
             image.draft(image.mode, (math.ceil(width / shrink), math.ceil(height / shrink)))
             sx, sy = image.size[0] / width, image.size[1] / height
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
@@ -158,14 +176,15 @@ def load_image(
     ratio=(3 / 4, 4 / 3),
     resample: str = "bilinear",
     flip: bool = False,
+    draft: bool = True,
+    crop_pct: float = EVAL_CROP_PCT,
 ) -> np.ndarray:
-    """uint8 [size, size, 3]: a random-resized crop with `rng`, else the centre crop; mirrored if `flip`."""
+    """uint8 [size, size, 3]: with `rng`, a random-resized crop (JPEG draft decoding if `draft`), mirrored if `flip`;
+    without, the evaluation transform (`eval_box` with `crop_pct`, full-scale decoding)."""
     image = open_image(data, max_pixels=max_pixels, min_size=min_size)
     if rng is None:
-        box = center_crop_box(*image.size)
-    else:
-        box = random_resized_crop_box(*image.size, rng, scale, ratio)
-    return crop_resize(image, box, size, resample, flip)
+        return crop_resize(image, eval_box(*image.size, size, crop_pct), size, resample, flip)
+    return crop_resize(image, random_resized_crop_box(*image.size, rng, scale, ratio), size, resample, flip, draft)
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
@@ -188,8 +207,9 @@ class SampleDecoder:
     """Raw sample → model inputs, or `{"skip": reason index, "key": key}` for a bad sample.
 
     Training (`train=True`): random-resized crop and a horizontal flip (with "left"/"right" swapped in
-    the caption) drawn from the sample's own seed, so augmentation is reproducible after a resume.
-    Evaluation: centre crop. `prompt_encoder=None` leaves the caption untokenised (images only).
+    the caption) drawn from the sample's own seed, so augmentation is reproducible after a resume; `resample`
+    and JPEG draft decoding (`jpeg_draft`). Evaluation: `eval_box` with `eval_crop_pct`, `eval_resample`, full-scale
+    decoding. `prompt_encoder=None` leaves the caption untokenised (images only).
     """
 
     def __init__(
@@ -203,12 +223,17 @@ class SampleDecoder:
         crop_ratio=(3 / 4, 4 / 3),
         random_flip: bool = True,
         resample: str = "bilinear",
+        jpeg_draft: bool = True,
+        eval_resample: str = "bicubic",
+        eval_crop_pct: float = EVAL_CROP_PCT,
         prompt_encoder=None,
     ):
         self.image_size, self.train = image_size, train
         self.min_image_size, self.max_image_pixels = min_image_size, max_image_pixels
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
-        self.random_flip, self.resample, self.prompt_encoder = random_flip, resample, prompt_encoder
+        self.random_flip, self.prompt_encoder = random_flip, prompt_encoder
+        self.resample = resample if train else eval_resample
+        self.jpeg_draft, self.eval_crop_pct = jpeg_draft, eval_crop_pct
 
     @classmethod
     def from_config(cls, config, *, train: bool, prompt_encoder=None) -> SampleDecoder:
@@ -221,6 +246,9 @@ class SampleDecoder:
             crop_ratio=config.crop_ratio,
             random_flip=config.random_flip,
             resample=config.resample,
+            jpeg_draft=config.get("jpeg_draft", True),
+            eval_resample=config.get("eval_resample", "bicubic"),
+            eval_crop_pct=config.get("eval_crop_pct", EVAL_CROP_PCT),
             prompt_encoder=prompt_encoder,
         )
 
@@ -251,6 +279,8 @@ class SampleDecoder:
             ratio=self.crop_ratio,
             resample=self.resample,
             flip=flip,
+            draft=self.jpeg_draft,
+            crop_pct=self.eval_crop_pct,
         )
         if flip:
             caption = swap_left_right(caption)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from lexvla_jax.configlib import ConfigError
+from lexvla_jax.data.config import check_eval_transform
 
 COMMON_DEFAULTS: dict[str, Any] = {"every_steps": 0, "label": "", "max_images": None}
 
@@ -40,6 +41,7 @@ class Evaluator(abc.ABC):
         self.where = f"config.evals.{name}"
         if self.every_steps < 0:
             raise EvalConfigError(f"{self.where}.every_steps={self.every_steps} must be >= 0 (0: only at the end)")
+        check_eval_transform(data_config)
         self.data_config = data_config
 
     def due(self, step: int) -> bool:

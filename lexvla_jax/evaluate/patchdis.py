@@ -1,20 +1,23 @@
 """PatchDis: does each patch's lexical vector name the object under it?
 
 Protocol:
-1. Classes: each class name (e.g. "dog", "potted plant") fills the model's caption prompt and is encoded
-   like any caption, giving one text lexical vector t_c per class.
+1. Classes: each class's prompt name (the label name through the set's name map, e.g. VOC's "tv monitor" →
+   "tv") fills each template (default "{c}", the name alone) and the model's caption prompt; the class vector t_c
+   is the normalised mean of those text vectors (`class_text.py`).
 2. Assignment: each image patch's lexical vector p (`LexicalEncoder.encode_patches`: ELU1p(H Zᵀ) per patch,
    L2-normalised, no max-pool) gets the class of highest similarity, argmax_c p·t_c (ties: lower index).
-3. Ground truth on the patch grid: the mask gets the image's centre crop and is resized nearest-neighbour
-   to the image size; each patch takes the most frequent label among its pixels, pixels labelled 255 not
-   voting (ties: the smaller label). A patch is *scored* when that label is a class (1..C). Patches whose
-   label is background (0) or that hold only 255 pixels enter neither intersection nor union: background
-   has no class name, and 255 marks what VOC does not score.
+3. Ground truth on the patch grid: the mask gets the image's crop (`crop="center"`: the evaluation transform's
+   centre crop; `"none"`: the whole image) and is resized nearest-neighbour to the image size; each patch takes
+   the most frequent label among its pixels, pixels labelled 255 not voting (ties: the smaller label). A patch
+   is *scored* when that label is a class (1..C). Patches whose label is background (0) or that hold only 255
+   pixels enter neither intersection nor union: background has no class name, and 255 marks what VOC does not
+   score.
 4. Scores, over scored patches: `miou` sums, per class c, the intersection I_c (patches of class c
    assigned c) and the union U_c (patches of class c or assigned c) over all images, then averages
-   I_c / U_c over the classes with U_c > 0. Also `miou_per_image` (per image, the IoU of each class in
-   its ground truth, averaged over those classes, then over images), `mean_class_recall` (I_c over the
-   patches of class c, averaged over the classes present), `patch_accuracy` and `iou/<class>`.
+   I_c / U_c over the classes with U_c > 0. `miou_per_image`, the headline (the one Table 2's "Random Dis. 5.0"
+   matches, below): per image, the IoU of each class in its ground truth, averaged over those classes, then over
+   images. Also `mean_class_recall` (I_c over the patches of class c, averaged over the classes present),
+   `patch_accuracy` and `iou/<class>`.
 5. Random baseline: `random_miou`, `random_miou_per_image` and `random_mean_class_recall` score, by the
    same code, an assignment of every patch to a class drawn uniformly (numpy, seeded by `random_seed`).
 
@@ -39,10 +42,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from lexvla_jax.data.masks import IGNORE
-from lexvla_jax.data.seg_set import SEG_FORMATS, load_segmentation_set
+from lexvla_jax.data.seg_set import SEG_FORMATS, VOC_CLASSES, load_segmentation_set
+from lexvla_jax.evaluate import class_text
 from lexvla_jax.evaluate.base import EvalConfigError, Evaluator
 
 UNSCORED = -1
+CROPS = ("center", "none")
 
 
 def patch_labels(masks: np.ndarray, grid: tuple[int, int], num_classes: int, chunk: int = 256) -> np.ndarray:
@@ -131,17 +136,30 @@ class PatchDisEvaluator(Evaluator):
         "shards": "",  # webdataset: eval tars with KEY.mask.png
         # "": the format's own list; coco data can also use "voc" (its 20 VOC categories); webdataset: the names
         "classes": "",
+        # "center": image and mask get the evaluation transform's centre crop; "none": the whole image and mask
+        # resized to the model's input (nothing cut off, aspect ratio not kept).
+        "crop": "center",
+        # Label names → the words the text prompt uses (`class_text.NAME_MAPS`): "auto" (VOC's map for VOC's
+        # classes, else none), "none", "voc", or a dict.
+        "name_map": "auto",
+        "templates": class_text.DEFAULT_TEMPLATES,  # each with {c}; a class's vector combines them (class_text.py)
         "random_seed": 0,
     }
 
     def __init__(self, name: str, settings: Mapping, data_config):
         super().__init__(name, settings, data_config)
-        if self.settings["format"] not in SEG_FORMATS:
-            raise EvalConfigError(
-                f"{self.where}.format={self.settings['format']!r}: use one of {', '.join(SEG_FORMATS)}"
-            )
-        self.data = load_segmentation_set(self.settings, data_config, self.where)
+        s = self.settings
+        if s["format"] not in SEG_FORMATS:
+            raise EvalConfigError(f"{self.where}.format={s['format']!r}: use one of {', '.join(SEG_FORMATS)}")
+        if s["crop"] not in CROPS:
+            raise EvalConfigError(f"{self.where}.crop={s['crop']!r}: use one of {', '.join(CROPS)}")
+        self.templates = class_text.check_templates(s["templates"], self.where)
+        self.data = load_segmentation_set(s, data_config, self.where)
         self.classes = self.data["classes"]
+        name_map = s["name_map"]
+        if name_map == "auto":
+            name_map = "voc" if tuple(self.classes) == VOC_CLASSES else "none"
+        self.prompt_names = class_text.prompt_names(self.classes, name_map, self.where)
 
     def run(self, encoder) -> dict[str, float]:
         images = self.data["image"]
@@ -149,7 +167,7 @@ class PatchDisEvaluator(Evaluator):
         labels = patch_labels(self.data["mask"], tuple(encoder.patch_grid), len(self.classes))
         if not (labels != UNSCORED).any():
             raise EvalConfigError(f"{self.where}: no patch has a class label; check the masks and classes")
-        class_vectors = np.asarray(encoder.encode_texts(self.classes), np.float32)
+        class_vectors = class_text.class_vectors(encoder, self.prompt_names, self.templates)
         metrics = patchdis_scores(labels, assign_patches(encoder, images, class_vectors), self.classes)
         chance = patchdis_scores(
             labels, random_assignment(labels, len(self.classes), int(self.settings["random_seed"])), self.classes

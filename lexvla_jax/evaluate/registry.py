@@ -8,10 +8,13 @@ from collections.abc import Callable, Sequence
 import ml_collections
 
 from lexvla_jax.evaluate.base import EvalConfigError, Evaluator, entry_settings
+from lexvla_jax.evaluate.classification import ClassificationEvaluator
 from lexvla_jax.evaluate.patchdis import PatchDisEvaluator
 from lexvla_jax.evaluate.retrieval import RetrievalEvaluator
 
-EVALUATOR_TYPES: dict[str, type[Evaluator]] = {cls.type: cls for cls in (RetrievalEvaluator, PatchDisEvaluator)}
+EVALUATOR_TYPES: dict[str, type[Evaluator]] = {
+    cls.type: cls for cls in (RetrievalEvaluator, PatchDisEvaluator, ClassificationEvaluator)
+}
 
 
 def build_evaluators(config: ml_collections.ConfigDict) -> list[Evaluator]:

@@ -69,21 +69,40 @@ def retrieval_scores(
     return metrics
 
 
+def check_modes(evaluator: Evaluator) -> tuple[str, ...]:
+    """The entry's `modes`, checked (one line naming the field)."""
+    modes = tuple(evaluator.settings["modes"])
+    if not modes or set(modes) - set(MODES):
+        raise EvalConfigError(f"{evaluator.where}.modes={modes}: choose from {', '.join(MODES)}")
+    if int(evaluator.settings["top_k"]) < 1:
+        raise EvalConfigError(f"{evaluator.where}.top_k={evaluator.settings['top_k']}: must be >= 1")
+    return modes
+
+
+def check_top_k(evaluator: Evaluator, vocab: int) -> None:
+    """`top_k` fits the model's vocabulary when the entry scores top-k vectors."""
+    if "topk" in evaluator.modes and evaluator.settings["top_k"] > vocab:
+        raise EvalConfigError(
+            f"{evaluator.where}.top_k={evaluator.settings['top_k']} exceeds the vocabulary (V'={vocab}); lower it"
+        )
+
+
 class RetrievalEvaluator(Evaluator):
     """Image↔text retrieval on a Karpathy json, webdataset tars or a TFDS dataset (`data.eval_set`)."""
 
     type = "retrieval"
     defaults = {
-        "format": "webdataset",  # webdataset | karpathy | tfds
+        "format": "webdataset",  # webdataset | karpathy | tfds | clip_benchmark
         "shards": "",  # webdataset
+        "root": "",  # clip_benchmark: e.g. wds_mscoco_captions (holding test/nshards.txt, test/0.tar, ...)
         "json": "",  # karpathy: dataset_coco.json / dataset_flickr30k.json
         "image_root": "",  # karpathy: the folder the json's paths are relative to
-        "split": "test",  # karpathy, tfds
+        "split": "test",  # karpathy, tfds, clip_benchmark
         "tfds_name": "",  # tfds, e.g. "coco_captions/2014"
         "tfds_data_dir": "",  # tfds: its data_dir ("" = TFDS's default)
         "image_key": "image",  # tfds feature of the image
         "caption_key": "captions/text",  # tfds feature of the captions ("a/b" reaches into nested features)
-        "captions_per_image": 5,
+        "captions_per_image": 0,  # 0: every caption (COCO 5k: 25,010, as CLIP_benchmark); n: the first n
         "ks": (1, 5, 10),
         "modes": MODES,
         "threshold": None,  # None: 1/√V′
@@ -96,13 +115,11 @@ class RetrievalEvaluator(Evaluator):
         s = self.settings
         if s["format"] not in SOURCE_FORMATS:
             raise EvalConfigError(f"{self.where}.format={s['format']!r}: use one of {', '.join(SOURCE_FORMATS)}")
-        self.modes, self.ks = tuple(s["modes"]), tuple(int(k) for k in s["ks"])
-        if not self.modes or set(self.modes) - set(MODES):
-            raise EvalConfigError(f"{self.where}.modes={self.modes}: choose from {', '.join(MODES)}")
+        self.modes, self.ks = check_modes(self), tuple(int(k) for k in s["ks"])
         if not self.ks or min(self.ks) < 1:
             raise EvalConfigError(f"{self.where}.ks={self.ks}: give recall cut-offs >= 1, e.g. (1, 5, 10)")
-        if int(s["top_k"]) < 1 or int(s["captions_per_image"]) < 1:
-            raise EvalConfigError(f"{self.where}: top_k and captions_per_image must be >= 1")
+        if int(s["captions_per_image"]) < 0:
+            raise EvalConfigError(f"{self.where}.captions_per_image={s['captions_per_image']}: give 0 (all) or more")
         if int(s["word_k"]) < 0:
             raise EvalConfigError(f"{self.where}.word_k={s['word_k']}: give 0 (off) or the number of words, e.g. 5")
         records = image_text_records(s, self.where)
@@ -111,10 +128,7 @@ class RetrievalEvaluator(Evaluator):
     def run(self, encoder) -> dict[str, float]:
         self.check_image_size(encoder, self.data["image"].shape[1])
         vocab = len(encoder.kept_ids)
-        if "topk" in self.modes and self.settings["top_k"] > vocab:
-            raise EvalConfigError(
-                f"{self.where}.top_k={self.settings['top_k']} exceeds the vocabulary (V'={vocab}); lower it"
-            )
+        check_top_k(self, vocab)
         s_img = np.asarray(encoder.encode_images(self.data["image"]), np.float32)
         s_txt = np.asarray(encoder.encode_texts(self.data["captions"]), np.float32)
         metrics = retrieval_scores(
@@ -128,8 +142,9 @@ class RetrievalEvaluator(Evaluator):
             )
             metrics.update({f"word_precision/{k}": v for k, v in words.items()})
         num_images, num_texts = len(s_img), len(s_txt)
+        counts = np.bincount(self.data["image_of_text"], minlength=num_images)
         for k in self.ks:
-            chance = chance_recall(num_images, max(1, round(num_texts / num_images)), k)
+            chance = chance_recall(num_images, counts, k)
             metrics[f"chance/i2t_r@{k}"], metrics[f"chance/t2i_r@{k}"] = chance[f"i2t_r@{k}"], chance[f"t2i_r@{k}"]
         metrics["num_images"], metrics["num_texts"] = num_images, num_texts
         metrics["num_skipped"] = sum(self.data["skipped"].values())
@@ -137,10 +152,15 @@ class RetrievalEvaluator(Evaluator):
         return self.prefixed(metrics)
 
 
-def chance_recall(num_images: int, captions_per_image: int, k: int) -> dict[str, float]:
-    """Expected R@k of a random ranking: i2t hits one of C captions among N·C; t2i one image among N."""
-    total = num_images * captions_per_image
-    miss = 1.0
-    for i in range(min(k, total)):  # k beyond the N·C texts retrieves them all
-        miss *= max(0, total - captions_per_image - i) / (total - i)
-    return {f"i2t_r@{k}": 1.0 - miss, f"t2i_r@{k}": min(1.0, k / num_images)}
+def chance_recall(num_images: int, captions_per_image: int | Sequence[int], k: int) -> dict[str, float]:
+    """Expected R@k of a random ranking: i2t hits one of an image's c captions among all T, averaged over the
+    images (`captions_per_image`: one count for all, or each image's); t2i one image among N."""
+    counts = np.broadcast_to(np.asarray(captions_per_image, np.int64), (num_images,))
+    total = int(counts.sum())
+    hits = []
+    for count in counts:
+        miss = 1.0
+        for i in range(min(k, total)):  # k beyond the T texts retrieves them all
+            miss *= max(0, total - count - i) / (total - i)
+        hits.append(1.0 - miss)
+    return {f"i2t_r@{k}": float(np.mean(hits)), f"t2i_r@{k}": min(1.0, k / num_images)}

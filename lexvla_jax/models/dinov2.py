@@ -25,7 +25,9 @@ MODEL_TYPES: dict[str, dict[str, Any]] = {
     "dinov2_with_registers": {"patch_size": 16, "num_register_tokens": 4, "pos_embed_antialias": True},
 }
 
-_NON_HF_FIELDS = ("dtype", "param_dtype", "remat", "pos_embed_antialias", "image_norm")
+_NON_HF_FIELDS = ("dtype", "param_dtype", "remat", "pos_embed_antialias", "image_norm", "pos_interpolation")
+# How position embeddings are resampled to another patch grid: the source offset of each (`Dinov2Config`).
+POS_INTERPOLATION_OFFSETS = {"hf": 0.0, "dinov2": 0.1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,9 @@ class Dinov2Config:
 
     pos_embed_antialias: resample position embeddings with torch's antialiased bicubic (what
       `Dinov2WithRegistersModel` does) instead of plain bicubic (`Dinov2Model`).
+    pos_interpolation: "hf" resamples the N×N table to an n×n grid by output size, as transformers does;
+      "dinov2" by `scale_factor=(n + 0.1)/N`, as facebookresearch's DINOv2 does (`interpolate_offset=0.1`, the
+      default of its models without registers), which moves source positions by up to ~0.2 cells.
     dtype: compute dtype; param_dtype: parameter dtype; remat: a policy name in `layers.REMAT_POLICIES`.
     """
 
@@ -53,6 +58,7 @@ class Dinov2Config:
     qkv_bias: bool = True
     initializer_range: float = 0.02
     pos_embed_antialias: bool = False
+    pos_interpolation: str = "hf"
     image_norm: str = "imagenet"  # the pixel normalisation the tower was trained with (`image_norm.py`)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -67,6 +73,11 @@ class Dinov2Config:
         if self.remat not in layers.REMAT_POLICIES:
             raise ValueError(f"remat policy {self.remat!r} unknown; choose one of {sorted(layers.REMAT_POLICIES)}")
         image_norm.check_image_norm(self.image_norm)
+        if self.pos_interpolation not in POS_INTERPOLATION_OFFSETS:
+            raise ValueError(
+                f"pos_interpolation={self.pos_interpolation!r} unknown; "
+                f"choose one of {sorted(POS_INTERPOLATION_OFFSETS)}"
+            )
 
     @property
     def layer_scale(self) -> bool:
@@ -152,11 +163,12 @@ class Dinov2Model(nnx.Module):
         return self.config.num_prefix_tokens
 
     def interpolate_pos_encoding(self, grid_h: int, grid_w: int, square_pixels: bool) -> jax.Array:
-        """Position embeddings `[1, 1+grid_h·grid_w, D]` for a patch grid, as transformers resamples them."""
+        """Position embeddings `[1, 1+grid_h·grid_w, D]` for a patch grid, resampled as `pos_interpolation` says."""
         pos = self.position_embeddings[...]
         grid = vit.resample_positions(
-            pos[0, 1:], grid_h, grid_w, square_pixels, antialias=self.config.pos_embed_antialias
-        )
+            pos[0, 1:], grid_h, grid_w, square_pixels, antialias=self.config.pos_embed_antialias,
+            offset=POS_INTERPOLATION_OFFSETS[self.config.pos_interpolation],
+        )  # fmt: skip
         return jnp.concatenate([pos[:, :1], grid[None]], axis=1)
 
     def embed(self, pixels: jax.Array) -> jax.Array:

@@ -27,6 +27,12 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, dtype=jnp.fl
     return kind(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names))
 
 
+LORA_INITS = {
+    "peft": nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),  # bound √(3·⅓/in) = 1/√in
+    "he_uniform": nnx.initializers.he_uniform(),  # bound √(6/in)
+}
+
+
 class Linear(nnx.Module):
     """`y = x @ W (+ b)` with logical axis names and an optional LoRA branch `(alpha/r) · x A B`.
 
@@ -34,6 +40,8 @@ class Linear(nnx.Module):
     LoRA weights are `nnx.LoRAParam`s kept in float32 whatever `param_dtype` is: they train, and small
     updates to bfloat16 weights round away. The branch itself is not `nnx.LoRA`, which has no `alpha/r`
     scale and no dropout (PEFT's LoRA, the paper's, has both) and runs on `[B,T,·]` activations.
+    `lora_init` (`LORA_INITS`) draws `A`: "peft" as PEFT's default, uniform in ±1/√in (torch's
+    `kaiming_uniform_(a=√5)`), or "he_uniform", uniform in ±√(6/in) (2.45× wider).
     """
 
     def __init__(
@@ -49,6 +57,7 @@ class Linear(nnx.Module):
         lora_rank: int = 0,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
+        lora_init: str = "peft",
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
@@ -58,7 +67,8 @@ class Linear(nnx.Module):
         if lora_rank:
             self.lora_scale = lora_alpha / lora_rank
             lora = dict(dtype=jnp.float32, kind=nnx.LoRAParam)
-            self.lora_a = param(rngs, nnx.initializers.he_uniform(), (in_features, lora_rank), (names[0], None), **lora)
+            init = LORA_INITS[lora_init]
+            self.lora_a = param(rngs, init, (in_features, lora_rank), (names[0], None), **lora)
             self.lora_b = param(rngs, nnx.initializers.zeros, (lora_rank, out_features), (None, names[1]), **lora)
             self.lora_dropout = nnx.Dropout(lora_dropout, rngs=rngs) if lora_dropout > 0 else None
 

@@ -44,7 +44,8 @@ class LlamaConfig:
     `num_key_value_heads` and `head_dim` default to `num_attention_heads` and `hidden_size // heads`.
     Runtime: `dtype` is the compute dtype, `param_dtype` the storage dtype of freshly built parameters,
     `remat` a policy name in `layers.REMAT_POLICIES`, and LoRA of rank `lora_rank` goes on the linears
-    named in `lora_targets` (a subset of `LORA_TARGETS`; rank 0 or no targets means no LoRA).
+    named in `lora_targets` (a subset of `LORA_TARGETS`; rank 0 or no targets means no LoRA), its `A` drawn as
+    `lora_init` says (`layers.LORA_INITS`; "peft": PEFT's default).
     """
 
     vocab_size: int = 32000
@@ -69,6 +70,7 @@ class LlamaConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ()
+    lora_init: str = "peft"
 
     def __post_init__(self):
         set_field = lambda name, value: object.__setattr__(self, name, value)
@@ -91,6 +93,8 @@ class LlamaConfig:
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"lora_targets {unknown} unknown; choose from {LORA_TARGETS}")
+        if self.lora_init not in layers.LORA_INITS:
+            raise ValueError(f"lora_init={self.lora_init!r} unknown; choose one of {sorted(layers.LORA_INITS)}")
 
     def lora_rank_for(self, target: str) -> int:
         """The LoRA rank of linear `target` (0: no LoRA)."""
@@ -119,7 +123,9 @@ class LlamaConfig:
         return cls(**fields, **runtime)
 
 
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+_RUNTIME_FIELDS = (
+    "dtype", "param_dtype", "remat", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_init",
+)  # fmt: skip
 
 _LLAMA2 = dict(vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=10000.0)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -213,6 +219,7 @@ def _linear(config: LlamaConfig, target: str, d_in: int, d_out: int, names, bias
         lora_rank=config.lora_rank_for(target),
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
+        lora_init=config.lora_init,
         rngs=rngs,
     )
 

@@ -6,6 +6,11 @@ import jax
 from flax import nnx
 
 
+def trains(params: nnx.State, tower: str) -> bool:
+    """Whether any trainable parameter (`params`) lies in the model's attribute `tower` (LoRA weights count)."""
+    return any(path[0] == tower for path, _ in nnx.to_flat_state(params))
+
+
 class SplitModel:
     """The model held as `(graphdef; params, frozen, rest)`: merges the parts and runs the two towers.
 
@@ -23,10 +28,16 @@ class SplitModel:
         return model
 
     def encode(self, params, frozen, rest, batch, rng, deterministic: bool):
-        """`(s_img, s_txt)` of a batch `{"image": uint8, "input_ids", "attention_mask"}`."""
+        """`(s_img, s_txt)` of a batch `{"image": uint8, "input_ids", "attention_mask"}`.
+
+        `deterministic=False` turns drop path and LoRA dropout on, but only in a tower that trains (`trains`):
+        a frozen tower runs deterministic whatever its checkpoint's `drop_path_rate` or dropout says.
+        """
         model = self.merge(params, frozen, rest, rng)
-        s_img = model.encode_image(model.normalize(batch["image"]), deterministic=deterministic)
-        s_txt = model.encode_text(batch["input_ids"], batch["attention_mask"], deterministic=deterministic)
+        vision_fixed = deterministic or not trains(params, "vision")
+        text_fixed = deterministic or not trains(params, "text")
+        s_img = model.encode_image(model.normalize(batch["image"]), deterministic=vision_fixed)
+        s_txt = model.encode_text(batch["input_ids"], batch["attention_mask"], deterministic=text_fixed)
         return s_img, s_txt
 
     def logit_scale(self, params, frozen, rest):

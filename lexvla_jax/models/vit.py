@@ -80,14 +80,16 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     return np.where(x <= 1, inner, np.where(x < 2, outer, 0.0))
 
 
-def bicubic_resize_matrix(in_size: int, out_size: int, *, antialias: bool = False) -> np.ndarray:
-    """`[out_size, in_size]` weights of torch's `interpolate(size=..., mode="bicubic", align_corners=False)`.
+def bicubic_resize_matrix(in_size: int, out_size: int, *, antialias: bool = False, offset: float = 0.0) -> np.ndarray:
+    """`[out_size, in_size]` weights of torch's `interpolate(size=..., mode="bicubic", align_corners=False)`, or with
+    `offset` of `interpolate(scale_factor=(out_size + offset)/in_size, ...)` (the same output size, a scale of
+    `in/(out + offset)`).
 
-    Without antialias: a=-0.75, source `(i + 0.5)·in/out − 0.5`, border taps clamped. With antialias (torch's
-    `_upsample_bicubic2d_aa`, PIL-style): a=-0.5, the kernel stretched by `in/out` when downsampling, taps outside
+    Without antialias: a=-0.75, source `(i + 0.5)·scale − 0.5`, border taps clamped. With antialias (torch's
+    `_upsample_bicubic2d_aa`, PIL-style): a=-0.5, the kernel stretched by `scale` when downsampling, taps outside
     the input dropped and the rest renormalised.
     """
-    scale = in_size / out_size
+    scale = in_size / (out_size + offset)
     weights = np.zeros((out_size, in_size))
     rows = np.arange(out_size)
     if not antialias:
@@ -108,9 +110,10 @@ def bicubic_resize_matrix(in_size: int, out_size: int, *, antialias: bool = Fals
 
 
 def resample_positions(
-    grid: jax.Array, grid_h: int, grid_w: int, square_pixels: bool, *, antialias: bool = False
+    grid: jax.Array, grid_h: int, grid_w: int, square_pixels: bool, *, antialias: bool = False, offset: float = 0.0
 ) -> jax.Array:
-    """Patch position embeddings `[n·n, D]` trained on an n×n grid → `[grid_h·grid_w, D]`, as transformers does.
+    """Patch position embeddings `[n·n, D]` trained on an n×n grid → `[grid_h·grid_w, D]`, as transformers does
+    (`offset` 0) or as facebookresearch's DINOv2 does (`offset` 0.1: `scale_factor=(grid + 0.1)/n`).
 
     Unchanged when the grid has n·n patches and the image is square (transformers' condition); otherwise torch's
     bicubic resize to `(grid_h, grid_w)`, computed in float32 and returned in the input's dtype.
@@ -118,8 +121,8 @@ def resample_positions(
     n = int(round(grid.shape[0] ** 0.5))
     if grid_h * grid_w == n * n and square_pixels:
         return grid
-    rows = jnp.asarray(bicubic_resize_matrix(n, grid_h, antialias=antialias), jnp.float32)
-    cols = jnp.asarray(bicubic_resize_matrix(n, grid_w, antialias=antialias), jnp.float32)
+    rows = jnp.asarray(bicubic_resize_matrix(n, grid_h, antialias=antialias, offset=offset), jnp.float32)
+    cols = jnp.asarray(bicubic_resize_matrix(n, grid_w, antialias=antialias, offset=offset), jnp.float32)
     out = grid.astype(jnp.float32).reshape(n, n, -1)
     out = jnp.einsum("ih,hwd->iwd", rows, out, precision=jax.lax.Precision.HIGHEST)
     out = jnp.einsum("jw,iwd->ijd", cols, out, precision=jax.lax.Precision.HIGHEST)
