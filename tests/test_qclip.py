@@ -21,10 +21,8 @@ VISION_ONLY = [*NO_TEXT_CHECKPOINT, "model.text_encoder=bow"]  # no language mod
 
 
 def _load(name: str, base: str = "paper", overrides=()) -> configlib.ml_collections.ConfigDict:
-    path = (
-        os.path.join(VARIANTS, f"{name}.py") if name else os.path.join(REPO, "configs", configlib.VARIANT_BASES[base])
-    )
-    return configlib.load_config(path if base == "paper" or not name else f"{path}:{base}", list(overrides))
+    path = os.path.join(VARIANTS, f"{name or 'bases'}.py")
+    return configlib.load_config(f"{path}:{base}", list(overrides))
 
 
 def _leaves(config) -> dict:
