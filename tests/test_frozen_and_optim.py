@@ -124,7 +124,10 @@ def test_config_fields_reach_the_towers():
     assert build.vision_config(other).pos_interpolation == "dinov2"
     assert build.text_config(other).lora_init == "he_uniform"
     bad = configlib.load_config(paper, ["model.vision.pos_interpolation=torch"])
-    with pytest.raises(configlib.ConfigError, match=r"pos_interpolation='torch' unknown; use 'hf'") as info:
+    with pytest.raises(
+        configlib.ConfigError,
+        match=r"config.model.vision: pos_interpolation='torch' unknown; choose one of \['dinov2', 'hf'\]",
+    ) as info:
         build.vision_config(bad)
     assert "\n" not in str(info.value)
     assert config.model.adapter_shape == "block" and tuple(config.optim.no_decay) == ("visual_codebook",)

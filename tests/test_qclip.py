@@ -32,8 +32,25 @@ def _leaves(config) -> dict:
 @pytest.mark.parametrize(
     "name, base, expected",
     [
-        ("qclip", "paper", {"tower": ("dinov2", "clip"), "preset": ("dinov2_vitl14", "clip_vitl14")}),
-        ("siglip", "paper", {"tower": ("dinov2", "siglip"), "preset": ("dinov2_vitl14", "siglip_so400m14")}),
+        # pos_interpolation is DINOv2's choice of position-table resampling; CLIP and SigLIP resample as transformers.
+        (
+            "qclip",
+            "paper",
+            {
+                "tower": ("dinov2", "clip"),
+                "preset": ("dinov2_vitl14", "clip_vitl14"),
+                "pos_interpolation": ("hf", None),
+            },
+        ),
+        (
+            "siglip",
+            "paper",
+            {
+                "tower": ("dinov2", "siglip"),
+                "preset": ("dinov2_vitl14", "siglip_so400m14"),
+                "pos_interpolation": ("hf", None),
+            },
+        ),
         ("qclip", "tiny", {"tower": ("dinov2", "clip"), "mlp_ratio": (2.0, None), "intermediate_size": (None, 128)}),
         ("siglip", "tiny", {"tower": ("dinov2", "siglip"), "mlp_ratio": (2.0, None), "intermediate_size": (None, 128)}),
     ],
