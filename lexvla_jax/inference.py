@@ -170,7 +170,7 @@ class LexicalEncoder:
 def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> tuple[LexicalEncoder, int]:
     """The trained parameters of `workdir` (latest step, or `step`) on the config's mesh, and that step."""
     from lexvla_jax import build
-    from lexvla_jax.checkpoints import Checkpointer, CheckpointNotFound
+    from lexvla_jax.checkpoints import CheckpointDamaged, Checkpointer, CheckpointNotFound
     from lexvla_jax.program import make_program
 
     sharding.initialize_distributed(config.dist)
@@ -184,13 +184,19 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
                 f"no checkpoint {'' if step is None else f'at step {step} '}under {checkpointer.directory}; "
                 "pass the workdir `lexvla train` wrote (and an existing --step)"
             )
-        checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
-        mesh = sharding.mesh_from_config(config.mesh)
-        rules = tuple(tuple(r) for r in config.sharding.rules)
-        with sharding.use_mesh_rules(mesh, rules):
-            model = build.build_model(config, mesh, kept_ids)
-            program, _, frozen, rest = make_program(config, mesh, model)
-        state = checkpointer.restore(step, program.abstract_state)
+        try:
+            checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
+            mesh = sharding.mesh_from_config(config.mesh)
+            rules = tuple(tuple(r) for r in config.sharding.rules)
+            with sharding.use_mesh_rules(mesh, rules):
+                model = build.build_model(config, mesh, kept_ids)
+                program, _, frozen, rest = make_program(config, mesh, model)
+            state = checkpointer.restore(step, program.abstract_state)
+        except CheckpointDamaged as e:
+            older = [s for s in checkpointer.all_steps() if s < step]
+            steps = ", ".join(map(str, older))
+            choice = f"read an older one with --step N (steps {steps})" if older else "no older step exists"
+            raise CheckpointDamaged(f"{e}; {choice}", step) from e
     finally:
         checkpointer.close()
     prompt = build.caption_encoder(config, tokenizer, kept_ids)

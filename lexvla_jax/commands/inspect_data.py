@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
+
 from lexvla_jax import configlib
-from lexvla_jax.data import pipeline
+from lexvla_jax.data import layout, pipeline
 from lexvla_jax.data.device_batch import HOST_KEYS
 from lexvla_jax.text.prompt import prompt_encoder
 
@@ -50,6 +52,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lexvla inspect-data", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=10, help="batches to read")
     config, args = configlib.parse_command(argv, parser)
+    print(layout.check_layout(config.data, jax.process_count()))
     report = inspect(config, args.batches, config.train.global_batch_size)
     total_skipped = sum(report["skipped"].values())
     print(f"batches read:    {report['batches']} ({report['samples']} samples)")
