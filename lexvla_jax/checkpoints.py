@@ -65,17 +65,17 @@ def _unreadable(error: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def _one_line(what: str, hint: str, step: int | None = None):
-    """Turns orbax / tensorstore / OS errors inside into `CheckpointFailed` (`CheckpointDamaged` for unreadable
-    data of checkpoint `step`); one-line errors pass through."""
+def _one_line(what: str, hint: str, damaged: tuple[int, str] | None = None):
+    """Turns orbax / tensorstore / OS errors inside into `CheckpointFailed`, or, for unreadable data of a checkpoint
+    `damaged = (step, message)`, into `CheckpointDamaged`; one-line errors pass through."""
     try:
         yield
     except ConfigError:
         raise
     except Exception as e:
-        unreadable = _unreadable(e) if step is not None else None
+        unreadable = _unreadable(e) if damaged is not None else None
         if unreadable is not None:
-            raise CheckpointDamaged(f"{what}: checkpoint step {step} is damaged ({unreadable})", step) from e
+            raise CheckpointDamaged(f"{damaged[1]} ({unreadable})", damaged[0]) from e
         raise CheckpointFailed(f"{what} failed ({first_line(e)}); {hint}") from e
 
 
@@ -131,7 +131,9 @@ class Checkpointer:
             )
 
     def _restoring(self, step: int, item: str):
-        return _one_line(f"restoring the {item} of checkpoint step {step} in {self.directory}", RESTORE_HINT, step)
+        what = f"restoring the {item} of checkpoint step {step} in {self.directory}"
+        damaged = f"checkpoint step {step} in {self.directory} is damaged: its {item} cannot be read"
+        return _one_line(what, RESTORE_HINT, (step, damaged))
 
     def _writing(self, what: str):
         hint = "check that --workdir is writable and has free space"

@@ -95,6 +95,7 @@ class GoodputRecorder:
         if not enabled:
             return
         self.path = epath.Path(workdir) / FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.flush_seconds = REMOTE_FLUSH_SECONDS if "://" in str(workdir) else 0.0
         self.previous = read_runs(workdir)
         self.previous_last_step = max((r.get("last_step") or 0 for r in self.previous), default=0)

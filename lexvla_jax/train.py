@@ -121,8 +121,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
             checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
             checkpointer.restore_data(step, train_iter)
 
+        restore_start = time.perf_counter()
         with goodput.doing("restore"):
             _, latest = checkpointer.newest_readable(checkpointer.latest_step(), read_position, writer.log)
+        restore_seconds = time.perf_counter() - restore_start
 
         # Model and program: trainable parameters in the train state, frozen ones and the rest beside it.
         with sharding.use_mesh_rules(mesh, rules):
@@ -143,15 +145,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
                     read_position(step)
                 return checkpointer.restore(step, program.abstract_state)
 
+            restore_start = time.perf_counter()
             with goodput.doing("restore"):
-                restore_start = time.perf_counter()
                 state, latest = checkpointer.newest_readable(latest, read_state, writer.log)
-                restore_seconds = time.perf_counter() - restore_start
+            restore_seconds += time.perf_counter() - restore_start
             if latest is None:
                 state = program.init_state(params)
             else:
                 goodput.resumed(latest)
-                writer.log(f"resumed from step {latest} (train state read in {restore_seconds:.2f} s)")
+                writer.log(f"resumed from step {latest} (checkpoint read in {restore_seconds:.3f} s)")
         del params
 
         encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)

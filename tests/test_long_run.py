@@ -1,0 +1,187 @@
+"""A long run of `lexvla train`: goodput across restarts, the hang watchdog, Ctrl-C, damaged and partial checkpoints.
+
+The runs are the cut-down tiny config of `test_train_loop.py` (24 steps, a checkpoint every 4) on 2 devices, so
+their final states compare bit for bit with its uninterrupted run.
+"""
+
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_train_loop import data_dir, env, uninterrupted  # noqa: F401 (fixtures)
+
+from lexvla_jax import cli, goodput, watchdog
+
+import local_cluster
+
+STEPS = local_cluster.STEPS
+HANG = {"train.hang_timeout": 5}  # seconds without a step; start-up and checkpoints get hang_timeout_slow
+
+
+def _start(workdir, data_dir, env, **extra) -> tuple[int, str]:  # noqa: F811
+    """`lexvla train` to its end (or its hang) → (exit code, output)."""
+    result = subprocess.run(local_cluster.command(workdir, data_dir, **extra), env=env, capture_output=True, text=True)
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_hangs_then_the_end_goodput_and_exact_resume(uninterrupted, data_dir, env, tmp_path):  # noqa: F811
+    """Start 1 hangs fetching step 7, start 2 fetching step 15: the watchdog dumps every thread's stack and exits
+    124 each time; start 3 trains to the end. Steps 5-6 and 13-14 ran twice: the goodput record counts those 4 as
+    redone, the restore time as logged, and its causes add up to the wall time measured here."""
+    workdir = str(tmp_path / "work")
+    started = time.time()
+    first, out1 = _start(workdir, data_dir, env, **HANG, **{"train.debug_hang": "(0,7)"})
+    second, out2 = _start(workdir, data_dir, env, **HANG, **{"train.debug_hang": "(0,15)"})
+    third, out3 = _start(workdir, data_dir, env, **HANG)
+    wall = time.time() - started
+    assert (first, second, third) == (watchdog.EXIT_CODE, watchdog.EXIT_CODE, 0), out3[-3000:]
+    for out in (out1, out2):
+        assert "process 0: no training step completed for " in out and "Traceback" not in out
+        assert "Current thread" in out and "_debug_hang" in out  # faulthandler's dump names the stuck frame
+    dumps = glob.glob(os.path.join(workdir, "hangs", "process-0-*.txt"))
+    assert len(dumps) == 2 and all("_debug_hang" in open(d).read() for d in dumps)
+    assert "resumed from step 4" in out2 and "resumed from step 12" in out3
+    local_cluster.assert_bitwise_equal(
+        local_cluster.final_state(workdir, STEPS), local_cluster.final_state(uninterrupted[0], STEPS)
+    )
+
+    total = goodput.summarize(goodput.read_runs(workdir))
+    assert total["runs"] == 3 and total["restores"] == 2 and total["last_step"] == STEPS
+    assert total["redone_steps"] == 4
+    logged = [float(s) for s in re.findall(r"checkpoint read in ([0-9.]+) s", out2 + out3)]
+    assert total["seconds"]["restore"] == pytest.approx(sum(logged), abs=0.01)
+    assert sum(total["seconds"].values()) == pytest.approx(total["wall_seconds"], rel=1e-9)
+    assert total["wall_seconds"] == pytest.approx(wall, rel=0.02)  # only the last exit's teardown is unrecorded
+    for cause in ("productive", "startup", "compile", "checkpoint", "redone", "lost"):
+        assert total["seconds"][cause] > 0, cause
+    rows = [r for r in local_cluster.metric_rows(workdir) if "loss" in r]
+    assert all(0 < r["goodput"] < 1 and "badput/compile" in r for r in rows)
+
+
+def test_goodput_command_prints_the_causes(tmp_path, capsys):
+    """`lexvla goodput` on two recorded starts: the table's figures are the records' sums."""
+    clock = iter(range(100, 200)).__next__
+    workdir = str(tmp_path / "work")
+    for restored in (None, 2):
+        recorder = goodput.GoodputRecorder(workdir, enabled=True, started_at=clock(), clock=clock)
+        if restored is not None:
+            recorder.resumed(restored)
+        for step in range(1 + (restored or 0), 5):
+            recorder.switch(recorder.step_cause(step))
+            with recorder.doing("input_wait"):
+                pass
+            recorder.step_done(step)
+        recorder.flush()
+    total = goodput.summarize(goodput.read_runs(workdir))
+    assert total["redone_steps"] == 2 and total["last_step"] == 4 and total["restores"] == 1
+    assert sum(total["seconds"].values()) == total["wall_seconds"]
+    assert cli.main(["goodput", "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    assert f"goodput {100 * total['fractions']['productive']:.1f}%" in out and "(2 steps)" in out
+    assert cli.main(["goodput", "--workdir", str(tmp_path / "none")]) == 2
+    assert "no goodput.jsonl" in capsys.readouterr().err
+
+
+def _popen(workdir, data_dir, env, **extra):  # noqa: F811
+    """`lexvla train` in its own process group (as a terminal's foreground job), SIGINT's default disposition."""
+    log = open(f"{workdir}.log", "w+")
+    command = local_cluster.command(workdir, data_dir, **extra)
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def _wait_for(proc, log, pattern: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not re.search(pattern, open(log.name).read()):
+        assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_a_checkpoint_and_a_second_exits_at_once(data_dir, env, tmp_path):  # noqa: F811
+    """Ctrl-C (SIGINT to the process group, data worker included) stops after the step with a checkpoint, no
+    traceback and no leaked shared memory; resumed, two Ctrl-Cs exit at once and the checkpoints still read."""
+    workdir = str(tmp_path / "work")
+    proc, log = _popen(workdir, data_dir, env)
+    _wait_for(proc, log, r"\] 8/24 ")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 0
+    out = open(log.name).read()
+    stopped = int(re.search(r"process 0: stopped at step (\d+) on a termination signal", out).group(1))
+    assert "process 0: interrupted: stopping after this step" in out
+    for bad in ("Traceback", "KeyboardInterrupt", "leaked shared_memory", "resource_tracker"):
+        assert bad not in out, out[-3000:]
+    assert max(local_cluster.saved_steps(workdir)) == stopped < STEPS
+
+    proc, log = _popen(workdir, data_dir, env)
+    _wait_for(proc, log, rf"resumed from step {stopped}")
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    out = open(log.name).read()
+    assert "interrupted again: exiting now" in out and "Traceback" not in out, out[-3000:]
+    newest = max(local_cluster.saved_steps(workdir))
+    assert newest >= stopped and local_cluster.final_state(workdir, newest)["params"]
+
+
+def _damage(checkpoint_dir: str) -> str:
+    """Overwrites 4 KiB of the largest array-data file of a checkpoint (as a failing disk would)."""
+    files = glob.glob(os.path.join(checkpoint_dir, "state", "ocdbt.process_*", "d", "*"))
+    target = max(files, key=os.path.getsize)
+    with open(target, "r+b") as f:
+        f.seek(min(64, os.path.getsize(target) // 2))
+        f.write(b"\xff" * 4096)
+    return target
+
+
+@pytest.mark.slow
+def test_damaged_newest_and_partial_saves_resume_from_the_newest_that_reads(
+    uninterrupted,  # noqa: F811
+    data_dir,  # noqa: F811
+    env,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """The run as it was at step 20 with step 20's array data damaged and two saves of step 24 cut short by a kill
+    (during and after the array writes): `lexvla eval` names the damage and the older steps; `lexvla train` removes
+    the partial saves, moves step 20 aside, resumes from 16 and ends bit for bit like the uninterrupted run."""
+    workdir = str(tmp_path / "work")
+    shutil.copytree(uninterrupted[0], workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    shutil.copytree(os.path.join(checkpoints, "24"), os.path.join(checkpoints, "24.orbax-checkpoint-tmp-1"))
+    during = shutil.copytree(os.path.join(checkpoints, "24"), os.path.join(checkpoints, "24.orbax-checkpoint-tmp-2"))
+    for path in glob.glob(os.path.join(during, "state", "ocdbt.process_*", "d", "*"))[1:]:
+        os.remove(path)
+    shutil.rmtree(os.path.join(checkpoints, "24"))
+    _damage(os.path.join(checkpoints, "20"))
+
+    eval_args = ["eval", *local_cluster.command(workdir, data_dir)[4:]]
+    assert cli.main(eval_args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    damage = f"checkpoint step 20 in {checkpoints} is damaged: its train state cannot be read ("
+    assert len(err) == 1 and damage in err[0], err
+    assert "--step N (steps 4, 8, 12, 16)" in err[0] and "config.model" not in err[0]
+
+    code, out = _start(workdir, data_dir, env)
+    assert code == 0, out[-3000:]
+    for name in ("24.orbax-checkpoint-tmp-1", "24.orbax-checkpoint-tmp-2"):
+        assert f"removed {os.path.join(checkpoints, name)}: a checkpoint save that was cut short" in out
+    damaged = os.path.join(workdir, "damaged", "20")
+    assert damage in out
+    assert f"moved it to {damaged}; resuming from step 16" in out
+    assert "resumed from step 16" in out and os.path.isdir(os.path.join(damaged, "state"))
+    local_cluster.assert_bitwise_equal(
+        local_cluster.final_state(workdir, STEPS), local_cluster.final_state(uninterrupted[0], STEPS)
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
