@@ -88,6 +88,25 @@ def _any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
+def _move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Moves a directory: one rename on a filesystem; on an object store (no directories to rename), a copy of
+    every file, then the source removed."""
+    if "://" not in str(source):
+        source.rename(target)
+        return
+
+    def copy_tree(folder: epath.Path, to: epath.Path) -> None:
+        to.mkdir(parents=True, exist_ok=True)
+        for child in folder.iterdir():
+            if child.is_dir():
+                copy_tree(child, to / child.name)
+            else:
+                child.copy(to / child.name)
+
+    copy_tree(source, target)
+    source.rmtree()
+
+
 def workdir_path(workdir: str) -> epath.Path:
     """`workdir` as an epath (local paths made absolute, remote ones untouched)."""
     path = epath.Path(workdir)
@@ -152,7 +171,7 @@ class Checkpointer:
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 target = target.with_name(f"{step}-{len(list(target.parent.iterdir()))}")
-            (self.directory / str(step)).rename(target)
+            _move_tree(self.directory / str(step), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -5,6 +5,7 @@ their final states compare bit for bit with its uninterrupted run.
 """
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -13,12 +14,19 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from test_train_loop import data_dir, env, uninterrupted  # noqa: F401 (fixtures)
 
 from lexvla_jax import cli, goodput, watchdog
+from lexvla_jax.checkpoints import Checkpointer
 
 import local_cluster
+from gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
 
 STEPS = local_cluster.STEPS
 HANG = {"train.hang_timeout": 5}  # seconds without a step; start-up and checkpoints get hang_timeout_slow
@@ -185,3 +193,51 @@ def test_damaged_newest_and_partial_saves_resume_from_the_newest_that_reads(
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ------------------------------------------------------------------------------------- gs:// workdirs
+
+
+def test_damaged_newest_checkpoint_in_gcs_is_set_aside(gcs_emulator):  # noqa: F811
+    """Step 2's array data damaged in the bucket: named as damaged, moved to damaged/2, step 1 restored."""
+    workdir = gcs_emulator.new_workdir()
+    state = {"codebook": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64), "step": jnp.int32(3)}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    saver = Checkpointer(workdir, every_steps=1, keep=None)
+    for step in (1, 2):
+        saver.save(step, state, None, {"step": step}, {"ids": []})
+        saver.wait()
+    saver.close()
+    data = [o for o in gcs_emulator.objects(workdir) if o.startswith("checkpoints/2/state/") and "/d/" in o]
+    assert data, gcs_emulator.objects(workdir)
+    damaged_object = epath.Path(workdir) / data[0]
+    raw = damaged_object.read_bytes()
+    damaged_object.write_bytes(raw[:16] + b"\xff" * 4096 + raw[16 + 4096 :])
+
+    logs = []
+    checkpointer = Checkpointer(workdir, every_steps=1, keep=None)
+    try:
+        restored, step = checkpointer.newest_readable(2, lambda s: checkpointer.restore(s, abstract), logs.append)
+        assert step == 1 and checkpointer.all_steps() == [1]
+    finally:
+        checkpointer.close()
+    np.testing.assert_array_equal(np.asarray(restored["codebook"]), np.asarray(state["codebook"]))
+    assert len(logs) == 1 and logs[0].startswith(f"checkpoint step 2 in {workdir}/checkpoints is damaged: its train")
+    assert logs[0].endswith(f"moved it to {workdir}/damaged/2; resuming from step 1")
+    objects = gcs_emulator.objects(workdir)
+    assert f"damaged/2/{data[0].removeprefix('checkpoints/2/')}" in objects
+    assert not any(o.startswith("checkpoints/2/") for o in objects)
+
+
+def test_goodput_command_reads_a_gcs_workdir(gcs_emulator, capsys):  # noqa: F811
+    workdir = gcs_emulator.new_workdir()
+    clock = iter(range(10, 100)).__next__
+    recorder = goodput.GoodputRecorder(workdir, enabled=True, started_at=clock(), clock=clock)
+    recorder.switch("productive")
+    recorder.step_done(1)
+    recorder.flush()
+    assert "goodput.jsonl" in gcs_emulator.objects(workdir)
+    assert cli.main(["goodput", "--workdir", workdir, "--json"]) == 0
+    total = json.loads(capsys.readouterr().out)
+    assert total["last_step"] == 1 and total["wall_seconds"] == 3  # clock ticks: start 10, steps 11-13
+    assert total["seconds"]["startup"] == 1 and total["seconds"]["productive"] == 2
