@@ -32,7 +32,8 @@ def _wait_for(cluster: Cluster, process: int, pattern: str, timeout: float = 900
 @pytest.mark.multiprocess
 def test_a_hang_in_one_process_stops_both_then_ctrl_c_stops_both_at_one_step(data_dir, tmp_path):  # noqa: F811
     workdir = str(tmp_path / "work")
-    hung = Cluster(workdir, data_dir, 2, 4, **EXTRA, **{"train.hang_timeout": HANG_TIMEOUT, "train.debug_hang": "(1,7)"})
+    hang = {"train.hang_timeout": HANG_TIMEOUT, "train.debug_hang": "(1,7)"}
+    hung = Cluster(workdir, data_dir, 2, 4, **EXTRA, **hang)
     _wait_for(hung, 1, r"debug_hang: no batch for step 7")
     hung_at = time.time()
     assert hung.wait(timeout=EXIT_BOUND + 60) == [watchdog.EXIT_CODE, watchdog.EXIT_CODE]
