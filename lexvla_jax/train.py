@@ -135,25 +135,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
         writer.log(
             f"vocabulary {len(kept_ids)} words; parameters: trainable {_count(params):,}, frozen {_count(frozen):,}"
         )
+        if latest is not None:  # a damaged train state sets its checkpoint aside: an older one is read instead
+            restore_start = time.perf_counter()
+            with goodput.doing("restore"):
+                state, latest = _restore_state(checkpointer, latest, program, read_position, writer.log)
+            restore_seconds += time.perf_counter() - restore_start
         if latest is None:
             state = program.init_state(params)
         else:
-            positioned = latest
-
-            def read_state(step):
-                if step != positioned:
-                    read_position(step)
-                return checkpointer.restore(step, program.abstract_state)
-
-            restore_start = time.perf_counter()
-            with goodput.doing("restore"):
-                state, latest = checkpointer.newest_readable(latest, read_state, writer.log)
-            restore_seconds += time.perf_counter() - restore_start
-            if latest is None:
-                state = program.init_state(params)
-            else:
-                goodput.resumed(latest)
-                writer.log(f"resumed from step {latest} (checkpoint read in {restore_seconds:.3f} s)")
+            goodput.resumed(latest)
+            writer.log(f"resumed from step {latest} (checkpoint read in {restore_seconds:.3f} s)")
         del params
 
         encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
@@ -247,6 +238,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
         train_iter.close()  # stops the data workers
         writer.close()
         goodput.flush()
+
+
+def _restore_state(checkpointer: Checkpointer, positioned: int, program, read_position, log):
+    """(train state, step) of the newest checkpoint from step `positioned` down whose state reads (None, None when
+    none does); the data iterator, positioned at `positioned`, is repositioned by `read_position` for an older one."""
+
+    def read_state(step):
+        if step != positioned:
+            read_position(step)
+        return checkpointer.restore(step, program.abstract_state)
+
+    return checkpointer.newest_readable(positioned, read_state, log)
 
 
 def _debug_hang(at: tuple, step: int) -> None:

@@ -13,11 +13,12 @@ import math
 
 from lexvla_jax.data import streams
 from lexvla_jax.data.array_record import SUFFIX
-from lexvla_jax.data.config import DataConfigError, resolve_shards
+from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
 
 
 def check_layout(config, process_count: int) -> str:
     """One line describing how `config.data`'s training shards split; `DataConfigError` when a worker gets none."""
+    check_data_config(config)
     num_streams = streams.num_streams(config, process_count)
     workers = max(config.num_workers, 1)
     readers = num_streams * workers
