@@ -19,7 +19,8 @@ one cause is running (`switch`, `doing`), so a start's causes add up to its reco
 
 `lost` is what the wall time from the first start to the last record leaves over (`summarize`). A start records
 at least every `flush_seconds` (every step on a local workdir), so an abrupt end (SIGKILL, a lost machine) loses
-at most that much of its record. Only the main process records; all processes step together.
+at most that much of its record; a start's interpreter exit after its last record (seconds) counts as lost once
+the next start begins. Only the main process records; all processes step together.
 """
 
 from __future__ import annotations
