@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -194,8 +193,27 @@ def test_damaged_newest_and_partial_saves_resume_from_the_newest_that_reads(
     )
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+@pytest.mark.slow
+def test_sigkill_during_an_asynchronous_save(uninterrupted, data_dir, env, tmp_path):  # noqa: F811
+    """SIGKILL to the run (trainer and data worker) while step 12's save is being written: the next start removes
+    the cut-short save in one line, resumes from step 8 and ends bit for bit like the uninterrupted run."""
+    workdir = str(tmp_path / "work")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    proc, log = _popen(workdir, data_dir, env)
+    deadline = time.time() + 900
+    while not (partial := glob.glob(os.path.join(checkpoints, "12.orbax-checkpoint-tmp*"))):
+        assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert local_cluster.saved_steps(workdir) == [4, 8] and glob.glob(partial[0]), "the save was not cut short"
+
+    code, out = _start(workdir, data_dir, env)
+    assert code == 0, out[-3000:]
+    assert f"removed {partial[0]}: a checkpoint save that was cut short" in out and "resumed from step 8" in out
+    local_cluster.assert_bitwise_equal(
+        local_cluster.final_state(workdir, STEPS), local_cluster.final_state(uninterrupted[0], STEPS)
+    )
 
 
 # ------------------------------------------------------------------------------------- gs:// workdirs
