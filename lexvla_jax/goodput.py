@@ -15,12 +15,14 @@ one cause is running (`switch`, `doing`), so a start's causes add up to its reco
 | evaluation   | evaluators during and after training, top words and word maps                      |
 | redone       | steps past the restored checkpoint that an earlier start had already run           |
 | shutdown     | stopping the data workers and closing files                                        |
+| hang         | the watchdog's timeout: from the last completed step to its exit (`watchdog.py`)   |
 | lost         | between starts: after an abrupt end's last record, and until the next start        |
 
 `lost` is what the wall time from the first start to the last record leaves over (`summarize`). A start records
-at least every `flush_seconds` (every step on a local workdir), so an abrupt end (SIGKILL, a lost machine) loses
-at most that much of its record; a start's interpreter exit after its last record (seconds) counts as lost once
-the next start begins. Only the main process records; all processes step together.
+at least every `flush_seconds` (1 s on a local workdir, 30 s on a remote one), and the watchdog records before it
+exits, so an abrupt end (SIGKILL, a lost machine) loses at most that much of its record; a start's interpreter exit
+after its last record counts as lost once the next start begins. Only the main process records; all processes step
+together.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ CAUSES = (
     "evaluation",
     "redone",
     "shutdown",
+    "hang",
     "lost",
 )
 FILE = "goodput.jsonl"
+LOCAL_FLUSH_SECONDS = 1.0
 REMOTE_FLUSH_SECONDS = 30.0
 
 
@@ -97,7 +101,7 @@ class GoodputRecorder:
             return
         self.path = epath.Path(workdir) / FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.flush_seconds = REMOTE_FLUSH_SECONDS if "://" in str(workdir) else 0.0
+        self.flush_seconds = REMOTE_FLUSH_SECONDS if "://" in str(workdir) else LOCAL_FLUSH_SECONDS
         self.previous = read_runs(workdir)
         self.previous_last_step = max((r.get("last_step") or 0 for r in self.previous), default=0)
         self.record = {
@@ -109,6 +113,7 @@ class GoodputRecorder:
             "redone_steps": 0,
         }
         self.cause, self._since, self._flushed = "startup", started_at, 0.0
+        self._at_last_step = (dict(self.record["seconds"]), started_at)
 
     def switch(self, cause: str) -> str:
         """Charges the time since the last switch to the running cause, then runs `cause`; returns the old one."""
@@ -143,8 +148,20 @@ class GoodputRecorder:
             return
         self.record["last_step"] = int(step)
         self.record["redone_steps"] += step <= self.redo_until
+        self.switch(self.cause)
+        self._at_last_step = (dict(self.record["seconds"]), self._since)
         if self._clock() - self._flushed >= self.flush_seconds:
             self.flush()
+
+    def hung(self) -> None:
+        """The watchdog's last record before it exits: the time since the last completed step counts as `hang`."""
+        if not self.enabled:
+            return
+        seconds, since = self._at_last_step
+        now = self._clock()
+        self.record["seconds"] = {**seconds, "hang": seconds["hang"] + now - since}
+        self.record["end"], self._since, self.cause = now, now, "hang"
+        self.flush()
 
     def flush(self) -> None:
         """Writes every start's record, this one up to now."""

@@ -110,9 +110,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
     sample_keys = SampleKeyLog(workdir, jax.process_index(), enabled=tc.record_sample_keys)
     stop = StopRequest()
     profiler = throughput.Profiler(str(workdir_path(workdir) / "profile"), tc.get("profile_steps"))
-    watchdog = Watchdog(
-        tc.get("hang_timeout", 0), tc.get("hang_timeout_slow", 0), workdir_path(workdir) / "hangs", jax.process_index()
-    )
+    hang_timeouts = tc.get("hang_timeout", 0), tc.get("hang_timeout_slow", 0)
+    watchdog = Watchdog(*hang_timeouts, workdir_path(workdir) / "hangs", jax.process_index(), goodput.hung)
     try:
         for name in checkpointer.partial_saves:
             writer.log(f"removed {checkpointer.directory / name}: a checkpoint save that was cut short")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import faulthandler
+import math
 import os
 import statistics
 import sys
@@ -32,6 +33,7 @@ MEDIAN_OF = 100  # the median of the last this many step times
 MIN_STEPS_FOR_MEDIAN = 5
 GRACE_SECONDS = 5.0
 BACKUP_SECONDS = 60.0  # the C-level timer fires this long after the watcher should have
+REARM_SECONDS = 1.0  # the C-level timer is re-armed at most this often (re-arming starts a thread)
 
 
 def parse_timeout(value) -> tuple[float, float]:
@@ -55,13 +57,15 @@ def parse_timeout(value) -> tuple[float, float]:
 class Watchdog:
     """Call `step_done()` after each completed step; wrap slow phases in `with watchdog.slow():`; `close()`."""
 
-    def __init__(self, hang_timeout, slow_seconds: float, hang_dir, process_index: int, log=print):
+    def __init__(self, hang_timeout, slow_seconds: float, hang_dir, process_index: int, on_timeout=lambda: None):
+        """`on_timeout()` runs before the stacks are dumped (e.g. the goodput record's last write)."""
         self.seconds, self.multiple = parse_timeout(hang_timeout)
         self.enabled = bool(self.seconds or self.multiple)
         self.slow_seconds = float(slow_seconds)
         self.hang_dir = epath.Path(hang_dir)
         self.process_index = process_index
-        self.log = log
+        self.on_timeout = on_timeout
+        self._armed_at = -math.inf
         self._times: collections.deque[float] = collections.deque(maxlen=MEDIAN_OF)
         self._last = time.monotonic()
         self._slow = 1  # start-up and compilation count as slow, until the first step
@@ -89,7 +93,7 @@ class Watchdog:
             else:
                 self._times.append(now - self._last)
             self._last = now
-        if self.enabled:
+        if self.enabled and now - self._armed_at >= REARM_SECONDS:
             self._arm()
 
     @contextlib.contextmanager
@@ -110,7 +114,8 @@ class Watchdog:
                 self._arm()
 
     def _arm(self) -> None:
-        faulthandler.dump_traceback_later(self.timeout() + BACKUP_SECONDS, exit=True)
+        self._armed_at = time.monotonic()
+        faulthandler.dump_traceback_later(self.timeout() + BACKUP_SECONDS + REARM_SECONDS, exit=True)
 
     def _watch(self) -> None:
         while not self._closed.wait(0.25):
@@ -121,6 +126,10 @@ class Watchdog:
 
     def _dump_and_exit(self, waited: float) -> None:
         faulthandler.cancel_dump_traceback_later()
+        try:
+            self.on_timeout()
+        except Exception as e:  # the stacks and the exit matter more
+            print(f"process {self.process_index}: before dumping the stacks: {e}", file=sys.stderr)
         with tempfile.TemporaryFile("w+") as f:
             faulthandler.dump_traceback(file=f, all_threads=True)
             f.seek(0)

@@ -260,5 +260,52 @@ def test_goodput_command_reads_a_gcs_workdir(gcs_emulator, capsys):  # noqa: F81
     assert "goodput.jsonl" in gcs_emulator.objects(workdir)
     assert cli.main(["goodput", "--workdir", workdir, "--json"]) == 0
     total = json.loads(capsys.readouterr().out)
-    assert total["last_step"] == 1 and total["wall_seconds"] == 3  # clock ticks: start 10, steps 11-13
-    assert total["seconds"]["startup"] == 1 and total["seconds"]["productive"] == 2
+    assert total["last_step"] == 1 and total["seconds"]["startup"] == 1  # clock ticks: start 10, first step 11
+    assert total["seconds"]["productive"] == total["wall_seconds"] - 1 > 0
+
+
+# ------------------------------------------------------------------------------------------ unit tests
+
+
+def test_a_hang_counts_from_the_last_completed_step(tmp_path):
+    now = [0.0]
+    recorder = goodput.GoodputRecorder(str(tmp_path), enabled=True, started_at=0.0, clock=lambda: now[0])
+    now[0] = 1.0
+    recorder.switch("productive")  # start-up 0 → 1
+    now[0] = 2.0
+    recorder.step_done(1)  # step 1: 1 → 2
+    now[0] = 3.0
+    recorder.switch("input_wait")
+    now[0] = 5.0
+    recorder.hung()  # the next batch never came: 2 → 5 is the hang, not input wait
+    (record,) = goodput.read_runs(str(tmp_path))
+    assert record["seconds"]["hang"] == 3 and record["seconds"]["input_wait"] == 0
+    assert record["seconds"]["productive"] == 1 and record["seconds"]["startup"] == 1
+    assert sum(record["seconds"].values()) == record["end"] - record["start"] == 5
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds", "multiple"), [("600", 600, 0), (0, 0, 0), ("20x", 0, 20), (" 2.5X ", 0, 2.5)]
+)
+def test_hang_timeout_forms(value, seconds, multiple):
+    assert watchdog.parse_timeout(value) == (seconds, multiple)
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "0x", "ten"])
+def test_bad_hang_timeout_is_one_line(value):
+    with pytest.raises(watchdog.ConfigError, match="^config.train.hang_timeout=.* use e.g. 600"):
+        watchdog.parse_timeout(value)
+
+
+def test_the_timeout_follows_the_median_step_time(tmp_path):
+    dog = watchdog.Watchdog("0", 100, tmp_path / "hangs", 0)  # off: no thread, the arithmetic only
+    dog.multiple = 20
+    assert dog.timeout() == 100  # start-up and compilation
+    dog.step_done()
+    dog._times.extend([0.5] * 4 + [90.0])  # one slow step does not move the median
+    assert dog.timeout() == max(20 * 0.5, watchdog.MIN_MULTIPLE_SECONDS)
+    dog._times.extend([3.0] * 10)
+    assert dog.timeout() == 60
+    with dog.slow():
+        assert dog.timeout() == 100
+    dog.close()
