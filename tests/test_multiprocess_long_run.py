@@ -46,8 +46,9 @@ def test_a_hang_in_one_process_stops_both_then_ctrl_c_stops_both_at_one_step(dat
     assert sorted(os.path.basename(d).split("-")[1] for d in dumps) == ["0", "1"]
 
     # Resumed, then Ctrl-C in the terminal: SIGINT to every process of the job (trainers and data workers).
+    # (Once a step has run: JAX's preemption sync manager misses a notice that comes before its first sync point.)
     resumed = Cluster(workdir, data_dir, 2, 4, **EXTRA)
-    _wait_for(resumed, 0, r"resumed from step 4")
+    _wait_for(resumed, 0, r"\] 6/12 ")
     for proc in resumed.procs:
         for pid in [proc.pid, *_children(proc.pid)]:
             os.kill(pid, signal.SIGINT)
