@@ -44,7 +44,9 @@ class CheckpointDamaged(CheckpointFailed):
 
 
 # What to change when a checkpoint that reads cannot be restored: it was written for another model.
-RESTORE_HINT = "run with the config it was trained with (config.model, config.train.trainable)"
+RESTORE_HINT = (
+    "run with the config it was trained with (config.model, config.train.trainable), or start a new --workdir"
+)
 DAMAGED = "damaged"  # WORKDIR/damaged/<step>: checkpoints set aside because they cannot be read
 # What tensorstore, orbax and the JSON readers say when stored bytes cannot be read (not: do not fit the target).
 _UNREADABLE = re.compile(

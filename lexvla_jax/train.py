@@ -95,13 +95,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
     sharding.check_batch_size(tc.global_batch_size, mesh, rules, tc.micro_batches)
     writer = MetricWriter(workdir, tc.num_steps, enabled=sharding.is_main_process())
     writer.log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
-    writer.log(layout.check_layout(config.data, jax.process_count()))
 
     # Data, and where a previous run of this workdir stopped: a checkpoint this run cannot continue exactly
     # (another vocabulary, data streams or worker count) is refused here, before the model is built.
     tokenizer, kept_ids = build.load_vocabulary(config)
     vocabulary = vocabulary_record(tokenizer, kept_ids, config.data.tokenizer)
     prompt = build.caption_encoder(config, tokenizer, kept_ids)
+    writer.log(layout.check_layout(config.data, jax.process_count()))
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir, every_steps=ck.every_steps, keep=ck.keep, async_save=ck.async_save)
     train_iter = pipeline.train_iterator(

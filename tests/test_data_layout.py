@@ -45,5 +45,6 @@ def test_inspect_data_checks_the_layout_before_reading(tmp_path):
         (tmp_path / "train" / f"{i}.tar").write_bytes(b"")
     config = os.path.join(REPO, "configs", "tiny.py")
     args = ["--config", config, f"--config.data.train_shards={tmp_path / 'train'}", "--config.data.num_workers=4"]
+    args.append("--config.data.tokenizer=")  # images only
     with pytest.raises(DataConfigError, match="^3 training shard"):
         inspect_data.main(args)

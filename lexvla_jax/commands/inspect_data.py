@@ -21,6 +21,7 @@ from lexvla_jax.text.prompt import prompt_encoder
 def inspect(config, num_batches: int, global_batch_size: int) -> dict:
     """Reads `num_batches` batches; returns counts, throughput and shapes."""
     encoder = prompt_encoder(config.data)
+    print(layout.check_layout(config.data, jax.process_count()))
     start = time.perf_counter()
     iterator = pipeline.train_iterator(config.data, global_batch_size, prompt_encoder=encoder)
     shapes, batches, first = {}, 0, None
@@ -52,7 +53,6 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lexvla inspect-data", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=10, help="batches to read")
     config, args = configlib.parse_command(argv, parser)
-    print(layout.check_layout(config.data, jax.process_count()))
     report = inspect(config, args.batches, config.train.global_batch_size)
     total_skipped = sum(report["skipped"].values())
     print(f"batches read:    {report['batches']} ({report['samples']} samples)")
