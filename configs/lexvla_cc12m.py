@@ -84,6 +84,11 @@ def get_config(arg=None):
         trainable=("adapter", "visual_codebook", "logit_scale", "lora"),
         log_every=50,
         profile_steps=(),  # (start, stop): a jax.profiler trace of those steps in WORKDIR/profile
+        # No step for this long (seconds, or a multiple of the median step time, at least 30 s): every process
+        # dumps its threads' stacks to the log and WORKDIR/hangs/, then exits 124 for the launcher to restart it.
+        hang_timeout="20x",
+        hang_timeout_slow=1800,  # seconds allowed for start-up and compilation, an evaluation or a checkpoint
+        debug_hang=(),  # debug: (process, step): that process stops fetching the batch of that step
         max_consecutive_skips=20,
         show_top_words=0,
         record_sample_keys=False,  # debug: write the sample keys of every step under the workdir

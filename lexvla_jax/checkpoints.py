@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from lexvla_jax.configlib import ConfigError, first_line
 from lexvla_jax.data import streams
@@ -33,21 +36,77 @@ class CheckpointFailed(ConfigError):
     """Orbax could not read or write a checkpoint; one line naming the directory and what to change."""
 
 
-# What to change when a checkpoint cannot be restored: it was written for another model, or is damaged.
+class CheckpointDamaged(CheckpointFailed):
+    """A checkpoint whose files cannot be read (damaged or partial data), told apart from a config mismatch."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+# What to change when a checkpoint that reads cannot be restored: it was written for another model.
 RESTORE_HINT = (
     "run with the config it was trained with (config.model, config.train.trainable), or start a new --workdir"
 )
+DAMAGED = "damaged"  # WORKDIR/damaged/<step>: checkpoints set aside because they cannot be read
+# What tensorstore, orbax and the JSON readers say when stored bytes cannot be read (not: do not fit the target).
+_UNREADABLE = re.compile(
+    r"Error reading|DATA_LOSS|[Cc]orrupt|Encountered error while reading|NOT_FOUND|Unexpected end|"
+    r"Expecting value|Unterminated string|Invalid control character|No such file"
+)
+
+
+def _unreadable(error: BaseException) -> str | None:
+    """The innermost message of `error`'s chain that says stored bytes cannot be read, else None."""
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _UNREADABLE.search(str(error)) or isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
+            found = first_line(error)
+        error = error.__cause__ or error.__context__
+    return found
 
 
 @contextlib.contextmanager
-def _one_line(what: str, hint: str):
-    """Turns orbax / tensorstore / OS errors inside into `CheckpointFailed`; one-line errors pass through."""
+def _one_line(what: str, hint: str, damaged: tuple[int, str] | None = None):
+    """Turns orbax / tensorstore / OS errors inside into `CheckpointFailed`, or, for unreadable data of a checkpoint
+    `damaged = (step, message)`, into `CheckpointDamaged`; one-line errors pass through."""
     try:
         yield
     except ConfigError:
         raise
     except Exception as e:
+        unreadable = _unreadable(e) if damaged is not None else None
+        if unreadable is not None:
+            raise CheckpointDamaged(f"{damaged[1]} ({unreadable})", damaged[0]) from e
         raise CheckpointFailed(f"{what} failed ({first_line(e)}); {hint}") from e
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return flag
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _move_tree(source: epath.Path, target: epath.Path) -> None:
+    """Moves a directory: one rename on a filesystem; on an object store (no directories to rename), a copy of
+    every file, then the source removed."""
+    if "://" not in str(source):
+        source.rename(target)
+        return
+
+    def copy_tree(folder: epath.Path, to: epath.Path) -> None:
+        to.mkdir(parents=True, exist_ok=True)
+        for child in folder.iterdir():
+            if child.is_dir():
+                copy_tree(child, to / child.name)
+            else:
+                child.copy(to / child.name)
+
+    copy_tree(source, target)
+    source.rmtree()
 
 
 def workdir_path(workdir: str) -> epath.Path:
@@ -74,7 +133,12 @@ class Checkpointer:
     ):
         self.directory = workdir_path(workdir) / "checkpoints"
         self.every_steps = every_steps
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=create)
+        # A save cut short (SIGKILL, a lost machine) leaves a temporary directory orbax never reads; on opening
+        # for training (`create`) such directories are removed (`partial_saves` names them first).
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=create, cleanup_tmp_directories=create
+        )
+        self.partial_saves = self._partial_saves()
         with _one_line(f"opening {self.directory}", "set --workdir to a directory this process can write"):
             self.manager = ocp.CheckpointManager(
                 self.directory,
@@ -88,11 +152,50 @@ class Checkpointer:
             )
 
     def _restoring(self, step: int, item: str):
-        return _one_line(f"restoring the {item} of checkpoint step {step} in {self.directory}", RESTORE_HINT)
+        what = f"restoring the {item} of checkpoint step {step} in {self.directory}"
+        damaged = f"checkpoint step {step} in {self.directory} is damaged: its {item} cannot be read"
+        return _one_line(what, RESTORE_HINT, (step, damaged))
 
     def _writing(self, what: str):
         hint = "check that --workdir is writable and has free space"
         return _one_line(f"{what} under {self.directory}", hint)
+
+    def _partial_saves(self) -> list[str]:
+        """Names of saves cut short under the checkpoint directory (orbax's temporary directories)."""
+        if not self.directory.exists():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Moves checkpoint `step` to `WORKDIR/damaged/<step>` (never deleted); the main process moves it."""
+        target = self.directory.parent / DAMAGED / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = target.with_name(f"{step}-{len(list(target.parent.iterdir()))}")
+            _move_tree(self.directory / str(step), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+        return target
+
+    def newest_readable(self, step: int | None, restore, log) -> tuple[object, int | None]:
+        """`(restore(s), s)` for the newest checkpoint `s <= step` that reads; a damaged one is set aside (one line
+        each). Every process decides alike: a checkpoint damaged for one process is set aside by all."""
+        while step is not None:
+            try:
+                result, error = restore(step), None
+            except CheckpointDamaged as e:
+                result, error = None, e
+            if not _any_process(error is not None):
+                return result, step
+            older = [s for s in self.all_steps() if s < step]
+            target = self.set_aside(step)
+            reason = error if error is not None else f"checkpoint step {step} is damaged on another process"
+            following = f"resuming from step {max(older)}" if older else "no older checkpoint: starting anew"
+            log(f"{reason}; moved it to {target}; {following}")
+            step = max(older) if older else None
+        return None, None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "make the embedded job's data and pretrained towers (config.miniature; each part skipped when done)",
     ),
     "train": ("lexvla_jax.commands.train:main", "train LexVLA (resumes from the workdir's latest checkpoint)"),
+    "goodput": (
+        "lexvla_jax.commands.goodput:main",
+        "what a run's wall time went to: productive steps, compilation, input, checkpoints, restarts",
+    ),
     "eval": ("lexvla_jax.commands.eval:main", "run config.evals (retrieval, PatchDis) on a trained checkpoint"),
     "compile": (
         "lexvla_jax.commands.compile:main",

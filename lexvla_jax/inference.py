@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lexvla_jax import build, configlib, explain, optim, sharding
-from lexvla_jax.checkpoints import Checkpointer, CheckpointNotFound
+from lexvla_jax.checkpoints import CheckpointDamaged, Checkpointer, CheckpointNotFound
 from lexvla_jax.models.split import SplitModel
 from lexvla_jax.text import bow
 from lexvla_jax.text.prompt import PromptEncoder
@@ -186,17 +186,23 @@ def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = 
     try:
         # The checkpoint and its vocabulary are checked before the model is built: user errors come fast.
         step = _existing_step(checkpointer, step)
-        checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
-        mesh, rules = sharding.mesh_and_rules(config)
-        with sharding.use_mesh_rules(mesh, rules):
-            model = build.build_model(config, mesh, kept_ids)
-        graphdef, params, frozen, rest = nnx.split(
-            model, optim.trainable_filter(config.train.trainable), nnx.Param, ...
-        )
-        shardings = sharding.state_shardings(params, mesh, rules)
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-        del params
-        params = checkpointer.restore_params(step, abstract)
+        try:
+            checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
+            mesh, rules = sharding.mesh_and_rules(config)
+            with sharding.use_mesh_rules(mesh, rules):
+                model = build.build_model(config, mesh, kept_ids)
+            graphdef, params, frozen, rest = nnx.split(
+                model, optim.trainable_filter(config.train.trainable), nnx.Param, ...
+            )
+            shardings = sharding.state_shardings(params, mesh, rules)
+            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+            del params
+            params = checkpointer.restore_params(step, abstract)
+        except CheckpointDamaged as e:
+            older = [s for s in checkpointer.all_steps() if s < step]
+            steps = ", ".join(map(str, older))
+            choice = f"read an older one with --step N (steps {steps})" if older else "no older step exists"
+            raise CheckpointDamaged(f"{e}; {choice}", step) from e
     finally:
         checkpointer.close()
     encoder = LexicalEncoder.create(

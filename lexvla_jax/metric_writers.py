@@ -28,7 +28,7 @@ def _scalar(value):
     return float(value)
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -91,7 +91,7 @@ class MetricWriter:
         filled = int(width * step / max(self.total_steps, 1))
         bar = "#" * filled + "." * (width - filled)
         shown = "  ".join(f"{k}={_scalar(v):.4g}" for k, v in metrics.items() if not isinstance(_scalar(v), bool))
-        eta_text = _format_duration(eta) if math.isfinite(eta) else "--:--"
+        eta_text = format_duration(eta) if math.isfinite(eta) else "--:--"
         print(f"[{bar}] {step}/{self.total_steps} eta {eta_text}  {shown}", file=self.console, flush=True)
 
     def log(self, message: str) -> None:

@@ -8,13 +8,17 @@ that divides `config.data.num_streams`.
 
 Several processes decide everything identically: where a decision needs host-local information (a
 SIGTERM to one process), it goes through JAX's preemption sync point, which every process reaches at the
-same step.
+same step. A long run records where its wall time goes (`goodput.py`), dumps stacks and exits when no step
+completes in time (`watchdog.py`), and resumes from the newest checkpoint that reads, setting damaged ones aside.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import textwrap
+import time
 
 import jax
 import ml_collections
@@ -23,12 +27,14 @@ from jax.experimental import multihost_utils
 
 from lexvla_jax import build, explain, sharding, throughput
 from lexvla_jax.checkpoints import Checkpointer, vocabulary_record, workdir_path
-from lexvla_jax.data import pipeline
+from lexvla_jax.data import layout, pipeline
 from lexvla_jax.data.device_batch import make_global_batch
 from lexvla_jax.evaluate import registry, table
+from lexvla_jax.goodput import GoodputRecorder
 from lexvla_jax.inference import LexicalEncoder
 from lexvla_jax.metric_writers import MetricWriter, SampleKeyLog
 from lexvla_jax.program import make_program
+from lexvla_jax.watchdog import Watchdog
 
 
 class TrainingError(RuntimeError):
@@ -36,21 +42,35 @@ class TrainingError(RuntimeError):
 
 
 class StopRequest:
-    """Whether to stop after this step for a termination signal, decided the same way on every process.
+    """Whether to stop after this step for a termination signal or Ctrl-C, decided the same way on every process.
 
     One process: a SIGTERM handler sets a flag. Several: JAX's preemption sync manager (started by
     `jax.distributed.initialize`) turns a SIGTERM to any process into one step at which
-    `reached_preemption_sync_point` is true on all of them; its handler stays installed.
+    `reached_preemption_sync_point` is true on all of them; its handler stays installed. SIGINT (Ctrl-C) is the
+    same request: it sets the flag, or with several processes is passed on to this process as SIGTERM. A second
+    SIGINT exits at once (code 130, one line, no traceback); the last complete checkpoint stays.
     """
 
     def __init__(self):
-        self.received = False
-        self._previous = None
+        self.received = self.interrupted = False
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt)}
         if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.received = True
+
+    def _interrupt(self, signum, frame):
+        who = f"process {jax.process_index()}"
+        if self.interrupted:
+            print(f"{who}: interrupted again: exiting now; the last complete checkpoint is kept", flush=True)
+            os._exit(130)
+        self.interrupted = True
+        print(f"{who}: interrupted: stopping after this step with a checkpoint (Ctrl-C again: exit now)", flush=True)
+        if jax.process_count() == 1:
+            self.received = True
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def __call__(self, step: int) -> bool:
         if jax.process_count() == 1:
@@ -58,13 +78,16 @@ class StopRequest:
         return multihost_utils.reached_preemption_sync_point(step)
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains; returns the last logged and evaluated metrics."""
+def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | None = None) -> dict:
+    """Trains; returns the last logged and evaluated metrics. `started_at`: when the run's start-up began
+    (Unix time; default: now), for the goodput record."""
+    started_at = time.time() if started_at is None else started_at
     sharding.initialize_distributed(config.dist)
+    goodput = GoodputRecorder(workdir, enabled=sharding.is_main_process(), started_at=started_at)
     mesh, rules = sharding.mesh_and_rules(config)
     tc = config.train
     sharding.check_batch_size(tc.global_batch_size, mesh, rules, tc.micro_batches)
@@ -76,6 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tokenizer, kept_ids = build.load_vocabulary(config)
     vocabulary = vocabulary_record(tokenizer, kept_ids, config.data.tokenizer)
     prompt = build.caption_encoder(config, tokenizer, kept_ids)
+    writer.log(layout.check_layout(config.data, jax.process_count()))
     ck = config.checkpoint
     checkpointer = Checkpointer(workdir, every_steps=ck.every_steps, keep=ck.keep, async_save=ck.async_save)
     train_iter = pipeline.train_iterator(
@@ -84,11 +108,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sample_keys = SampleKeyLog(workdir, jax.process_index(), enabled=tc.record_sample_keys)
     stop = StopRequest()
     profiler = throughput.Profiler(str(workdir_path(workdir) / "profile"), tc.get("profile_steps"))
+    hang_timeouts = tc.get("hang_timeout", 0), tc.get("hang_timeout_slow", 0)
+    watchdog = Watchdog(*hang_timeouts, workdir_path(workdir) / "hangs", jax.process_index(), goodput.hung)
     try:
-        latest = checkpointer.latest_step()
-        if latest is not None:
-            checkpointer.check_vocabulary(latest, tokenizer, kept_ids, config.data.tokenizer)
-            checkpointer.restore_data(latest, train_iter)
+        for name in checkpointer.partial_saves:
+            writer.log(f"removed {checkpointer.directory / name}: a checkpoint save that was cut short")
+
+        def read_position(step):
+            checkpointer.check_vocabulary(step, tokenizer, kept_ids, config.data.tokenizer)
+            checkpointer.restore_data(step, train_iter)
+
+        restore_start = time.perf_counter()
+        with goodput.doing("restore"):
+            _, latest = checkpointer.newest_readable(checkpointer.latest_step(), read_position, writer.log)
+        restore_seconds = time.perf_counter() - restore_start
 
         # Model and program: trainable parameters in the train state, frozen ones and the rest beside it.
         with sharding.use_mesh_rules(mesh, rules):
@@ -99,11 +132,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.log(
             f"vocabulary {len(kept_ids)} words; parameters: trainable {_count(params):,}, frozen {_count(frozen):,}"
         )
+        if latest is not None:  # a damaged train state sets its checkpoint aside: an older one is read instead
+            restore_start = time.perf_counter()
+            with goodput.doing("restore"):
+                state, latest = _restore_state(checkpointer, latest, program, read_position, writer.log)
+            restore_seconds += time.perf_counter() - restore_start
         if latest is None:
             state = program.init_state(params)
         else:
-            state = checkpointer.restore(latest, program.abstract_state)
-            writer.log(f"resumed from step {latest}")
+            goodput.resumed(latest)
+            writer.log(f"resumed from step {latest} (checkpoint read in {restore_seconds:.3f} s)")
         del params
 
         encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
@@ -119,8 +157,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         first_step = step
         while step < tc.num_steps:
+            goodput.switch("compile" if step == first_step else goodput.step_cause(step + 1))
             profiler.before_step(step, pending=previous)
-            with meter.waiting_for_input():
+            with meter.waiting_for_input(), goodput.doing("input_wait"):
+                _debug_hang(tc.get("debug_hang", ()), step + 1)
                 host_batch = next(train_iter)
             sample_keys.write(step + 1, host_batch)
             with sharding.use_mesh_rules(mesh, rules):
@@ -138,26 +178,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # The previous step has finished by now or soon: reading it does not stall this one.
             _check_skips(previous, step - 1, tc.max_consecutive_skips)
             previous = metrics
+            watchdog.step_done()
+            goodput.step_done(step)
             if step % tc.log_every == 0 or step == tc.num_steps:
                 last_metrics = {k: v for k, v in jax.device_get(metrics).items() if k != "update_ok"}
                 last_metrics.update(meter.report())
                 last_metrics.update({f"skipped_samples/{k}": v for k, v in train_iter.skip_counts.items()})
+                last_metrics.update(goodput.metrics())
                 writer.write(step, last_metrics)
                 shown = ("loss", "info_nce", "logit_scale", "samples_per_s", "mfu")
                 writer.progress(step, {k: last_metrics[k] for k in shown if k in last_metrics})
             if step != tc.num_steps and any(e.due(step) for e in evaluators):
                 jax.block_until_ready(state)  # the step's device work stays in the interval, outside the pause
-                with meter.paused():
+                with meter.paused(), goodput.doing("evaluation"), watchdog.slow():
                     due = registry.run_evaluators(evaluators, encoder.with_params(state.params), step, writer.log)
                 writer.write(step, due)
             preempted = stop(step)
             last = step == tc.num_steps
             # A state whose update was skipped (non-finite loss or gradient) is never saved.
             if (preempted or last or checkpointer.due(step)) and bool(metrics["update_ok"]):  # waits for the step
-                with meter.paused():
+                with meter.paused(), goodput.doing("checkpoint"), watchdog.slow():
                     checkpointer.save(step, state, train_iter, config_dict, vocabulary)
             if preempted:
-                checkpointer.wait()
+                with goodput.doing("checkpoint"), watchdog.slow():
+                    checkpointer.wait()
                 # Every process says so: on a pod, each host's log shows where it stopped.
                 print(
                     f"process {jax.process_index()}: stopped at step {step} on a termination signal; "
@@ -166,7 +210,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
                 return last_metrics
         _check_skips(previous, step, tc.max_consecutive_skips)
-        checkpointer.wait()
+        with goodput.doing("checkpoint"), watchdog.slow():
+            checkpointer.wait()
+        goodput.switch("evaluation")
+        watchdog.close()  # the final evaluation, top words and word maps run once, at their own pace
         final_encoder = encoder.with_params(state.params)
         final = registry.run_evaluators(evaluators, final_encoder, log=writer.log)
         writer.write(step, final)
@@ -178,12 +225,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.log(f"word maps of {len(maps)} eval images in {maps[0].parent}")
         return {**last_metrics, **final}
     finally:
+        watchdog.close()
+        goodput.switch("shutdown")
         profiler.close()
         stop.restore()
-        checkpointer.wait()
+        with goodput.doing("checkpoint"):
+            checkpointer.wait()
         checkpointer.close()
         train_iter.close()  # stops the data workers
         writer.close()
+        goodput.flush()
+
+
+def _restore_state(checkpointer: Checkpointer, positioned: int, program, read_position, log):
+    """(train state, step) of the newest checkpoint from step `positioned` down whose state reads (None, None when
+    none does); the data iterator, positioned at `positioned`, is repositioned by `read_position` for an older one."""
+
+    def read_state(step):
+        if step != positioned:
+            read_position(step)
+        return checkpointer.restore(step, program.abstract_state)
+
+    return checkpointer.newest_readable(positioned, read_state, log)
+
+
+def _debug_hang(at: tuple, step: int) -> None:
+    """`config.train.debug_hang=(process, step)`: that process stops (for good) fetching that step's batch."""
+    if tuple(at) == (jax.process_index(), step):
+        print(f"process {jax.process_index()}: debug_hang: no batch for step {step}", file=sys.stderr, flush=True)
+        time.sleep(10**7)
 
 
 def _check_skips(metrics, step: int, limit: int) -> None:

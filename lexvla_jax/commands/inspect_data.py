@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
+
 from lexvla_jax import configlib
-from lexvla_jax.data import pipeline
+from lexvla_jax.data import layout, pipeline
 from lexvla_jax.data.device_batch import HOST_KEYS
 from lexvla_jax.text.prompt import prompt_encoder
 
@@ -19,6 +21,7 @@ from lexvla_jax.text.prompt import prompt_encoder
 def inspect(config, num_batches: int, global_batch_size: int) -> dict:
     """Reads `num_batches` batches; returns counts, throughput and shapes."""
     encoder = prompt_encoder(config.data)
+    print(layout.check_layout(config.data, jax.process_count()))
     start = time.perf_counter()
     iterator = pipeline.train_iterator(config.data, global_batch_size, prompt_encoder=encoder)
     shapes, batches, first = {}, 0, None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import threading
 import time
 
@@ -112,11 +113,15 @@ def make_train_dataset(
 def end_with_parent(worker_index: int = 0, worker_count: int = 0, *, trainer: int, poll_seconds: float = 0.2) -> None:
     """In a data worker: exit within `poll_seconds` once the trainer process `trainer` is gone (even SIGKILLed).
 
+    The worker ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and the trainer, which stops
+    at the next step (`train.StopRequest`), closes its workers itself.
+
     A daemon thread watches the parent pid. Linux's `PR_SET_PDEATHSIG` is no substitute: it fires when the
     *thread* that started the worker ends, and grain starts workers from its prefetch threads (and orbax
     restores from its own), so it would kill healthy workers in the middle of a write.
     """
     del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch():
         while os.getppid() == trainer:
