@@ -18,14 +18,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 
 
-def restore_encoder(config, workdir: str | None, step: int | None = None):
-    """The trained `LexicalEncoder` of `workdir` (latest step, or `step`)."""
+def restore_encoder(config, workdir: str | None, step: int | None = None, *, with_step: bool = False):
+    """The trained `LexicalEncoder` of `workdir` (latest step, or `step`); with `with_step`, (encoder, step)."""
     if not workdir:
         raise ConfigError("--workdir is required to encode with the model, e.g. --workdir runs/tiny")
     from lexvla_jax import inference
 
-    encoder, _ = inference.restore(config, workdir, step)
-    return encoder
+    encoder, step = inference.restore(config, workdir, step)
+    return (encoder, step) if with_step else encoder
 
 
 def read_images(paths: Sequence[str], data_config, size: int) -> np.ndarray:

@@ -1,0 +1,247 @@
+"""Encoding a collection into sparse part files on the config's mesh: every device of every process, resumable.
+
+Each step, every process feeds its next local batch (padded to a fixed size; a process whose share is used up
+feeds padding) into one jitted function over the global batch, sharded on the mesh's batch axes. The function
+returns the quantised impacts `round(scale · sparsify(s))` `[B, V']` sharded the same way, and each process
+reads back only its own rows and appends them to its open part (`sparse/parts.py`). The step's row counts are
+all-gathered, so every process runs the same steps and stops at the same one. After `part_size` rows a process
+completes its part and records it, with its data position, in its ledger; run again, it restores that position
+and continues after its last recorded part. Host memory holds one batch and one open part's file buffer,
+whatever the collection's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse
+from etils import epath
+from jax.experimental import multihost_utils
+
+from lexvla_jax import losses, sharding
+from lexvla_jax.configlib import ConfigError
+from lexvla_jax.data.device_batch import make_global_batch
+from lexvla_jax.sparse import parts
+
+DEFAULT_PART_SIZE = 100_000
+
+
+def config_digest(config) -> str:
+    """sha256 of what decides a vector: the model config and the data settings that shape inputs."""
+    d = config.data
+    relevant = {
+        "model": config.model.to_dict(),
+        "data": {k: d.get(k) for k in ("image_size", "resample", "prompt_template", "max_caption_tokens", "max_length")},
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_settings(config, step: int, words, *, threshold, top_k, scale: int, compress: bool) -> dict:
+    """The settings a collection is written with; a rerun into the same OUT must have the same ones."""
+    return {
+        "step": int(step),
+        "config_digest": config_digest(config),
+        "scale": int(scale),
+        "sparsification": {"threshold": threshold, "top_k": top_k},
+        "process_count": jax.process_count(),
+        "num_workers": int(config.data.num_workers),
+        "compress": bool(compress),
+        "words": list(words),
+    }
+
+
+def check_settings(out: str, saved: dict, settings: dict) -> None:
+    """A one-line error when `OUT/meta.json` was written with other settings than this run's."""
+    for field, now in settings.items():
+        before = saved.get(field)
+        if before == now:
+            continue
+        if field == "words":
+            before, now = f"a vocabulary of {len(before or [])} words", f"{len(now)} words"
+        hint = "run it with the process count that started it" if field == "process_count" else "pass another --out"
+        raise ConfigError(f"{out} was encoded with {field}={before}, this run has {now}: {hint}")
+
+
+def _all(values: np.ndarray) -> np.ndarray:
+    """`values` of every process stacked `[P, ...]` (an all-gather; every process must call it)."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values[None]
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+class DeviceEncoder:
+    """A `LexicalEncoder`'s model as jitted functions from global batches to impacts sharded on the batch axes."""
+
+    def __init__(self, encoder, *, threshold: float | None, top_k: int | None, scale: int, batch_size: int):
+        self.encoder, self.mesh, self.rules = encoder, encoder.mesh, encoder.rules
+        dp = sharding.data_parallel_size(self.mesh, self.rules)
+        per = dp * jax.process_count() // np.gcd(dp, jax.process_count())
+        self.global_batch = -(-batch_size // per) * per
+        self.local_batch = self.global_batch // jax.process_count()
+        out = sharding.batch_sharding(self.mesh, self.rules)
+        model = encoder.model
+
+        def impacts(s):
+            kept = losses.sparsify(s.astype(jnp.float32), threshold=threshold, top_k=top_k)
+            return jnp.rint(kept * scale).astype(jnp.int32)
+
+        def images(params, frozen, rest, image):
+            m = model.merge(params, frozen, rest)
+            return impacts(m.encode_image(m.normalize(image)))
+
+        def texts(params, frozen, rest, input_ids, attention_mask):
+            return impacts(model.merge(params, frozen, rest).encode_text(input_ids, attention_mask))
+
+        self.functions = {"images": jax.jit(images, out_shardings=out), "texts": jax.jit(texts, out_shardings=out)}
+        size = encoder.image_size
+        filler = encoder.prompt.batch(["a"])
+        self.padding = {
+            "images": {"image": np.zeros((1, size, size, 3), np.uint8)},
+            "texts": {name: filler[name][:1] for name in ("input_ids", "attention_mask")},
+        }
+
+    def __call__(self, kind: str, batch: dict | None) -> np.ndarray:
+        """This process's rows (its `batch`, or none) → int32 impacts of those rows (all processes call it)."""
+        rows = len(batch["key"]) if batch else 0
+        local = {}
+        for name, pad in self.padding[kind].items():
+            value = batch[name] if rows else pad[:0]
+            fill = np.repeat(pad, self.local_batch - rows, axis=0)
+            local[name] = np.concatenate([np.asarray(value, pad.dtype), fill]) if rows < self.local_batch else value
+        with sharding.use_mesh_rules(self.mesh, self.rules):
+            arrays = make_global_batch(local, self.mesh, self.rules)
+            enc = self.encoder
+            out = self.functions[kind](enc.params, enc.frozen, enc.rest, *arrays.values())
+        return local_rows(out)[:rows]
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded global array held by this process's devices, in order."""
+    blocks = {}
+    for shard in array.addressable_shards:
+        blocks.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
+
+
+@dataclasses.dataclass
+class Progress:
+    """Rate and ETA over every process, printed by process 0 every `every_seconds`."""
+
+    kind: str
+    done: int
+    expected: int | None
+    devices: int
+    every_seconds: float = 10.0
+
+    def __post_init__(self):
+        self.start = self.last = time.perf_counter()
+        self.first = self.done
+
+    def update(self, rows: int, skipped: int, final: bool = False) -> None:
+        self.done += rows
+        now = time.perf_counter()
+        if not (final or now - self.last >= self.every_seconds) or jax.process_index() != 0:
+            return
+        self.last = now
+        rate = (self.done - self.first) / max(now - self.start, 1e-9)
+        line = f"{self.kind}: {self.done:,} vectors, {rate:.1f}/s ({rate / self.devices:.1f}/s per device)"
+        line += f", {skipped:,} skipped"
+        if self.expected and not final:
+            left = max(self.expected - self.done - skipped, 0)
+            line += f", ETA {time.strftime('%H:%M:%S', time.gmtime(left / rate))}" if rate > 0 else ""
+        print(line, flush=True)
+
+
+def encode_kind(out: str, kind: str, source, device: DeviceEncoder, *, part_size: int, expected: int | None,
+                compress: bool, log_seconds: float = 10.0) -> dict:  # fmt: skip
+    """Encodes this process's share of `source` into `OUT/KIND` (continuing its ledger); returns the totals
+    over every process: vectors, parts and skips by reason."""
+    process = jax.process_index()
+    directory = epath.Path(out) / kind
+    directory.mkdir(parents=True, exist_ok=True)
+    ledger_path = directory / f"progress-{process:05d}.json"
+    ledger = parts.read_json(ledger_path) or {"parts": 0, "vectors": 0, "state": None, "finished": False}
+    writer = parts.PartWriter(directory, process, device.encoder.words, compress=compress, next_part=ledger["parts"])
+    writer.remove_unrecorded()
+    if ledger["state"] is not None:
+        source.set_state(ledger["state"])
+    if not ledger["finished"]:
+        getattr(source, "start_prefetch", lambda: None)()
+    exhausted, vectors = ledger["finished"], ledger["vectors"]
+    progress = Progress(kind, int(_all(np.int64(vectors)).sum()), expected, jax.device_count(), log_seconds)
+    skip_counts = ledger["skipped"] if exhausted else source.skip_counts
+
+    def record(finished: bool) -> None:
+        state = None if finished else source.get_state()
+        entry = {"parts": writer.next_part, "vectors": vectors, "finished": finished, "skipped": skip_counts}
+        parts.write_json(ledger_path, {**entry, "state": state})
+
+    try:
+        while True:
+            batch = None if exhausted else next(source, None)
+            exhausted = batch is None
+            rows = len(batch["key"]) if batch else 0
+            if batch is not None:
+                skip_counts = source.skip_counts
+            gathered = _all(np.array([rows, not exhausted, sum(skip_counts.values())], np.int64))
+            if not gathered[:, :2].any():
+                break
+            if gathered[:, 0].any():
+                impacts = device(kind, batch if rows else None)
+                if rows:
+                    writer.add(batch["key"], batch["content"], scipy.sparse.csr_array(impacts))
+                    vectors += rows
+            if writer.rows >= part_size:
+                writer.finish_part()
+                record(finished=False)
+            progress.update(int(gathered[:, 0].sum()), int(gathered[:, 2].sum()))
+    finally:
+        getattr(source, "close", lambda: None)()
+    if not ledger["finished"]:
+        skip_counts = source.skip_counts
+    writer.finish_part()
+    record(finished=True)
+    reasons = list(skip_counts)
+    totals = _all(np.array([vectors, writer.next_part, *(skip_counts[r] for r in reasons)], np.int64)).sum(axis=0)
+    progress.update(0, int(totals[2:].sum()), final=True)
+    return {
+        "vectors": int(totals[0]),
+        "parts": int(totals[1]),
+        "skipped": {r: int(n) for r, n in zip(reasons, totals[2:], strict=True)},
+        "finished": True,
+    }
+
+
+def prepare_out(out: str, settings: dict) -> dict:
+    """Checks `OUT/meta.json` against `settings` (or writes it: process 0); returns the meta."""
+    path = epath.Path(out) / parts.META
+    saved = parts.read_json(path)
+    if saved is not None:
+        check_settings(out, saved, settings)
+    _barrier("lexvla-encode-meta-read")
+    meta = saved or {**settings, "kinds": {}}
+    if saved is None and jax.process_index() == 0:
+        epath.Path(out).mkdir(parents=True, exist_ok=True)
+        parts.write_json(path, meta)
+    _barrier("lexvla-encode-meta-written")
+    return meta
+
+
+def finish_kind(out: str, meta: dict, kind: str, totals: dict) -> None:
+    """Records a finished kind's totals in `OUT/meta.json` (process 0)."""
+    meta["kinds"][kind] = totals
+    if jax.process_index() == 0:
+        parts.write_json(epath.Path(out) / parts.META, meta)
+    _barrier(f"lexvla-encode-{kind}-finished")
