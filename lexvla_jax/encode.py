@@ -199,7 +199,7 @@ def encode_kind(out: str, kind: str, source, device: DeviceEncoder, *, part_size
             if not gathered[:, :2].any():
                 break
             if gathered[:, 0].any():
-                impacts = device(kind, batch if rows else None)
+                impacts = device("images" if kind == "images" else "texts", batch if rows else None)
                 if rows:
                     writer.add(batch["key"], batch["content"], scipy.sparse.csr_array(impacts))
                     vectors += rows
@@ -239,9 +239,44 @@ def prepare_out(out: str, settings: dict) -> dict:
     return meta
 
 
+def open_collection(config, encoder, step: int, out: str, *, threshold=None, top_k=None, scale: int, compress=False,
+                    batch_size: int | None = None) -> tuple[dict, DeviceEncoder]:  # fmt: skip
+    """`OUT/meta.json` checked against (or written with) this run's settings, and the device encoder."""
+    settings = run_settings(config, step, encoder.words, threshold=threshold, top_k=top_k, scale=scale,
+                            compress=compress)  # fmt: skip
+    meta = prepare_out(out, settings)
+    device = DeviceEncoder(encoder, threshold=threshold, top_k=top_k, scale=scale,
+                           batch_size=batch_size or config.eval.batch_size)  # fmt: skip
+    return meta, device
+
+
 def finish_kind(out: str, meta: dict, kind: str, totals: dict) -> None:
     """Records a finished kind's totals in `OUT/meta.json` (process 0)."""
     meta["kinds"][kind] = totals
     if jax.process_index() == 0:
         parts.write_json(epath.Path(out) / parts.META, meta)
     _barrier(f"lexvla-encode-{kind}-finished")
+
+
+def encode_collection(out: str, meta: dict, device: DeviceEncoder, sources: dict, *, part_size: int = DEFAULT_PART_SIZE,
+                      compress: bool = False) -> dict:  # fmt: skip
+    """Encodes each kind of `sources` (`{kind: () -> (source, expected count or None)}`) into `OUT/KIND` unless
+    `meta` says it is finished; returns `{kind: totals}` of the kinds encoded now. Process 0 prints a line per kind."""
+    encoded = {}
+    for kind, make_source in sources.items():
+        done = meta["kinds"].get(kind)
+        if done and done.get("finished"):
+            _say(f"{out}/{kind}: finished before ({done['vectors']:,} vectors); nothing to encode")
+            continue
+        source, expected = make_source()
+        totals = encode_kind(out, kind, source, device, part_size=part_size, expected=expected, compress=compress)
+        finish_kind(out, meta, kind, totals)
+        skipped = {r: n for r, n in totals["skipped"].items() if n}
+        _say(f"{out}/{kind}: {totals['vectors']:,} vectors in {totals['parts']} parts; skipped {skipped or 0}")
+        encoded[kind] = totals
+    return encoded
+
+
+def _say(line: str) -> None:
+    if jax.process_index() == 0:
+        print(line, flush=True)

@@ -19,7 +19,6 @@ import argparse
 
 from lexvla_jax import configlib
 from lexvla_jax.commands import common
-from lexvla_jax.sparse import export
 
 
 def main(argv: list[str]) -> int:
@@ -28,20 +27,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--images", help="image shards: a glob, directory, brace range or comma-separated list")
     parser.add_argument("--texts", help="a TSV (id<TAB>text) or JSONL ({id, text}) file of texts")
     parser.add_argument("--out", required=True, help="output directory (any etils.epath path)")
-    cut = parser.add_mutually_exclusive_group()
-    cut.add_argument("--threshold", type=float, help="keep weights >= this (default 1/sqrt(V'))")
-    cut.add_argument("--top-k", type=int, help="keep the k largest weights of each vector instead")
-    parser.add_argument("--scale", type=int, default=export.DEFAULT_SCALE, help="impact = round(scale * weight)")
+    common.add_sparse_args(parser)
     parser.add_argument("--batch-size", type=int, help="global batch (default config.eval.batch_size)")
     parser.add_argument("--part-size", type=int, help="vectors per part file and process (the unit of resume)")
     parser.add_argument("--gzip", action="store_true", help="write part-*.jsonl.gz")
     config, args = configlib.parse_command(argv, parser)
     from lexvla_jax import encode
 
-    for name, value, low in (("--scale", args.scale, 1), ("--top-k", args.top_k, 1), ("--batch-size", args.batch_size, 1),
-                             ("--part-size", args.part_size, 1)):  # fmt: skip
-        if value is not None and value < low:
-            raise configlib.ConfigError(f"{name} {value}: must be at least {low}")
+    common.check_positive(scale=args.scale, top_k=args.top_k, batch_size=args.batch_size, part_size=args.part_size)
     if not args.images and not args.texts:
         raise configlib.ConfigError("nothing to encode: pass --images SHARDS and/or --texts FILE")
     paths = None
@@ -50,27 +43,16 @@ def main(argv: list[str]) -> int:
 
         paths = corpus.image_shards(args.images, _format(args.images, config))
     encoder, step = common.restore_encoder(config, args.workdir, args.step, with_step=True)
-    if args.top_k is not None and args.top_k > len(encoder.words):
-        raise configlib.ConfigError(f"--top-k {args.top_k}: the model has only {len(encoder.words)} words")
-    settings = encode.run_settings(config, step, encoder.words, threshold=args.threshold, top_k=args.top_k,
-                                   scale=args.scale, compress=args.gzip)  # fmt: skip
-    meta = encode.prepare_out(args.out, settings)
-    device = encode.DeviceEncoder(encoder, threshold=args.threshold, top_k=args.top_k, scale=args.scale,
-                                  batch_size=args.batch_size or config.eval.batch_size)  # fmt: skip
-    part_size = args.part_size or encode.DEFAULT_PART_SIZE
-    for kind in ("images", "texts"):
-        if not (paths if kind == "images" else args.texts):
-            continue
-        done = meta["kinds"].get(kind)
-        if done and done.get("finished"):
-            _say(f"{args.out}/{kind}: finished before ({done['vectors']:,} vectors); nothing to encode")
-            continue
-        source, expected = _source(kind, config, args, paths, encoder, device)
-        totals = encode.encode_kind(args.out, kind, source, device, part_size=part_size, expected=expected,
-                                    compress=args.gzip)  # fmt: skip
-        encode.finish_kind(args.out, meta, kind, totals)
-        skipped = {r: n for r, n in totals["skipped"].items() if n}
-        _say(f"{args.out}/{kind}: {totals['vectors']:,} vectors in {totals['parts']} parts; skipped {skipped or 0}")
+    common.check_top_k(args.top_k, encoder)
+    meta, device = encode.open_collection(config, encoder, step, args.out, threshold=args.threshold, top_k=args.top_k,
+                                          scale=args.scale, compress=args.gzip, batch_size=args.batch_size)  # fmt: skip
+    sources = {}
+    if paths:
+        sources["images"] = lambda: _images(config, args.images, paths, device)
+    if args.texts:
+        sources["texts"] = lambda: _texts(args.texts, encoder, device)
+    encode.encode_collection(args.out, meta, device, sources, part_size=args.part_size or encode.DEFAULT_PART_SIZE,
+                             compress=args.gzip)  # fmt: skip
     return 0
 
 
@@ -78,24 +60,22 @@ def _format(spec: str, config) -> str:
     return "array_record" if ".array_record" in spec else config.data.format
 
 
-def _source(kind: str, config, args, paths, encoder, device):
+def _images(config, spec: str, paths: list[str], device):
     import jax
 
     from lexvla_jax.data import corpus
 
-    process, count = jax.process_index(), jax.process_count()
-    if kind == "texts":
-        source = corpus.TextBatches(args.texts, encoder.prompt.batch, device.local_batch, process, count)
-        return source, corpus.expected_texts(args.texts)
     data = config.data.copy_and_resolve_references()
     with data.unlocked():
-        data.format = _format(args.images, config)
-    source = corpus.image_batches(data, paths, device.local_batch, process, count)
-    return source, corpus.expected_images(paths, data.format, count)
+        data.format = _format(spec, config)
+    source = corpus.image_batches(data, paths, device.local_batch, jax.process_index(), jax.process_count())
+    return source, corpus.expected_images(paths, data.format, jax.process_count())
 
 
-def _say(line: str) -> None:
+def _texts(path: str, encoder, device):
     import jax
 
-    if jax.process_index() == 0:
-        print(line, flush=True)
+    from lexvla_jax.data import corpus
+
+    source = corpus.TextBatches(path, encoder.prompt.batch, device.local_batch, jax.process_index(), jax.process_count())
+    return source, corpus.expected_texts(path)

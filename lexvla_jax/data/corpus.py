@@ -228,3 +228,30 @@ def expected_texts(path: str) -> int:
     """Non-blank lines of the file (the texts to encode, before skips)."""
     with epath.Path(path).open("rb") as f:
         return sum(1 for line in f if line.strip())
+
+
+class ArrayBatches:
+    """Rows `p::P` of in-memory columns (an evaluation set already decoded) as batches; state = rows read."""
+
+    def __init__(self, keys, contents, columns: dict, batch_size: int, process_index: int, process_count: int):
+        self.rows = np.arange(process_index, len(keys), process_count)
+        self.keys, self.contents, self.columns, self.batch_size = list(keys), list(contents), columns, batch_size
+        self.position = 0
+        self.skip_counts: dict[str, int] = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rows = self.rows[self.position : self.position + self.batch_size]
+        if not len(rows):
+            raise StopIteration
+        self.position += len(rows)
+        batch = {name: np.asarray(column)[rows] for name, column in self.columns.items()}
+        return {**batch, "key": [self.keys[i] for i in rows], "content": [self.contents[i] for i in rows]}
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = state["position"]
