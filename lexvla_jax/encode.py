@@ -34,11 +34,8 @@ DEFAULT_PART_SIZE = 100_000
 
 def config_digest(config) -> str:
     """sha256 of what decides a vector: the model config and the data settings that shape inputs."""
-    d = config.data
-    relevant = {
-        "model": config.model.to_dict(),
-        "data": {k: d.get(k) for k in ("image_size", "resample", "prompt_template", "max_caption_tokens", "max_length")},
-    }
+    fields = ("image_size", "resample", "prompt_template", "max_caption_tokens", "max_length")
+    relevant = {"model": config.model.to_dict(), "data": {k: config.data.get(k) for k in fields}}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -106,17 +103,20 @@ class DeviceEncoder:
 
         self.functions = {"images": jax.jit(images, out_shardings=out), "texts": jax.jit(texts, out_shardings=out)}
         size = encoder.image_size
-        filler = encoder.prompt.batch(["a"])
-        self.padding = {
-            "images": {"image": np.zeros((1, size, size, 3), np.uint8)},
-            "texts": {name: filler[name][:1] for name in ("input_ids", "attention_mask")},
-        }
+        self.padding = {"images": {"image": np.zeros((1, size, size, 3), np.uint8)}}
+
+    def _padding(self, kind: str) -> dict:
+        """One row of each input of `kind`, repeated to fill a short batch (an image of zeros, the text "a")."""
+        if kind not in self.padding:
+            filler = self.encoder.prompt.batch(["a"])
+            self.padding[kind] = {name: filler[name][:1] for name in ("input_ids", "attention_mask")}
+        return self.padding[kind]
 
     def __call__(self, kind: str, batch: dict | None) -> np.ndarray:
         """This process's rows (its `batch`, or none) → int32 impacts of those rows (all processes call it)."""
         rows = len(batch["key"]) if batch else 0
         local = {}
-        for name, pad in self.padding[kind].items():
+        for name, pad in self._padding(kind).items():
             value = batch[name] if rows else pad[:0]
             fill = np.repeat(pad, self.local_batch - rows, axis=0)
             local[name] = np.concatenate([np.asarray(value, pad.dtype), fill]) if rows < self.local_batch else value

@@ -77,5 +77,6 @@ def _texts(path: str, encoder, device):
 
     from lexvla_jax.data import corpus
 
-    source = corpus.TextBatches(path, encoder.prompt.batch, device.local_batch, jax.process_index(), jax.process_count())
+    share = (device.local_batch, jax.process_index(), jax.process_count())
+    source = corpus.TextBatches(path, encoder.prompt.batch, *share)
     return source, corpus.expected_texts(path)

@@ -100,7 +100,9 @@ def read_meta(directory) -> tuple[dict, str]:
     directory = epath.Path(directory)
     meta = read_json(directory.parent / META)
     if meta is None:
-        raise CollectionError(f"{str(directory)!r} has no {META} beside it; pass OUT/images of `lexvla encode --out OUT`")
+        raise CollectionError(
+            f"{str(directory)!r} has no {META} beside it; pass OUT/images (or OUT/texts) of `lexvla encode --out OUT`"
+        )
     kind = directory.name
     state = meta.get("kinds", {}).get(kind)
     if state is None or not state.get("finished"):
