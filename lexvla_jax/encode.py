@@ -54,7 +54,7 @@ def run_settings(config, step: int, words, *, threshold, top_k, scale: int, comp
 
 
 def check_settings(out: str, saved: dict, settings: dict) -> None:
-    """A one-line error when `OUT/meta.json` was written with other settings than this run's."""
+    """A one-line error when `OUT/meta.json` was written with other settings than this run's (those given)."""
     for field, now in settings.items():
         before = saved.get(field)
         if before == now:
@@ -114,6 +114,11 @@ class DeviceEncoder:
 
     def __call__(self, kind: str, batch: dict | None) -> np.ndarray:
         """This process's rows (its `batch`, or none) → int32 impacts of those rows (all processes call it)."""
+        return local_rows(self.dispatch(kind, batch))[: len(batch["key"]) if batch else 0]
+
+    def dispatch(self, kind: str, batch: dict | None) -> jax.Array:
+        """Starts encoding this process's rows (or padding only) on the devices; returns the global impacts
+        `[global_batch, V']` without waiting for them (read this process's rows with `local_rows`)."""
         rows = len(batch["key"]) if batch else 0
         local = {}
         for name, pad in self._padding(kind).items():
@@ -123,8 +128,7 @@ class DeviceEncoder:
         with sharding.use_mesh_rules(self.mesh, self.rules):
             arrays = make_global_batch(local, self.mesh, self.rules)
             enc = self.encoder
-            out = self.functions[kind](enc.params, enc.frozen, enc.rest, *arrays.values())
-        return local_rows(out)[:rows]
+            return self.functions[kind](enc.params, enc.frozen, enc.rest, *arrays.values())
 
 
 def local_rows(array: jax.Array) -> np.ndarray:
@@ -183,11 +187,23 @@ def encode_kind(out: str, kind: str, source, device: DeviceEncoder, *, part_size
     progress = Progress(kind, int(_all(np.int64(vectors)).sum()), expected, jax.device_count(), log_seconds)
     skip_counts = ledger["skipped"] if exhausted else source.skip_counts
 
-    def record(finished: bool) -> None:
-        state = None if finished else source.get_state()
-        entry = {"parts": writer.next_part, "vectors": vectors, "finished": finished, "skipped": skip_counts}
+    def record(finished: bool, state=None, counts=None) -> None:
+        entry = {"parts": writer.next_part, "vectors": vectors, "finished": finished, "skipped": counts or skip_counts}
         parts.write_json(ledger_path, {**entry, "state": state})
 
+    def write(pending) -> None:
+        """Writes a dispatched batch's rows; completes the part when it is full (with the data position after
+        that batch: the next batch is already read, and a resume must read it again)."""
+        nonlocal vectors
+        batch, out, state, counts = pending
+        writer.add(batch["key"], batch["content"], scipy.sparse.csr_array(local_rows(out)[: len(batch["key"])]))
+        vectors += len(batch["key"])
+        if writer.rows >= part_size:
+            writer.finish_part()
+            record(False, state, counts)
+
+    # One batch in flight: the devices encode batch k while the host writes batch k-1 and reads batch k+1.
+    pending = None
     try:
         while True:
             batch = None if exhausted else next(source, None)
@@ -198,15 +214,17 @@ def encode_kind(out: str, kind: str, source, device: DeviceEncoder, *, part_size
             gathered = _all(np.array([rows, not exhausted, sum(skip_counts.values())], np.int64))
             if not gathered[:, :2].any():
                 break
+            current = None
             if gathered[:, 0].any():
-                impacts = device("images" if kind == "images" else "texts", batch if rows else None)
+                out = device.dispatch("images" if kind == "images" else "texts", batch if rows else None)
                 if rows:
-                    writer.add(batch["key"], batch["content"], scipy.sparse.csr_array(impacts))
-                    vectors += rows
-            if writer.rows >= part_size:
-                writer.finish_part()
-                record(finished=False)
+                    current = (batch, out, source.get_state(), dict(skip_counts))
+            if pending is not None:
+                write(pending)
+            pending = current
             progress.update(int(gathered[:, 0].sum()), int(gathered[:, 2].sum()))
+        if pending is not None:
+            write(pending)
     finally:
         getattr(source, "close", lambda: None)()
     if not ledger["finished"]:
@@ -237,6 +255,26 @@ def prepare_out(out: str, settings: dict) -> dict:
         parts.write_json(path, meta)
     _barrier("lexvla-encode-meta-written")
     return meta
+
+
+def check_before_restore(config, workdir: str, step: int | None, out: str, *, threshold=None, top_k=None,
+                         scale: int, compress=False) -> None:  # fmt: skip
+    """The settings check of `open_collection` for all but the vocabulary, before the model is built: a rerun
+    against an existing OUT with another step or sparsification fails in a second, not after a restore."""
+    saved = parts.read_json(epath.Path(out) / parts.META)
+    if saved is None:
+        return
+    from lexvla_jax.checkpoints import Checkpointer
+
+    sharding.initialize_distributed(config.dist)  # before anything asks JAX for the process count
+    checkpointer = Checkpointer(workdir, every_steps=1, keep=None, async_save=False, create=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+    finally:
+        checkpointer.close()
+    if step is not None:
+        settings = run_settings(config, step, [], threshold=threshold, top_k=top_k, scale=scale, compress=compress)
+        check_settings(out, saved, {k: v for k, v in settings.items() if k != "words"})
 
 
 def open_collection(config, encoder, step: int, out: str, *, threshold=None, top_k=None, scale: int, compress=False,

@@ -180,14 +180,14 @@ def test_rerun_settings_and_export(encoded, trained, tmp_path, capsys):
     eval shards writes what `lexvla encode` writes for them; index and search read the parts."""
     data_dir, workdir, texts = trained
     out = encoded["one"]["out"]
-    before = {p.name: p.stat().st_mtime for p in epath.Path(out, "images").glob("*")}
+    before = {p.name: os.stat(p).st_mtime_ns for p in epath.Path(out, "images").glob("*")}
     model = ["encode", *config_args(data_dir), "--workdir", workdir]
     base = [*model, "--images", os.path.join(data_dir, "train"), "--texts", texts, "--out", out]
     assert cli.main(base) == 0
     printed = capsys.readouterr().out
     assert f"{out}/images: finished before (600 vectors); nothing to encode" in printed
     assert f"{out}/texts: finished before (3 vectors); nothing to encode" in printed
-    assert {p.name: p.stat().st_mtime for p in epath.Path(out, "images").glob("*")} == before
+    assert {p.name: os.stat(p).st_mtime_ns for p in epath.Path(out, "images").glob("*")} == before
     for args, message in (
         (["--step", "1"], f"lexvla encode: {out} was encoded with step=2, this run has 1: pass another --out\n"),
         (["--top-k", "5"], "sparsification={'threshold': None, 'top_k': None}, this run has {'threshold': None, 'top"),
@@ -205,6 +205,7 @@ def test_rerun_settings_and_export(encoded, trained, tmp_path, capsys):
     assert_same_vectors(read_parts(exported / "images"), read_parts(encoded_eval / "images"))
     captions = parts.read_collection(str(exported / "captions"))
     assert len(captions.ids) == 120 and captions.ids[:2] == ["000000000#0", "000000000#1"]
+    capsys.readouterr()
 
     # Index the 2-process gzip parts and search them by text and by an encoded text's id.
     images = os.path.join(encoded["two"]["out"], "images")

@@ -42,6 +42,9 @@ def main(argv: list[str]) -> int:
         from lexvla_jax.data import corpus
 
         paths = corpus.image_shards(args.images, _format(args.images, config))
+    if args.workdir:
+        encode.check_before_restore(config, args.workdir, args.step, args.out, threshold=args.threshold,
+                                    top_k=args.top_k, scale=args.scale, compress=args.gzip)  # fmt: skip
     encoder, step = common.restore_encoder(config, args.workdir, args.step, with_step=True)
     common.check_top_k(args.top_k, encoder)
     meta, device = encode.open_collection(config, encoder, step, args.out, threshold=args.threshold, top_k=args.top_k,

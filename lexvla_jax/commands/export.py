@@ -75,11 +75,14 @@ def main(argv: list[str]) -> int:
     where = f"config.evals.{name}"
     records = image_text_records(source, where)
     eval_set = read_image_text_set(records, config.data, source.get("captions_per_image", 5), args.max_images, where)
+    from lexvla_jax import encode
+
+    if args.workdir:
+        encode.check_before_restore(config, args.workdir, args.step, args.out, threshold=args.threshold,
+                                    top_k=args.top_k, scale=args.scale, compress=False)  # fmt: skip
     encoder, step = common.restore_encoder(config, args.workdir, args.step, with_step=True)
     common.check_top_k(args.top_k, encoder)
     import jax
-
-    from lexvla_jax import encode
 
     meta, device = encode.open_collection(config, encoder, step, args.out, threshold=args.threshold, top_k=args.top_k,
                                           scale=args.scale)  # fmt: skip
