@@ -14,18 +14,16 @@ Both sources yield batches `{"key": [str], "content": [str], ...inputs, "skipped
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 
 import grain
 import numpy as np
-from absl import flags
 from etils import epath
 
 from lexvla_jax.data.array_record import SUFFIX, DecodeRecord
-from lexvla_jax.data.batching import SkipCountingBatchDataset, SkipTotalsDataset
+from lexvla_jax.data.batching import SkipTotalsDataset
 from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
+from lexvla_jax.data.pipeline import decoded_batches
 from lexvla_jax.data.records import CAPTION_EXTENSION, REASON_INDEX, BadSample, skip_counts_dict
 from lexvla_jax.data.transforms import decode_caption, image_member, load_image
 from lexvla_jax.data.webdataset import WebDatasetSource
@@ -87,21 +85,7 @@ def image_batches(config, paths: list[str], batch_size: int, process_index: int,
     `config` is `config.data` (format, decoding limits, `num_workers`, `prefetch_buffer`)."""
     check_data_config(config)
     ds = _raw_images(paths, config.format, process_index, process_count).map(ImageDecoder(config))
-    if isinstance(ds, grain.MapDataset):
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=batch_size))
-    ds = SkipCountingBatchDataset(
-        ds, batch_size=batch_size, keep_keys=True, max_consecutive_skips=config.max_consecutive_skips
-    )
-    if config.num_workers > 0:
-        from lexvla_jax.data.pipeline import MIN_SHM_BYTES, end_with_parent
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
-        options = grain.experimental.DatasetOptions(min_shm_size=MIN_SHM_BYTES)
-        ds = grain.experimental.WithOptionsIterDataset(ds, options).mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer),
-            worker_init_fn=functools.partial(end_with_parent, trainer=os.getpid()),
-        )
+    ds = decoded_batches(ds, config, batch_size, keep_keys=True)
     return _WithContents(SkipTotalsDataset(ds, batch_size=batch_size, drop_remainder=False))
 
 
