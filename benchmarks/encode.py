@@ -103,9 +103,9 @@ class AfterFirstBatch:
     def __getattr__(self, name):
         return getattr(self.source, name)
 
-    def rate(self, rows: int) -> float:
-        """Rows per second after the first batch."""
-        return (rows - self.first_rows) / (time.perf_counter() - self.first_at)
+    def rate(self, rows: int, first_done: bool = True) -> float:
+        """Rows per second after the first batch came; `first_done=False`: its rows were still to be processed."""
+        return (rows - (self.first_rows if first_done else 0)) / (time.perf_counter() - self.first_at)
 
 
 def time_data_path(config, shards, batch: int, workers: int) -> float:
@@ -133,7 +133,15 @@ def time_encode(config, device, shards, workers: int, out: str) -> float:
     source = AfterFirstBatch(corpus.image_batches(data_config(config, workers), shards, device.local_batch, 0, 1))
     totals = encode.encode_kind(out, "images", source, device, part_size=10**6, expected=None, compress=False,
                                 log_seconds=1e9)  # fmt: skip
-    return source.rate(totals["vectors"])
+    return source.rate(totals["vectors"], first_done=False)
+
+
+def active_words(out: str) -> float:
+    """Mean stored words per vector in the part files of `out/images`."""
+    import json
+
+    lengths = [len(json.loads(line)["vector"]) for p in pathlib.Path(out, "images").glob("part-*") for line in open(p)]
+    return sum(lengths) / len(lengths)
 
 
 def main() -> None:
@@ -181,7 +189,8 @@ def main() -> None:
                 rows.setdefault(f"data path only, {w} workers", []).append(data_rate)
                 out = os.path.join(tmp, "out")
                 rows.setdefault(f"encode, {w} workers", []).append(time_encode(config, device, shards, w, out))
-            print(f"rep {rep} done, load {os.getloadavg()[0]:.1f}", flush=True)
+            words = active_words(out)
+            print(f"rep {rep} done, {words:.0f} words per vector, load {os.getloadavg()[0]:.1f}", flush=True)
     model = statistics.median(rows["model only (images in memory)"])
     print("\n| path | images/s per device (median) | vs model only |\n|---|---:|---:|")
     for name, values in rows.items():
