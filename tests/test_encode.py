@@ -175,6 +175,7 @@ def test_encoded_vectors_are_the_models_dense_vectors_sparsified(encoded, traine
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_rerun_settings_and_export(encoded, trained, tmp_path, capsys):
     """A finished OUT is not encoded again; another step or sparsification is one line; `lexvla export` of the
     eval shards writes what `lexvla encode` writes for them; index and search read the parts."""
