@@ -226,6 +226,7 @@ def test_rerun_settings_and_export(encoded, trained, tmp_path, capsys):
         np.testing.assert_allclose([float(h[2]) for h in hits], expected[best], atol=5e-5 + 1e-7)  # printed: 4 decimals
 
 
+@pytest.mark.parametrize("data_format", ["webdataset", "array_record"])
 def test_image_batches_skip_and_count_bad_samples_and_resume(tmp_path, data_format):
     """The corrupt shards (or their ArrayRecord conversion) through 1 worker: every good image once (a missing or
     bad caption is only an empty content), skips counted by reason; restored mid-way, the rest follows exactly."""
