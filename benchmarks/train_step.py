@@ -191,12 +191,8 @@ def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="configs/tiny.py (the main job) instead of the reference")
-    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions timed")
-    parser.add_argument("--no-torch", action="store_true", help="time our step only")
-    parser.add_argument("--breakdown", action="store_true", help="also time the jitted pieces of our step")
+def add_shape_args(parser: argparse.ArgumentParser) -> None:
+    """The reference shapes (defaults) as options."""
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--text-length", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
@@ -213,6 +209,15 @@ def main() -> None:
     parser.add_argument("--adapter-heads", type=int, default=6)
     parser.add_argument("--adapter-mlp", type=int, default=1536)
     parser.add_argument("--chunk", type=int, default=1024, help="config.model.max_pool_chunk")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="configs/tiny.py (the main job) instead of the reference")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions timed")
+    parser.add_argument("--no-torch", action="store_true", help="time our step only")
+    parser.add_argument("--breakdown", action="store_true", help="also time the jitted pieces of our step")
+    add_shape_args(parser)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="further config overrides")
     args = parser.parse_args()
 

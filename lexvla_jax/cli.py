@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "read N training batches: samples, skips by reason, speed",
     ),
     "explain": ("lexvla_jax.commands.explain:main", "top words of images or texts: word-map and bar-chart PNGs"),
+    "encode": (
+        "lexvla_jax.commands.encode:main",
+        "encode a collection (image shards, a text file) into sparse part files on every device; resumable",
+    ),
     "export": ("lexvla_jax.commands.export:main", "write an eval set's sparse lexical vectors (JSONL, TSV, .npz)"),
     "index": ("lexvla_jax.commands.index:main", "build the approximate (Seismic) index of an exported collection"),
     "search": ("lexvla_jax.commands.search:main", "search an exported collection by text, image or vector id"),

@@ -9,15 +9,13 @@ import sys
 
 import numpy as np
 import pytest
-import scipy.sparse
+from etils import epath
 from PIL import Image
 from support.fake_encoder import FakeEncoder
 
 from lexvla_jax import cli, losses
 from lexvla_jax.commands import common
-from lexvla_jax.commands.export import export_eval_set
-from lexvla_jax.miniature import synthetic
-from lexvla_jax.sparse import export, index
+from lexvla_jax.sparse import export, index, parts
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py") + ":scratch"
 EXTRA_WORDS = [f"w{i}" for i in range(40)]
@@ -69,50 +67,68 @@ def fake_eval_set(n_images: int = 8, seed: int = 0) -> dict:
     }
 
 
+def write_vectors(root, kind: str, vectors: export.SparseVectors, parts_of: int = 5) -> None:
+    """`vectors` as the finished collection `root/kind` (parts of `parts_of` rows) with `root/meta.json`."""
+    writer = parts.PartWriter(root / kind, 0, vectors.words)
+    for start in range(0, len(vectors.ids), parts_of):
+        rows = slice(start, start + parts_of)
+        writer.add(vectors.ids[rows], vectors.contents[rows], vectors.matrix[rows])
+        writer.finish_part()
+    meta = parts.read_json(root / parts.META) or {"words": vectors.words, "scale": vectors.scale, "kinds": {}}
+    meta.update(sparsification=vectors.sparsification)
+    meta["kinds"][kind] = {"vectors": len(vectors.ids), "finished": True}
+    parts.write_json(root / parts.META, meta)
+
+
+def fake_export(encoder, eval_set: dict, out, top_k: int | None = None, scale: int = 1000) -> dict:
+    """The eval set's images and captions through the fake encoder, written as `lexvla export` lays them out."""
+    keys = eval_set["keys"]
+    caption_ids = [f"{keys[i]}#{list(eval_set['image_of_text'][:t]).count(i)}" for t, i in
+                   enumerate(eval_set["image_of_text"])]  # fmt: skip
+    contents = [" | ".join(c for c, i in zip(eval_set["captions"], eval_set["image_of_text"], strict=True) if i == k)
+                for k in range(len(keys))]  # fmt: skip
+    written = {}
+    for kind, dense, ids, texts in (
+        ("images", encoder.encode_images(eval_set["image"]), list(keys), contents),
+        ("captions", encoder.encode_texts(eval_set["captions"]), caption_ids, list(eval_set["captions"])),
+    ):
+        matrix = export.quantise(export.sparsify(dense, top_k=top_k), scale)
+        settings = {"threshold": None, "top_k": top_k}
+        written[kind] = export.SparseVectors(ids, texts, matrix, list(encoder.words), scale, settings)
+        write_vectors(epath.Path(out), kind, written[kind])
+    return written
+
+
 @pytest.mark.parametrize("top_k", [None, 6])
-def test_export_round_trip_keeps_words_weights_and_top_k(tmp_path, top_k):
+def test_part_files_round_trip_words_weights_and_top_k(tmp_path, top_k):
     encoder = FakeEncoder.colours(extra_words=EXTRA_WORDS)
     eval_set = fake_eval_set()
     scale = 1000
-    written = export_eval_set(encoder, eval_set, str(tmp_path), top_k=top_k, scale=scale)
+    written = fake_export(encoder, eval_set, tmp_path, top_k=top_k, scale=scale)
     for kind, model in (
         ("images", encoder.encode_images(eval_set["image"])),
         ("captions", encoder.encode_texts(eval_set["captions"])),
     ):
         expected = export.sparsify(model, top_k=top_k)
-        loaded = export.read_collection(str(tmp_path / kind))
+        loaded = parts.read_collection(str(tmp_path / kind))
         assert loaded.words == encoder.words and loaded.scale == scale
-        assert loaded.ids == written[kind][0].ids
+        assert loaded.ids == written[kind].ids and loaded.sparsification == {"threshold": None, "top_k": top_k}
         weights = loaded.weights().toarray()
         # Same kept words (less those that round to zero) and weights within quantisation.
         np.testing.assert_array_equal(weights != 0, np.rint(expected * scale) != 0)
         assert np.abs(weights - expected).max() <= 0.5 / scale + 1e-7
-        # Same top-k words, up to swaps between weights closer than the quantisation step.
-        for row_loaded, row_model in zip(weights, expected, strict=True):
-            kth = np.sort(row_model)[::-1][4]
-            assert row_model[np.argsort(-row_loaded, kind="stable")[:5]].min() >= kth - 1.0 / scale
-        # The JSONL holds the same integer weights, the query TSV them at ×100 as repeated terms.
-        lines = (tmp_path / kind / export.COLLECTION).read_text().splitlines()
-        tsv = (tmp_path / kind / export.QUERIES).read_text().splitlines()
-        assert len(lines) == len(tsv) == len(loaded.ids)
-        for i, (line, query) in enumerate(zip(lines, tsv, strict=True)):
+        # The JSONL lines hold the same integer weights.
+        lines = [line for path in parts.part_files(tmp_path / kind) for line in path.read_text().splitlines()]
+        assert len(lines) == len(loaded.ids) and len(parts.part_files(tmp_path / kind)) == -(-len(lines) // 5)
+        for i, line in enumerate(lines):
             record = json.loads(line)
             assert record["id"] == loaded.ids[i] and record["content"] == loaded.contents[i]
             words, _ = loaded.row(i)
             row = loaded.matrix[[i]].toarray()[0]
             assert record["vector"] == {loaded.words[j]: int(row[j]) for j in words}
-            query_id, terms = query.split("\t")
-            assert query_id == loaded.ids[i]
-            counts = {w: terms.split().count(w) for w in set(terms.split())}
-            tsv_weights = {w: round(n * export.QUERY_TSV_SCALE / scale) for w, n in record["vector"].items()}
-            assert counts == {w: n for w, n in tsv_weights.items() if n}
-    images = export.read_collection(str(tmp_path / "images"))
-    captions = export.read_collection(str(tmp_path / "captions"))
+    captions = parts.read_collection(str(tmp_path / "captions"))
     assert captions.ids[:3] == ["img000#0", "img000#1", "img001#0"]
-    assert images.contents[0] == " | ".join(eval_set["captions"][:2])
-    # scipy reads the matrix on its own.
-    direct = scipy.sparse.load_npz(str(tmp_path / "images" / export.VECTORS))
-    assert (direct != images.matrix).nnz == 0
+    assert parts.read_collection(str(tmp_path / "images")).contents[0] == " | ".join(eval_set["captions"][:2])
 
 
 def zipf_collection(n_docs: int, vocab_size: int, active: int, seed: int) -> np.ndarray:
@@ -169,9 +185,10 @@ def test_exact_search_equals_brute_force_and_seismic_agrees():
 def test_seismic_reads_the_exported_jsonl(tmp_path):
     seismic = pytest.importorskip("seismic")
     docs = vectors_of(zipf_collection(300, 200, 20, seed=2))
-    export.write_collection(str(tmp_path), docs)
+    write_vectors(tmp_path, "docs", docs, parts_of=300)
+    (part,) = parts.part_files(tmp_path / "docs")
     with index.native_stdout_silenced():
-        from_jsonl = seismic.SeismicIndex.build(str(tmp_path / export.COLLECTION), n_postings=300, num_threads=1)
+        from_jsonl = seismic.SeismicIndex.build(str(part), n_postings=300, num_threads=1)
     assert (from_jsonl.len, from_jsonl.nnz) == (300, docs.matrix.nnz)
     exact = index.ExactIndex.build(docs)
     words, weights = docs.row(7)
@@ -199,7 +216,7 @@ def test_hits_name_the_shared_words_by_contribution():
 def exported(tmp_path, monkeypatch):
     encoder = FakeEncoder.colours(extra_words=EXTRA_WORDS)
     monkeypatch.setattr(common, "restore_encoder", lambda config, workdir, step=None: encoder)
-    export_eval_set(encoder, fake_eval_set(), str(tmp_path / "sparse"))
+    fake_export(encoder, fake_eval_set(), tmp_path / "sparse")
     return tmp_path / "sparse"
 
 
@@ -233,52 +250,23 @@ def test_index_and_search_commands_find_by_text_image_and_id(exported, tmp_path,
     assert lines[1].split()[1] == "img001"
 
 
-def test_export_command_reads_a_webdataset_eval_set(tmp_path, monkeypatch, capsys):
-    encoder = FakeEncoder.colours(extra_words=EXTRA_WORDS, image_size=64)
-    monkeypatch.setattr(common, "restore_encoder", lambda config, workdir, step=None: encoder)
-    (tmp_path / "eval").mkdir()
-    synthetic.write_shard(str(tmp_path / "eval" / "shard-00000.tar"), "eval", 0, 0, 4, seed=0, image_size=64)
-    out = tmp_path / "sparse"
-    code, stdout, err = run(
-        capsys,
-        "export",
-        "--config",
-        CONFIG,
-        f"--config.data.eval_shards={tmp_path / 'eval'}",
-        "--workdir",
-        str(tmp_path),
-        "--out",
-        str(out),
-        "--top-k",
-        "5",
-    )
-    assert code == 0, err
-    assert stdout.splitlines()[0] == "images: 4 vectors, 5.0 active words on average (scale 1000)"
-    assert stdout.splitlines()[5].startswith("captions: 20 vectors, ")
-    for kind in ("images", "captions"):
-        for name in (export.COLLECTION, export.QUERIES, export.VECTORS, export.META):
-            assert str(out / kind / name) in stdout
-    assert export.read_collection(str(out / "captions")).sparsification == {"threshold": None, "top_k": 5}
-    # More words than the model has: one line.
-    code, _, err = run(capsys, "export", "--config", CONFIG, f"--config.data.eval_shards={tmp_path / 'eval'}",
-                       "--workdir", str(tmp_path), "--out", str(out), "--top-k", "44")  # fmt: skip
-    assert code == 2 and err == "lexvla export: --top-k 44: the model has only 43 words\n"
-
-
 EXACT = ["--method", "exact"]
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["search", "--index", "{tmp}", "--query-id", "x"], "lexvla search: '{tmp}' holds no vectors.npz; pass a"),
+        (["search", "--index", "{tmp}", "--query-id", "x"], "lexvla search: '{tmp}' has no meta.json beside it"),
         (["search", "--index", "{images}", "--query-id", "nope", *EXACT], "lexvla search: no vector has id 'nope'"),
         (["search", "--index", "{images}", "--query-text", "red", *EXACT], "lexvla search: --query-text/--query-image"),
         (["search", "--index", "{images}", "--query-id", "img000"], "lexvla search: '{images}' holds no Seismic index"),
         (["search", "--index", "{images}", "--query-id", "a", "--heap-factor", "2"], "lexvla search: --heap-factor 2"),
         (["search", "--index", "{images}", "--query-id", "a", "--rerank", "0"], "lexvla search: --rerank 0: must be"),
         (["index", "{images}", "--n-postings", "0"], "lexvla index: --n-postings 0: must be at least 1"),
-        (["export", "--config", CONFIG, "--out", "{tmp}", "--scale", "0"], "lexvla export: --scale 0: must be"),
+        (
+            ["export", "--config", CONFIG, "--out", "{tmp}", "--scale", "0"],
+            "lexvla export: --scale 0: must be a positive",
+        ),
         (["export", "--config", CONFIG, "--out", "{tmp}", "--top-k", "0"], "lexvla export: --top-k 0: must be"),
     ],
 )

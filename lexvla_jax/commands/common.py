@@ -20,12 +20,34 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 
 
-def restore_encoder(config, workdir: str | None, step: int | None = None):
-    """The trained `LexicalEncoder` of `workdir` (latest step, or `step`)."""
+def add_sparse_args(parser: argparse.ArgumentParser) -> None:
+    """--threshold | --top-k, --scale: how vectors are sparsified and quantised (`sparse/export.py`)."""
+    from lexvla_jax.sparse.export import DEFAULT_SCALE
+
+    cut = parser.add_mutually_exclusive_group()
+    cut.add_argument("--threshold", type=float, help="keep weights >= this (default 1/sqrt(V'))")
+    cut.add_argument("--top-k", type=int, help="keep the k largest weights of each vector instead")
+    parser.add_argument("--scale", type=int, default=DEFAULT_SCALE, help="impact = round(scale * weight)")
+
+
+def check_positive(**values) -> None:
+    """A one-line error naming the first option (`top_k` → --top-k) given below 1."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+
+
+def check_top_k(top_k: int | None, encoder) -> None:
+    if top_k is not None and top_k > len(encoder.words):
+        raise ConfigError(f"--top-k {top_k}: the model has only {len(encoder.words)} words")
+
+
+def restore_encoder(config, workdir: str | None, step: int | None = None, *, with_step: bool = False):
+    """The trained `LexicalEncoder` of `workdir` (latest step, or `step`); with `with_step`, (encoder, step)."""
     if not workdir:
         raise ConfigError("--workdir is required to encode with the model, e.g. --workdir runs/tiny")
-    encoder, _ = inference.restore(config, workdir, step)
-    return encoder
+    encoder, step = inference.restore(config, workdir, step)
+    return (encoder, step) if with_step else encoder
 
 
 def read_images(paths: Sequence[str], data_config, size: int) -> np.ndarray:

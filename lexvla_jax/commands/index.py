@@ -3,10 +3,11 @@
   lexvla index DIR [--doc-words 64] [--n-postings 3500] [--centroid-fraction 0.1] [--summary-energy 0.4]
       [--max-fraction 1.5] [--query-cut 20] [--heap-factor 0.9] [--rerank 300] [--threads 0]
 
-DIR is a directory written by `lexvla export`; the index (`seismic.index.seismic`, `seismic.json`) is saved
-into it. Documents enter Seismic with their `--doc-words` strongest words; searches re-score Seismic's best
-`--rerank` candidates exactly (`lexvla_jax.sparse.index`). The exact index needs no build: `lexvla search
---method exact` reads `vectors.npz`.
+DIR is a finished collection, OUT/images or OUT/texts of `lexvla encode --out OUT` (or OUT/captions of `lexvla
+export`); its part files are read one at a time into Seismic, and the index (`seismic.index.seismic`,
+`seismic.json`) is saved into DIR (a local directory: Seismic writes local files). Documents enter Seismic with
+their `--doc-words` strongest words; searches re-score Seismic's best `--rerank` candidates exactly
+(`lexvla_jax.sparse.index`). The exact index needs no build: `lexvla search --method exact` reads the parts.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def search_settings(args) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lexvla index", description=__doc__.splitlines()[0])
-    parser.add_argument("directory", help="a collection written by `lexvla export`")
+    parser.add_argument("directory", help="a collection: OUT/images or OUT/texts of `lexvla encode`")
     defaults = index.SeismicParams()
     parser.add_argument("--doc-words", type=int, default=defaults.doc_words, help="words per document (0: all)")
     parser.add_argument("--n-postings", type=int, default=defaults.n_postings)
@@ -51,7 +52,6 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.n_postings < 1:
         raise export.CollectionError(f"--n-postings {args.n_postings}: must be at least 1")
-    vectors = export.read_collection(args.directory)
     params = index.SeismicParams(
         doc_words=args.doc_words,
         n_postings=args.n_postings,
@@ -61,10 +61,10 @@ def main(argv: list[str]) -> int:
     )
     params = dataclasses.replace(params, **search_settings(args))
     start = time.perf_counter()
-    built = index.SeismicIndex.build(vectors, params, num_threads=args.threads)
+    built, rows = index.SeismicIndex.build_from_parts(args.directory, params, num_threads=args.threads)
     seconds = time.perf_counter() - start
     path = built.save(args.directory)
     words = f"each cut to its {params.doc_words} strongest words" if params.doc_words else "whole"
-    print(f"indexed {len(vectors.ids)} vectors ({words}) in {seconds:.2f}s")
+    print(f"indexed {rows} vectors ({words}) in {seconds:.2f}s")
     print(f"  {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
     return 0

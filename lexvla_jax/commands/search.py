@@ -20,13 +20,13 @@ import numpy as np
 from lexvla_jax import configlib
 from lexvla_jax.commands import common
 from lexvla_jax.commands.index import add_search_args, search_settings
-from lexvla_jax.sparse import export, index
+from lexvla_jax.sparse import export, index, parts
 
 
 def encoded_query(args, vectors: export.SparseVectors) -> tuple[np.ndarray, np.ndarray, str]:
     """(words, weights, description) of the query given on the command line."""
     if args.query_id is not None:
-        source = export.read_collection(args.queries) if args.queries else vectors
+        source = parts.read_collection(args.queries) if args.queries else vectors
         if source.words != vectors.words:
             raise export.CollectionError("--queries and --index were exported with different vocabularies")
         words, weights = source.row(source.position(args.query_id))
@@ -51,7 +51,7 @@ def encoded_query(args, vectors: export.SparseVectors) -> tuple[np.ndarray, np.n
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lexvla search", description=__doc__.splitlines()[0])
-    parser.add_argument("--index", required=True, help="a collection written by `lexvla export`")
+    parser.add_argument("--index", required=True, help="a collection: OUT/images or OUT/texts of `lexvla encode`")
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--query-text", help="a caption, encoded by the model")
     query.add_argument("--query-image", help="an image file, encoded by the model")
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     args.config_spec, args.overrides = spec, overrides
     if args.k < 1:
         raise configlib.ConfigError(f"-k {args.k}: must be at least 1")
-    vectors = export.read_collection(args.index)
+    vectors = parts.read_collection(args.index)
     settings = search_settings(args)
     if args.method == "exact":
         searcher = index.ExactIndex.build(vectors)

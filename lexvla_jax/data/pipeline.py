@@ -91,6 +91,13 @@ def make_train_dataset(
     batch_size = global_batch_size // process_count
     decoder = SampleDecoder.from_config(config, train=True, prompt_encoder=prompt_encoder)
     ds = raw_dataset(config, process_index, process_count).map(decoder)
+    ds = decoded_batches(ds, config, batch_size, keep_keys)
+    return SkipTotalsDataset(ds, batch_size=batch_size, drop_remainder=drop_remainder)
+
+
+def decoded_batches(ds, config, batch_size: int, keep_keys: bool) -> grain.IterDataset:
+    """Samples mapped to decoded elements or skip markers → batches with their skip counts (`batching.py`), made in
+    `config.num_workers` grain worker processes (none: in this one)."""
     if isinstance(ds, grain.MapDataset):
         read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=batch_size)
         ds = ds.to_iter_dataset(read)
@@ -107,7 +114,7 @@ def make_train_dataset(
             grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.prefetch_buffer),
             worker_init_fn=functools.partial(end_with_parent, trainer=os.getpid()),
         )
-    return SkipTotalsDataset(ds, batch_size=batch_size, drop_remainder=drop_remainder)
+    return ds
 
 
 def end_with_parent(worker_index: int = 0, worker_count: int = 0, *, trainer: int, poll_seconds: float = 0.2) -> None:

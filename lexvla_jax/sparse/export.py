@@ -1,15 +1,10 @@
-"""Sparse lexical vectors on disk, in the formats learned-sparse-retrieval tools read.
+"""Sparse lexical vectors: sparsification, integer impacts, and the collection held in memory.
 
 A LexVLA vector has one dimension per kept word and few non-zero entries. Exporting one keeps the strong
 entries (`losses.sparsify`: weights ≥ 1/√V' by default, or the top-k of each vector) and quantises them to
-integer impacts `round(scale · w)`, dropping those that round to zero. An exported collection is a directory:
-
-- `collection.jsonl`: one `{"id", "content", "vector": {term: int_weight}}` per line, the JsonVectorCollection
-  that Anserini/Pyserini impact indexes and Seismic read;
-- `queries.tsv`: `id<TAB>terms`, each term repeated `round(100 · w)` times (Anserini's pre-tokenised impact
-  queries; a query's scale does not change its ranking, and ×100 keeps a ~1,000-word query to ~2,500 tokens);
-- `vectors.npz`: the int32 `scipy.sparse` CSR matrix [N, V'] of the same weights (`scipy.sparse.load_npz`);
-- `meta.json`: the kept-word list (column j is word j), the scale, the sparsification, the ids and contents.
+integer impacts `round(scale · w)`, dropping those that round to zero. On disk a collection is part files of
+the JsonVectorCollection that Anserini/Pyserini impact indexes and Seismic read (`sparse/parts.py`, written by
+`lexvla encode` and `lexvla export`); in memory it is `SparseVectors`, an int32 CSR matrix with ids and contents.
 
 The default scale is 1000, not the ×100 used for SPLADE impacts: LexVLA vectors are L2-normalised over ~300 to
 ~1,100 active words, so a typical weight is ~0.01–0.03 and ×100 leaves 1–3 levels. On synthetic unit vectors of
@@ -20,9 +15,7 @@ The default scale is 1000, not the ×100 used for SPLADE impacts: LexVLA vectors
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +26,6 @@ from lexvla_jax import losses
 from lexvla_jax.configlib import ConfigError
 
 DEFAULT_SCALE = 1000
-QUERY_TSV_SCALE = 100
-COLLECTION, QUERIES, VECTORS, META = "collection.jsonl", "queries.tsv", "vectors.npz", "meta.json"
 
 
 class CollectionError(ConfigError):
@@ -94,23 +85,6 @@ def quantise(s: np.ndarray, scale: int = DEFAULT_SCALE) -> scipy.sparse.csr_arra
     return scipy.sparse.csr_array(np.rint(np.asarray(s, np.float64) * scale).astype(np.int32))
 
 
-def encode_sparse(
-    encode: Callable[[object], np.ndarray],
-    items: Sequence,
-    batch_size: int,
-    *,
-    threshold: float | None = None,
-    top_k: int | None = None,
-    scale: int = DEFAULT_SCALE,
-) -> scipy.sparse.csr_array:
-    """Encodes `items` batch by batch (`encode(items[a:b])` → float [b-a, V']) into quantised sparse rows."""
-    blocks = [
-        quantise(sparsify(encode(items[start : start + batch_size]), threshold, top_k), scale)
-        for start in range(0, len(items), batch_size)
-    ]
-    return scipy.sparse.csr_array(scipy.sparse.vstack(blocks, format="csr"))
-
-
 def terms_of(words: Sequence[str]) -> list[str]:
     """Unique index terms for the words: a word that repeats an earlier one becomes `word@j` (j its dimension)."""
     terms, seen = [], set()
@@ -118,55 +92,6 @@ def terms_of(words: Sequence[str]) -> list[str]:
         terms.append(f"{word}@{j}" if word in seen else word)
         seen.add(word)
     return terms
-
-
-def write_collection(directory: str, vectors: SparseVectors) -> list[str]:
-    """Writes the four files of an exported collection into `directory`; returns their paths."""
-    os.makedirs(directory, exist_ok=True)
-    paths = [os.path.join(directory, name) for name in (COLLECTION, QUERIES, VECTORS, META)]
-    terms = terms_of(vectors.words)
-    matrix = vectors.matrix
-    with open(paths[0], "w") as jsonl, open(paths[1], "w") as tsv:
-        for i, (item_id, content) in enumerate(zip(vectors.ids, vectors.contents, strict=True)):
-            row = slice(matrix.indptr[i], matrix.indptr[i + 1])
-            pairs = [(terms[j], int(w)) for j, w in zip(matrix.indices[row], matrix.data[row], strict=True)]
-            jsonl.write(json.dumps({"id": item_id, "content": content, "vector": dict(pairs)}) + "\n")
-            repeats = [(t, round(w * QUERY_TSV_SCALE / vectors.scale)) for t, w in pairs]
-            tsv.write(f"{_one_line(item_id)}\t{' '.join(' '.join([t] * n) for t, n in repeats if n)}\n")
-    scipy.sparse.save_npz(paths[2], scipy.sparse.csr_matrix(matrix), compressed=True)
-    meta = {
-        "scale": vectors.scale,
-        "query_tsv_scale": QUERY_TSV_SCALE,
-        "sparsification": vectors.sparsification,
-        "words": list(vectors.words),
-        "ids": list(vectors.ids),
-        "contents": list(vectors.contents),
-    }
-    with open(paths[3], "w") as f:
-        json.dump(meta, f)
-    return paths
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def read_collection(directory: str) -> SparseVectors:
-    """The collection written by `write_collection` (from `vectors.npz` and `meta.json`)."""
-    for name in (VECTORS, META):
-        if not os.path.isfile(os.path.join(directory, name)):
-            raise CollectionError(f"{directory!r} holds no {name}; pass a directory written by `lexvla export`")
-    with open(os.path.join(directory, META)) as f:
-        meta = json.load(f)
-    matrix = scipy.sparse.csr_array(scipy.sparse.load_npz(os.path.join(directory, VECTORS)))
-    return SparseVectors(
-        ids=meta["ids"],
-        contents=meta["contents"],
-        matrix=matrix.astype(np.int32),
-        words=meta["words"],
-        scale=int(meta["scale"]),
-        sparsification=meta.get("sparsification", {}),
-    )
 
 
 def sparse_query(s: np.ndarray, threshold: float | None = None, top_k: int | None = None):

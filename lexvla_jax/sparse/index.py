@@ -164,6 +164,24 @@ class SeismicIndex:
         return cls.from_dataset(dataset, vectors.matrix, vectors.scale, params, num_threads)
 
     @classmethod
+    def build_from_parts(cls, directory, params: SeismicParams | None = None, num_threads: int = 0):
+        """The index of a finished part-file collection (`sparse/parts.py`), read one part at a time; its
+        `forward` is left empty (`load` takes the vectors from the parts)."""
+        from lexvla_jax.sparse import parts
+
+        params = params or SeismicParams()
+        meta, _ = parts.read_meta(directory)
+        vocab_size = len(meta["words"])
+        dataset, rows = cls.dataset(vocab_size), 0
+        for ids, _, impacts in parts.iter_parts(directory):
+            cls.add_rows(dataset, rows, impacts, params.doc_words)
+            rows += len(ids)
+        if rows == 0:
+            raise CollectionError(f"{str(directory)!r} holds no vectors to index")
+        forward = scipy.sparse.csr_array((0, vocab_size), dtype=np.int32)
+        return cls.from_dataset(dataset, forward, int(meta["scale"]), params, num_threads), rows
+
+    @classmethod
     def from_dataset(cls, dataset, forward, scale: int, params: SeismicParams, num_threads: int = 0):
         """Indexes a dataset filled by `add_rows` from the impacts `forward`."""
         with native_stdout_silenced():
