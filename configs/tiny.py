@@ -87,6 +87,38 @@ def get_config(arg=None):
         lora=dict(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v")),
     )
 
+    # Stage 0: the tiny vision tower pretrained self-supervised on the train images (vision_pretrain.py: DINO's and
+    # iBOT's self-distillation with an EMA teacher), saved as a Hugging Face Dinov2Model; skipped when `dir` holds one.
+    config.miniature.vision = dict(
+        dir="data/synthetic/vision",
+        steps=600,
+        batch_size=64,
+        learning_rate=2e-3,
+        warmup_steps=50,
+        weight_decay=0.04,
+        local_crops=2,
+        local_size=32,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.1, 0.4),
+        jitter=0.2,
+        permute=0.8,  # probability that a view's colour channels are shuffled (vision_pretrain.py says why)
+        gray=0.2,
+        mask_ratio=(0.1, 0.5),
+        prototypes=128,
+        head_hidden=64,
+        head_bottleneck=64,
+        student_temp=0.1,
+        teacher_temp=(0.04, 0.07),
+        teacher_warmup=100,
+        momentum=0.99,
+        center_momentum=0.9,
+        ibot_weight=1.0,
+        koleo_weight=0.1,
+        seed=0,
+        log_every=100,
+        probe_images=400,  # the linear shape probe in its report (shape_probe.py); 0: none
+    )
+
     # Stage 1: the tiny Llama pretrained as a language model that names a caption's content words after the
     # prompt (lm_pretrain.py), saved as a Hugging Face directory; skipped when `dir` holds one.
     config.miniature.lm = dict(
@@ -126,8 +158,8 @@ def get_config(arg=None):
         global_batch_size=128,
         micro_batches=1,
         seed=0,
-        # The text tower and its codebook stay frozen (stage 1's language model); the vision tower trains (random).
-        trainable=("vision", "adapter", "visual_codebook", "logit_scale", "lora"),
+        # Both towers stay frozen (stage 0's vision tower, stage 1's language model), as in the paper.
+        trainable=("adapter", "visual_codebook", "logit_scale", "lora"),
         log_every=25,
         profile_steps=(),  # (start, stop): a jax.profiler trace of those steps in WORKDIR/profile
         max_consecutive_skips=5,
@@ -164,8 +196,9 @@ def get_config(arg=None):
         config.train.num_steps = 900  # as measured (BENCHMARKS.md); the text tower trains, so it needs fewer
         config.checkpoint.every_steps = config.evals.retrieval.every_steps = 300
     else:
-        # Follows miniature.lm.dir; overriding text_checkpoint itself leaves miniature.lm.dir alone (`identity`).
+        # Follow miniature.*.dir; overriding a checkpoint itself leaves the stage's dir alone (`identity`).
         config.model.text_checkpoint = config.miniature.lm.get_ref("dir").identity()
+        config.model.vision_checkpoint = config.miniature.vision.get_ref("dir").identity()
 
     config.mesh = dict(shape=(-1, 1, 1), dcn_shape=(1, 1, 1))
     config.sharding = dict(rules=tuple(DEFAULT_RULES))

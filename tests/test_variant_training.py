@@ -135,6 +135,7 @@ def test_variant_trains_a_few_steps(name, data_dir, tmp_path, monkeypatch):  # n
         "checkpoint.every_steps": STEPS,
         "data.num_workers": 0,
         "model.text_checkpoint": "",  # from scratch, whatever the tiny base loads
+        "model.vision_checkpoint": "",
     }
     config = configlib.load_config(f"{VARIANTS}/{name}.py:tiny", local_cluster.overrides(data_dir, **extra))
     if name != "qbow":

@@ -1,0 +1,85 @@
+"""Stage 0 then stage 2, shortened: the self-supervised tower, frozen, beats the same tower at random init.
+
+Q(BoW) stands in for the language model (`configs/variants/qbow.py:tiny`: no stage 1), so the comparison is about
+the vision side alone; both stage-2 runs share every setting but `model.vision_checkpoint`.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lexvla_jax import configlib, hf_loader, inference, train
+from lexvla_jax.miniature import prepare, vision_pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QBOW_TINY = os.path.join(REPO, "configs", "variants", "qbow.py") + ":tiny"
+
+
+def short_job(root: str, **extra) -> list[str]:
+    data = os.path.join(root, "data")
+    values = {
+        "miniature.synthetic.dir": data,
+        "miniature.synthetic.train": 1500,
+        "miniature.synthetic.eval": 60,
+        "data.train_shards": os.path.join(data, "train"),
+        "data.eval_shards": os.path.join(data, "eval"),
+        "data.tokenizer": os.path.join(data, "tokenizer.model"),
+        "miniature.vision.dir": os.path.join(data, "vision"),
+        "miniature.vision.steps": 150,
+        "miniature.vision.batch_size": 32,
+        "miniature.vision.log_every": 50,
+        "miniature.vision.probe_images": 160,
+        "train.num_steps": 150,
+        "train.global_batch_size": 64,
+        "train.log_every": 50,
+        "train.word_maps": 0,
+        "train.show_top_words": 0,
+        "checkpoint.every_steps": 150,
+        "evals.retrieval.every_steps": 0,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _vision_params(state) -> dict:
+    flat = nnx.to_flat_state(state)
+    return {p[1:]: np.asarray(v.get_value()) for p, v in flat if p[0] == "vision"}
+
+
+@pytest.mark.slow
+def test_pretrained_frozen_tower_beats_the_random_one(tmp_path):
+    config = configlib.load_config(QBOW_TINY, short_job(str(tmp_path)))
+    assert config.model.vision_checkpoint == config.miniature.vision.dir and "vision" not in config.train.trainable
+    logged = []
+    prepare.prepare(config, logged.append)
+    assert any(line.startswith("stage 0 (vision tower): saved to") for line in logged)
+    with open(os.path.join(config.miniature.vision.dir, vision_pretrain.REPORT)) as f:
+        probe = json.load(f)["shape_probe"]
+    assert probe["pretrained"]["accuracy"] >= probe["random_init"]["accuracy"] + 0.05, probe
+
+    pretrained = train.run(config, str(tmp_path / "pretrained"))
+    random_config = configlib.load_config(QBOW_TINY, short_job(str(tmp_path), **{"model.vision_checkpoint": ""}))
+    random_tower = train.run(random_config, str(tmp_path / "random"))
+    key = "patchdis/miou_per_image"
+    assert pretrained[key] >= random_tower[key] + 0.03, (pretrained[key], random_tower[key])
+
+    # Stage 2 trained around the tower without touching it: the restored run's tower is stage 0's, bit for bit.
+    encoder, _ = inference.restore(config, str(tmp_path / "pretrained"))
+    assert not _vision_params(encoder.params)  # no vision weight among the trained ones
+    restored = _vision_params(encoder.frozen)
+    saved = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(hf_loader.load_hf_dinov2(
+        config.miniature.vision.dir), nnx.Param))}  # fmt: skip
+    assert restored.keys() == saved.keys()
+    for path, value in saved.items():
+        np.testing.assert_array_equal(restored[path], value, err_msg=str(path))
+
+    # A second preparation finds stage 0's directory complete and leaves it as it was.
+    weights = os.path.join(config.miniature.vision.dir, "model.safetensors")
+    before = os.stat(weights).st_mtime_ns
+    logged = []
+    prepare.prepare(config, logged.append)
+    assert logged == [f"stage 0 (vision tower): using {config.miniature.vision.dir}"]
+    assert os.stat(weights).st_mtime_ns == before
