@@ -160,19 +160,28 @@ class Head(nnx.Module):
 
 
 class Learner(nnx.Module):
-    """The backbone, the mask token of masked patches, and the CLS (DINO) and patch (iBOT) heads."""
+    """The backbone, the mask token of masked patches, the CLS (DINO) and patch (iBOT) heads, and the linear
+    pixel head of masked-patch reconstruction."""
 
     def __init__(self, config: dinov2.Dinov2Config, hidden: int, bottleneck: int, prototypes: int, *, rngs):
+        d = config.hidden_size
         self.backbone = dinov2.Dinov2Model(config, rngs=rngs)
-        self.mask_token = nnx.Param(jnp.zeros((config.hidden_size,), jnp.float32))
-        self.cls_head = Head(config.hidden_size, hidden, bottleneck, prototypes, rngs=rngs)
-        self.patch_head = Head(config.hidden_size, hidden, bottleneck, prototypes, rngs=rngs)
+        self.mask_token = nnx.Param(jnp.zeros((d,), jnp.float32))
+        self.cls_head = Head(d, hidden, bottleneck, prototypes, rngs=rngs)
+        self.patch_head = Head(d, hidden, bottleneck, prototypes, rngs=rngs)
+        self.pixel_head = nnx.Linear(d, config.patch_size**2 * config.num_channels, rngs=rngs)
 
-    def __call__(self, pixels: jax.Array, masked: jax.Array | None = None):
-        """(CLS logits `[B, K]`, patch logits `[B, P, K]`, CLS feature `[B, D]`) of normalised pixels."""
+    def __call__(self, pixels: jax.Array, masked: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(CLS token `[B, D]`, patch tokens `[B, P, D]`) of normalised pixels, `masked` patches replaced."""
         tokens = self.backbone(pixels, masked=masked, mask_token=self.mask_token[...]).last_hidden_state
-        prefix = self.backbone.num_prefix_tokens
-        return self.cls_head(tokens[:, 0]), self.patch_head(tokens[:, prefix:]), tokens[:, 0]
+        return tokens[:, 0], tokens[:, self.backbone.num_prefix_tokens :]
+
+
+def patchify(pixels: jax.Array, patch: int) -> jax.Array:
+    """`[B, H, W, C]` → `[B, (H/p)·(W/p), p·p·C]`, patches in row-major order (the tower's token order)."""
+    b, h, w, c = pixels.shape
+    x = pixels.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
 def new_learner(config: ml_collections.ConfigDict) -> Learner:
@@ -230,56 +239,67 @@ def pretrain_step_fn(graphdef, tx, cfg: ml_collections.ConfigDict, tower: dinov2
         prep = lambda v: image_norm.normalize_images(v, norm)
         return [prep(v) for v in glob], [prep(v) for v in local], keys[-1]
 
+    distil = cfg.dino_weight > 0 or cfg.ibot_weight > 0
+
     def loss_fn(student, teacher, centers, images, key, step):
         glob, local, key = views(images, key)
         b = images.shape[0]
         k_ratio, k_mask = jax.random.split(key)
         ratio = jax.random.uniform(k_ratio, (n_global, b, 1), minval=cfg.mask_ratio[0], maxval=cfg.mask_ratio[1])
         masked = jax.random.uniform(k_mask, (n_global, b, grid)) < ratio
-        s_model, t_model = nnx.merge(graphdef, student), nnx.merge(graphdef, teacher)
-        temp = schedule.teacher_temp(step)
-        t_cls, t_patch = [], []
-        for v in glob:
-            c, p, _ = t_model(v)
-            t_cls.append(jax.lax.stop_gradient(c))
-            t_patch.append(jax.lax.stop_gradient(p))
-        t_cls_probs = [jax.nn.softmax((c - centers["cls"]) / temp, axis=-1) for c in t_cls]
-        t_patch_probs = [jax.nn.softmax((p - centers["patch"]) / temp, axis=-1) for p in t_patch]
+        weight = masked.astype(jnp.float32)
+        s_model = nnx.merge(graphdef, student)
         s_global = [s_model(v, masked[i]) for i, v in enumerate(glob)]
-        s_local = [s_model(v)[0] for v in local]
-        dino_terms = []
-        for i in range(n_global):
-            for j, (c, _, _) in enumerate(s_global):
-                if j != i:
-                    dino_terms.append(cross_entropy(t_cls_probs[i], c, cfg.student_temp).mean())
-            dino_terms += [cross_entropy(t_cls_probs[i], c, cfg.student_temp).mean() for c in s_local]
-        dino = sum(dino_terms) / len(dino_terms)
-        ibot_terms = []
-        for i, (_, p, _) in enumerate(s_global):
-            weight = masked[i].astype(jnp.float32)
-            ce = cross_entropy(t_patch_probs[i], p, cfg.student_temp)
-            ibot_terms.append(jnp.sum(ce * weight) / jnp.maximum(weight.sum(), 1.0))
-        ibot = sum(ibot_terms) / n_global
-        kl = sum(koleo(feat) for _, _, feat in s_global) / n_global
-        loss = dino + cfg.ibot_weight * ibot + cfg.koleo_weight * kl
-        new_centers = {
-            "cls": jnp.mean(jnp.stack(t_cls), axis=(0, 1)),
-            "patch": jnp.mean(jnp.stack(t_patch), axis=(0, 1, 2)),
-        }
-        return loss, (dino, ibot, kl, new_centers)
+        terms = {"koleo": sum(koleo(cls) for cls, _ in s_global) / n_global}
+        errors = [
+            jnp.mean(jnp.square(s_model.pixel_head(p) - patchify(v, tower.patch_size)), axis=-1)
+            for (_, p), v in zip(s_global, glob, strict=True)
+        ]
+        terms["pixel"] = sum(jnp.sum(e * w) / jnp.maximum(w.sum(), 1.0) for e, w in zip(errors, weight, strict=True))
+        terms["pixel"] /= n_global
+        new_centers = centers
+        if distil:
+            t_model = nnx.merge(graphdef, teacher)
+            temp = schedule.teacher_temp(step)
+            t_out = [jax.lax.stop_gradient(t_model(v)) for v in glob]
+            t_cls = [t_model.cls_head(c) for c, _ in t_out]
+            t_patch = [t_model.patch_head(p) for _, p in t_out]
+            t_cls_probs = [jax.nn.softmax((c - centers["cls"]) / temp, axis=-1) for c in t_cls]
+            t_patch_probs = [jax.nn.softmax((p - centers["patch"]) / temp, axis=-1) for p in t_patch]
+            s_cls = [s_model.cls_head(c) for c, _ in s_global]
+            s_local = [s_model.cls_head(s_model(v)[0]) for v in local]
+            dino_terms = []
+            for i in range(n_global):
+                dino_terms += [
+                    cross_entropy(t_cls_probs[i], c, cfg.student_temp).mean() for j, c in enumerate(s_cls) if j != i
+                ]
+                dino_terms += [cross_entropy(t_cls_probs[i], c, cfg.student_temp).mean() for c in s_local]
+            terms["dino"] = sum(dino_terms) / len(dino_terms)
+            ibot_terms = [
+                jnp.sum(cross_entropy(t_patch_probs[i], s_model.patch_head(p), cfg.student_temp) * weight[i])
+                / jnp.maximum(weight[i].sum(), 1.0)
+                for i, (_, p) in enumerate(s_global)
+            ]
+            terms["ibot"] = sum(ibot_terms) / n_global
+            new_centers = {
+                "cls": jnp.mean(jnp.stack(t_cls), axis=(0, 1)),
+                "patch": jnp.mean(jnp.stack(t_patch), axis=(0, 1, 2)),
+            }
+        else:
+            terms["dino"] = terms["ibot"] = jnp.zeros(())
+        loss = sum(cfg[f"{name}_weight"] * value for name, value in terms.items())
+        return loss, (terms, new_centers)
 
     @jax.jit
     def step_fn(student, teacher, opt_state, centers, images, key, step):
-        grads, (dino, ibot, kl, batch_centers) = jax.grad(loss_fn, has_aux=True)(
-            student, teacher, centers, images, key, step
-        )
+        grads, (terms, batch_centers) = jax.grad(loss_fn, has_aux=True)(student, teacher, centers, images, key, step)
         updates, opt_state = tx.update(grads, opt_state, student)
         student = optax.apply_updates(student, updates)
         m = schedule.momentum(step)
         teacher = jax.tree.map(lambda t, s: m * t + (1.0 - m) * s, teacher, student)
         cm = cfg.center_momentum
         centers = jax.tree.map(lambda c, n: cm * c + (1.0 - cm) * n, centers, batch_centers)
-        return student, teacher, opt_state, centers, {"dino": dino, "ibot": ibot, "koleo": kl}
+        return student, teacher, opt_state, centers, terms
 
     return step_fn
 
@@ -299,7 +319,7 @@ def train_vision(
     step_fn = pretrain_step_fn(graphdef, tx, cfg, tower)
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
-    history: dict[str, list[float]] = {"dino": [], "ibot": [], "koleo": []}
+    history: dict[str, list[float]] = {"dino": [], "ibot": [], "pixel": [], "koleo": []}
     start = time.perf_counter()
     for i in range(1, cfg.steps + 1):
         batch = images[rng.integers(len(images), size=cfg.batch_size)]
@@ -311,10 +331,8 @@ def train_vision(
             for name, value in losses.items():
                 history[name].append(float(value))
             rate = i * cfg.batch_size / (time.perf_counter() - start)
-            log(
-                f"stage 0 (vision tower): step {i}/{cfg.steps} dino {history['dino'][-1]:.3f} "
-                f"ibot {history['ibot'][-1]:.3f} koleo {history['koleo'][-1]:.3f} ({rate:.0f} images/s)"
-            )
+            terms = " ".join(f"{name} {values[-1]:.3f}" for name, values in history.items())
+            log(f"stage 0 (vision tower): step {i}/{cfg.steps} {terms} ({rate:.0f} images/s)")
     return nnx.merge(graphdef, teacher), history
 
 
