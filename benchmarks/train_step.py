@@ -75,7 +75,9 @@ def tiny_config(args):
     from lexvla_jax.text.prompt import prompt_encoder
 
     os.chdir(REPO)
-    config = configlib.load_config(str(REPO / "configs" / "tiny.py"), ["model.text_checkpoint=", "model.vision_checkpoint="])
+    config = configlib.load_config(
+        str(REPO / "configs" / "tiny.py"), ["model.text_checkpoint=", "model.vision_checkpoint="]
+    )
     prepare.prepare(config)
     tokenizer, kept_ids = build.load_vocabulary(config)
     return config, len(kept_ids), prompt_encoder(config.data, tokenizer).max_length

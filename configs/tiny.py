@@ -1,21 +1,22 @@
-"""The embedded main job: a miniature LexVLA, in two stages, on the synthetic captioned image set.
+"""The embedded main job: a miniature LexVLA, in three stages, on the synthetic captioned image set.
 
 Runs on a 2-core CPU in minutes. What is missing is made first (`miniature/prepare.py`, each step skipped when its
 output exists): the synthetic set in `miniature.synthetic.dir`, a small Llama-style tokenizer trained on its
-captions, then stage 1 (`miniature/lm_pretrain.py`): a tiny Llama pretrained as a language model that names a
-caption's content words after the prompt, saved as a Hugging Face directory (`miniature.lm.dir`). Stage 2 is LexVLA
-as in the paper on that language model: `model.text_checkpoint` is stage 1's directory, the text tower is frozen
-with LoRA adapters on it (trained at a tenth of the learning rate, `optim.lr_scales`: at the full rate they move a
-caption's vector off its words: caption word precision 0.60 after 300 steps, 0.88 at 0.1×; BENCHMARKS.md), the text
-codebook is its `lm_head` rows of the kept vocabulary (frozen) and the visual codebook starts from the same rows
-(`build.recipe`), so an image's strongest dimensions are words of its captions. One difference from the paper: the
-paper freezes a pretrained DINOv2, but no pretrained vision tower exists here, so the tiny random one trains with
-the adapter.
+captions, stage 0 (`miniature/vision_pretrain.py`): the tiny vision tower pretrained self-supervised on the train
+images alone (DINO's and iBOT's self-distillation with an EMA teacher, plus masked-patch pixel reconstruction),
+saved as a Hugging Face Dinov2Model (`miniature.vision.dir`), then stage 1 (`miniature/lm_pretrain.py`): a tiny
+Llama pretrained as a language model that names a caption's content words after the prompt, saved as a Hugging Face
+directory (`miniature.lm.dir`). Stage 2 is LexVLA as in the paper on those two towers: `model.vision_checkpoint` and
+`model.text_checkpoint` are their directories, both towers are frozen, LoRA adapters sit on the text tower (trained
+at a tenth of the learning rate, `optim.lr_scales`: at the full rate they move a caption's vector off its words:
+caption word precision 0.60 after 300 steps, 0.88 at 0.1×; BENCHMARKS.md), the text codebook is its `lm_head` rows
+of the kept vocabulary (frozen) and the visual codebook starts from the same rows (`build.recipe`), so an image's
+strongest dimensions are words of its captions. Trainable: adapter, visual codebook, logit scale, LoRA.
 Usage:
 
   lexvla train --config configs/tiny.py --workdir runs/tiny
 
-`configs/tiny.py:scratch` is the same model without stage 1: a random text tower that trains (for tests and
+`configs/tiny.py:scratch` is the same model without stages 0 and 1: random towers that train (for tests and
 compiles that need no pretrained weights).
 """
 
