@@ -49,29 +49,31 @@ def _vision_params(state) -> dict:
     return {p[1:]: np.asarray(v.get_value()) for p, v in flat if p[0] == "vision"}
 
 
-@pytest.mark.slow
-def test_pretrained_frozen_tower_beats_the_random_one(tmp_path):
-    config = configlib.load_config(QBOW_TINY, short_job(str(tmp_path)))
-    assert config.model.vision_checkpoint == config.miniature.vision.dir and "vision" not in config.train.trainable
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Stage 0, then stage 2 on its tower and on the same architecture at random init: (config, root, metrics of
+    both runs, the preparation's log)."""
+    root = tmp_path_factory.mktemp("stage0_job")
+    config = configlib.load_config(QBOW_TINY, short_job(str(root)))
     logged = []
     prepare.prepare(config, logged.append)
+    pretrained = train.run(config, str(root / "pretrained"))
+    random_config = configlib.load_config(QBOW_TINY, short_job(str(root), **{"model.vision_checkpoint": ""}))
+    random_tower = train.run(random_config, str(root / "random"))
+    return config, root, {"pretrained": pretrained, "random": random_tower}, logged
+
+
+@pytest.mark.slow
+def test_stage_2_leaves_the_stage_0_tower_bit_identical(runs):
+    config, root, _, logged = runs
+    assert config.model.vision_checkpoint == config.miniature.vision.dir and "vision" not in config.train.trainable
     assert any(line.startswith("stage 0 (vision tower): saved to") for line in logged)
-    with open(os.path.join(config.miniature.vision.dir, vision_pretrain.REPORT)) as f:
-        probe = json.load(f)["shape_probe"]
-    assert probe["pretrained"]["accuracy"] >= probe["random_init"]["accuracy"] + 0.05, probe
-
-    pretrained = train.run(config, str(tmp_path / "pretrained"))
-    random_config = configlib.load_config(QBOW_TINY, short_job(str(tmp_path), **{"model.vision_checkpoint": ""}))
-    random_tower = train.run(random_config, str(tmp_path / "random"))
-    key = "patchdis/miou_per_image"
-    assert pretrained[key] >= random_tower[key] + 0.03, (pretrained[key], random_tower[key])
-
     # Stage 2 trained around the tower without touching it: the restored run's tower is stage 0's, bit for bit.
-    encoder, _ = inference.restore(config, str(tmp_path / "pretrained"))
+    encoder, _ = inference.restore(config, str(root / "pretrained"))
     assert not _vision_params(encoder.params)  # no vision weight among the trained ones
     restored = _vision_params(encoder.frozen)
-    saved = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(hf_loader.load_hf_dinov2(
-        config.miniature.vision.dir), nnx.Param))}  # fmt: skip
+    tower = hf_loader.load_hf_dinov2(config.miniature.vision.dir)
+    saved = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(tower, nnx.Param))}
     assert restored.keys() == saved.keys()
     for path, value in saved.items():
         np.testing.assert_array_equal(restored[path], value, err_msg=str(path))
@@ -79,7 +81,20 @@ def test_pretrained_frozen_tower_beats_the_random_one(tmp_path):
     # A second preparation finds stage 0's directory complete and leaves it as it was.
     weights = os.path.join(config.miniature.vision.dir, "model.safetensors")
     before = os.stat(weights).st_mtime_ns
-    logged = []
-    prepare.prepare(config, logged.append)
-    assert logged == [f"stage 0 (vision tower): using {config.miniature.vision.dir}"]
+    again = []
+    prepare.prepare(config, again.append)
+    assert again == [f"stage 0 (vision tower): using {config.miniature.vision.dir}"]
     assert os.stat(weights).st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_pretrained_frozen_tower_beats_the_random_one(runs):
+    config, _, metrics, _ = runs
+    with open(os.path.join(config.miniature.vision.dir, vision_pretrain.REPORT)) as f:
+        probe = json.load(f)["shape_probe"]
+    assert probe["pretrained"]["accuracy"] >= probe["random_init"]["accuracy"] + 0.05, probe
+    key = "patchdis/miou_per_image"
+    assert metrics["pretrained"][key] >= metrics["random"][key] + 0.03, (
+        metrics["pretrained"][key],
+        metrics["random"][key],
+    )
