@@ -202,7 +202,7 @@ def test_top_k_beyond_the_vocabulary_is_one_line():
 def bow_setup(synthetic_text):
     """The tiny Q(BoW) model (kept vocabulary of the synthetic tokenizer) and its bag-of-words encoder."""
     captions, tokenizer = synthetic_text
-    config = configlib.load_config(os.path.join(VARIANTS, "qbow.py") + ":tiny")
+    config = configlib.load_config(os.path.join(VARIANTS, "qbow.py") + ":tiny", ["model.vision_checkpoint="])
     kept_ids = filter_vocabulary(tokenizer, config.model.vocab_filter)
     encoder = build.caption_encoder(config, tokenizer, kept_ids)
     model = lexvla.LexVLA(build.model_config(config, len(kept_ids)), rngs=nnx.Rngs(0))

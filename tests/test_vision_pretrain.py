@@ -141,3 +141,20 @@ def test_pretraining_steps_lower_the_loss_and_keep_the_teacher_an_average():
     start = vision_pretrain.new_learner(config)
     moved = [np.abs(a - b).max() for a, b in zip(_params(teacher).values(), _params(start).values(), strict=True)]
     assert max(moved) > 0  # the teacher is not its initialisation
+
+
+def test_tiny_config_loads_and_freezes_the_stage_0_tower():
+    """configs/tiny.py reads stage 0's directory as its vision checkpoint and trains no vision weight; :scratch and an
+    overridden checkpoint pretrain nothing; moving the directory moves the checkpoint."""
+    from lexvla_jax.miniature import prepare
+
+    tiny = configlib.load_config(TINY_CONFIG)
+    assert tiny.model.vision_checkpoint == tiny.miniature.vision.dir and prepare.uses_pretrained_vision(tiny)
+    assert "vision" not in tiny.train.trainable
+    assert set(tiny.train.trainable) == {"adapter", "visual_codebook", "logit_scale", "lora"}
+    scratch = configlib.load_config(TINY_CONFIG + ":scratch")
+    assert not prepare.uses_pretrained_vision(scratch) and "vision" in scratch.train.trainable
+    moved = configlib.load_config(TINY_CONFIG, ["miniature.vision.dir=/elsewhere/vision"])
+    assert moved.model.vision_checkpoint == "/elsewhere/vision"
+    off = configlib.load_config(TINY_CONFIG, ["model.vision_checkpoint="])
+    assert off.miniature.vision.dir == tiny.miniature.vision.dir and not prepare.uses_pretrained_vision(off)
