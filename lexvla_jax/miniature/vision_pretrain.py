@@ -2,24 +2,33 @@
 
 LexVLA freezes a *pretrained* DINOv2, chosen for its local features, and only learns to map its patches into words.
 No such tower exists for the synthetic images, so this stage makes one from the train images alone: no captions,
-no labels, no masks. The objective is DINOv2's two self-distillation losses with an EMA teacher:
+no labels, no masks. The objective is DINOv2's two self-distillation losses with an EMA teacher, plus masked-patch
+pixel reconstruction:
 
 - Views (on the device, per image): two global crops (random-resized, `global_scale` of the area, at the tower's
   `image_size`) and `local_crops` small ones (`local_scale`, at `local_size` px; the position embeddings are
-  resampled), each mirrored with probability 1/2 and jittered in brightness and contrast by up to `jitter`. No
-  colour or grey-scale augmentation: colour is half of what the captions say, and a frozen tower invariant to it
-  could not tell "red" from "blue".
+  resampled), each mirrored with probability 1/2, jittered in brightness and contrast by up to `jitter`, its colour
+  channels shuffled with probability `permute` and made grey with probability `gray`. The colour changes are per
+  view: DINO's image-level target, which compares *different* views, cannot be met by matching colours alone (the
+  synthetic images' easiest invariant: four backgrounds, eight object colours), while the patch-level targets below
+  compare a view with itself, so the patch tokens still have to carry colour, half of what the captions say.
 - Student and teacher: the DINOv2 backbone plus two heads (DINO's for the CLS token, iBOT's for patch tokens):
   a 3-layer MLP, L2 normalisation, and `prototypes` weight-normalised prototypes. The teacher is the exponential
   moving average of the student (momentum cosine from `momentum` to 1) and receives no gradient.
-- DINO loss: the student's CLS distribution (temperature `student_temp`) of every view matches the teacher's
+- DINO loss (weight `dino_weight`): the student's CLS distribution (temperature `student_temp`) of every view matches the teacher's
   of each *other* global view, centred (a running mean of the teacher's logits, `center_momentum`) and sharpened
   (`teacher_temp`, warmed up linearly over the first `teacher_warmup` steps). Part-to-whole: a local crop of a
   shape's corner must predict what the teacher sees in the whole image.
 - iBOT loss (weight `ibot_weight`): in each global view of the student a random fraction `mask_ratio` of the
   patches is replaced by a learned mask token; each masked patch's distribution matches the teacher's for the
-  same, unmasked, patch. This is what gives every patch the context of the object it lies on.
+  same, unmasked, patch: meant to give every patch the context of the object it lies on.
+- Pixel reconstruction (weight `pixel_weight`, SimMIM's): a linear head predicts each masked patch's normalised
+  pixels from the student's token there; unlike the teacher's targets it carries signal from the first step.
 - KoLeo (weight `koleo_weight`, DINOv2's): spreads the student's CLS features of a batch apart.
+With `dino_weight` and `ibot_weight` both 0 the teacher's forward pass is skipped (pixel reconstruction alone).
+
+Measured (BENCHMARKS.md, "Stage 0"): up to 300 steps of batch 64 of either family leave the linear shape probe of
+the patch tokens at the majority rate: within the job's budget the tiny tower does not learn shapes this way yet.
 
 The teacher's backbone is the result (DINO's choice), saved as a Hugging Face `Dinov2Model` directory
 (`hf_export.save_hf_dinov2`: `config.json` with `drop_path_rate` 0, `model.safetensors`, and
