@@ -16,9 +16,9 @@ pixel reconstruction:
   a 3-layer MLP, L2 normalisation, and `prototypes` weight-normalised prototypes. The teacher is the exponential
   moving average of the student (momentum cosine from `momentum` to 1) and receives no gradient.
 - DINO loss (weight `dino_weight`): the student's CLS distribution (temperature `student_temp`) of every view
-  matches the teacher's of each *other* global view, centred (a running mean of the teacher's logits, `center_momentum`) and sharpened
-  (`teacher_temp`, warmed up linearly over the first `teacher_warmup` steps). Part-to-whole: a local crop of a
-  shape's corner must predict what the teacher sees in the whole image.
+  matches the teacher's of each *other* global view, centred (a running mean of the teacher's logits,
+  `center_momentum`) and sharpened (`teacher_temp`, warmed up linearly over the first `teacher_warmup` steps).
+  Part-to-whole: a local crop of a shape's corner must predict what the teacher sees in the whole image.
 - iBOT loss (weight `ibot_weight`): in each global view of the student a random fraction `mask_ratio` of the
   patches is replaced by a learned mask token; each masked patch's distribution matches the teacher's for the
   same, unmasked, patch: meant to give every patch the context of the object it lies on.
