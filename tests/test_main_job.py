@@ -46,6 +46,7 @@ def test_short_main_job_names_the_words_of_its_images(tmp_path, capsys):
     assert config.model.text_checkpoint == config.miniature.lm.dir  # stage 2 reads what stage 1 writes
     assert config.model.vision_checkpoint == config.miniature.vision.dir  # and what stage 0 writes
     workdir = tmp_path / "work"
+    prepare.prepare(config)  # what `lexvla train` runs before the loop
     metrics = train.run(config, str(workdir))
     out = capsys.readouterr().out
     assert "stage 1 (language model): step 150/150" in out and "saved to" in out
