@@ -187,3 +187,18 @@ def test_tiny_config_loads_and_freezes_the_stage_0_tower():
     assert moved.model.vision_checkpoint == "/elsewhere/vision"
     off = configlib.load_config(TINY_CONFIG, ["model.vision_checkpoint="])
     assert off.miniature.vision.dir == tiny.miniature.vision.dir and not prepare.uses_pretrained_vision(off)
+
+
+def test_bad_train_images_are_skipped_and_counted(tmp_path):
+    """Stage 0 reads the train tars with the pipeline's rules: an undecodable image is skipped and counted."""
+    from lexvla_jax.miniature import synthetic
+
+    good = synthetic.make_sample(0, "train", 0, "000000000", 32)
+    members = synthetic.sample_members("000000000", good)
+    members += synthetic.sample_members("000000001", {**good, "jpg": b"not a jpeg"})
+    data, _ = synthetic.tar_bytes(members)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "shard-00000.tar").write_bytes(data)
+    config = configlib.load_config(TINY_CONFIG, [f"data.train_shards={tmp_path}/train/shard-00000.tar"])
+    images, skipped = vision_pretrain.read_images(config.data, 32)
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8 and skipped == 1

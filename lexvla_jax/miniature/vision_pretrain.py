@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
@@ -56,12 +55,12 @@ import numpy as np
 import optax
 from etils import epath
 from flax import nnx
-from PIL import Image
 
 from lexvla_jax import build, configlib
 from lexvla_jax.data.config import resolve_shards
+from lexvla_jax.data.records import BadSample
 from lexvla_jax.data.tar_reader import iter_samples
-from lexvla_jax.data.transforms import image_member
+from lexvla_jax.data.transforms import image_member, load_image
 from lexvla_jax.miniature import hf_export, shape_probe
 from lexvla_jax.models import dinov2, image_norm
 
@@ -69,22 +68,29 @@ REPORT = "pretrain_report.json"
 _print = functools.partial(print, flush=True)
 
 
-def read_images(spec: str, image_size: int, field: str = "data.train_shards") -> np.ndarray:
-    """uint8 `[N, S, S, 3]`: every image of the webdataset tars in `spec`, resized to `image_size` if needed."""
-    images = []
-    for path in resolve_shards(spec, field):
+def read_images(data_config: ml_collections.ConfigDict, image_size: int) -> tuple[np.ndarray, int]:
+    """(uint8 `[N, S, S, 3]`: every readable image of `data_config.train_shards`, centre-cropped and resized to
+    `image_size` as evaluation reads images; the number of samples skipped as bad, by the pipeline's own rules)."""
+    images, skipped = [], 0
+    spec = data_config.train_shards
+    for path in resolve_shards(spec, "data.train_shards"):
         with epath.Path(path).open("rb") as f:
             for sample in iter_samples(f):
                 try:
-                    image = Image.open(io.BytesIO(image_member(sample.files))).convert("RGB")
-                except Exception:  # a bad image is skipped, as the training pipeline skips it
-                    continue
-                if image.size != (image_size, image_size):
-                    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-                images.append(np.asarray(image, np.uint8))
+                    data = image_member(sample.files)
+                    images.append(
+                        load_image(
+                            data,
+                            image_size,
+                            max_pixels=data_config.max_image_pixels,
+                            min_size=data_config.min_image_size,
+                        )
+                    )
+                except BadSample:
+                    skipped += 1
     if not images:
-        raise configlib.ConfigError(f"config.{field}={spec!r} holds no readable images to pretrain on")
-    return np.stack(images)
+        raise configlib.ConfigError(f"config.data.train_shards={spec!r} holds no readable images to pretrain on")
+    return np.stack(images), skipped
 
 
 def vision_config(config: ml_collections.ConfigDict) -> dinov2.Dinov2Config:
@@ -360,12 +366,16 @@ def ensure_pretrained_vision(
         log(f"stage 0 (vision tower): using {out_dir}")
         return out_dir
     tower = vision_config(config)
-    images = read_images(config.data.train_shards, tower.image_size)
-    log(f"stage 0 (vision tower): {cfg.steps} steps of batch {cfg.batch_size} on {len(images)} train images")
+    images, skipped = read_images(config.data, tower.image_size)
+    log(
+        f"stage 0 (vision tower): {cfg.steps} steps of batch {cfg.batch_size} on {len(images)} train images"
+        + (f" ({skipped} unreadable skipped)" if skipped else "")
+    )
     start = time.perf_counter()
     teacher, losses = train_vision(config, images, log)
     seconds = time.perf_counter() - start
     report = {"steps": cfg.steps, "batch_size": cfg.batch_size, "seconds": seconds, "losses": losses}
+    report["images"], report["skipped_images"] = len(images), skipped
     if cfg.get("probe_images"):
         report["shape_probe"] = shape_probe.compare(
             {"pretrained": teacher.backbone, "random_init": new_learner(config).backbone},
