@@ -27,6 +27,7 @@ def short_job(root: str) -> list[str]:
         "miniature.vision.dir": os.path.join(data, "vision"),
         "miniature.vision.steps": 40,
         "miniature.vision.batch_size": 32,
+        "miniature.vision.warmup_steps": 10,
         "miniature.vision.log_every": 20,
         "miniature.vision.probe_images": 0,
         "miniature.lm.dir": os.path.join(data, "lm"),

@@ -161,6 +161,12 @@ def test_a_step_moves_the_teacher_as_an_average_of_the_student():
     assert float(jnp.abs(new_centers["cls"]).max()) > 0 and float(jnp.abs(new_centers["patch"]).max()) > 0
 
 
+def test_warmup_longer_than_training_is_one_line():
+    config = _short_config(**{"miniature.vision.warmup_steps": 12})
+    with pytest.raises(configlib.ConfigError, match=r"^config.miniature.vision.warmup_steps=12 must be .* steps=12"):
+        vision_pretrain.train_vision(config, np.zeros((4, 32, 32, 3), np.uint8))
+
+
 def test_without_self_distillation_no_teacher_loss_is_computed():
     """dino_weight = ibot_weight = 0: pixel reconstruction alone; the teacher still follows the student (EMA)."""
     config = _short_config(**{"miniature.vision.dino_weight": 0.0, "miniature.vision.ibot_weight": 0.0})

@@ -324,6 +324,11 @@ def train_vision(
 ) -> tuple[Learner, dict]:
     """Trains stage 0 on `images` (uint8 `[N, S, S, 3]`); returns the teacher and the logged losses."""
     cfg = config.miniature.vision
+    if not 0 <= cfg.warmup_steps < cfg.steps:
+        raise configlib.ConfigError(
+            f"config.miniature.vision.warmup_steps={cfg.warmup_steps} must be at least 0 and below "
+            f"steps={cfg.steps}; lower it or train longer"
+        )
     tower = vision_config(config)
     graphdef, student = nnx.split(new_learner(config), nnx.Param)
     teacher = jax.tree.map(jnp.copy, student)
