@@ -132,6 +132,7 @@ def _short_config(**extra):
     return configlib.load_config(TINY_CONFIG, [f"{k}={v}" for k, v in values.items()])
 
 
+@pytest.mark.slow
 def test_a_step_moves_the_teacher_as_an_average_of_the_student():
     """One step: every loss term is positive and finite, the teacher becomes m·teacher + (1−m)·student with the
     step's momentum, and the centres move toward the teacher's mean logits."""
@@ -167,6 +168,7 @@ def test_warmup_longer_than_training_is_one_line():
         vision_pretrain.train_vision(config, np.zeros((4, 32, 32, 3), np.uint8))
 
 
+@pytest.mark.slow
 def test_without_self_distillation_no_teacher_loss_is_computed():
     """dino_weight = ibot_weight = 0: pixel reconstruction alone; the teacher still follows the student (EMA)."""
     config = _short_config(**{"miniature.vision.dino_weight": 0.0, "miniature.vision.ibot_weight": 0.0})
