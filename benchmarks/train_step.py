@@ -11,8 +11,8 @@ PyTorch's float32 `n × n` matmul timed in the same repetitions.
 Reference shapes (a CPU-sized stand-in for the paper config): DINOv2 ViT-S/14 at 224 px, frozen; Llama with
 8 layers, width 512, 8 heads, FFN 1376, vocabulary 32,000, frozen with LoRA r=8 on all seven linears;
 V' = 17,149; adapter with 6 heads and MLP 1536; batch 32; text length 64; float32; one device.
-`--tiny` runs the main job's model (`configs/tiny.py:scratch`: random towers, no stage 1) instead (its tokenizer gives
-V' and the prompt length).
+`--tiny` runs the main job's stage-2 model instead (`configs/tiny.py`: both towers frozen, LoRA on the text tower,
+here with random towers: no stage 0 or 1; its tokenizer gives V' and the prompt length).
 
     JAX_PLATFORMS=cpu python benchmarks/train_step.py [--reps 7] [--batch 32] [--breakdown] [--no-torch]
     JAX_PLATFORMS=cpu python benchmarks/train_step.py --tiny --breakdown
@@ -75,7 +75,9 @@ def tiny_config(args):
     from lexvla_jax.text.prompt import prompt_encoder
 
     os.chdir(REPO)
-    config = configlib.load_config_file(str(REPO / "configs" / "tiny.py") + ":scratch")
+    config = configlib.load_config(
+        str(REPO / "configs" / "tiny.py"), ["model.text_checkpoint=", "model.vision_checkpoint="]
+    )
     prepare.prepare(config)
     tokenizer, kept_ids = build.load_vocabulary(config)
     return config, len(kept_ids), prompt_encoder(config.data, tokenizer).max_length

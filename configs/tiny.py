@@ -1,21 +1,22 @@
-"""The embedded main job: a miniature LexVLA, in two stages, on the synthetic captioned image set.
+"""The embedded main job: a miniature LexVLA, in three stages, on the synthetic captioned image set.
 
 Runs on a 2-core CPU in minutes. What is missing is made first (`miniature/prepare.py`, each step skipped when its
 output exists): the synthetic set in `miniature.synthetic.dir`, a small Llama-style tokenizer trained on its
-captions, then stage 1 (`miniature/lm_pretrain.py`): a tiny Llama pretrained as a language model that names a
-caption's content words after the prompt, saved as a Hugging Face directory (`miniature.lm.dir`). Stage 2 is LexVLA
-as in the paper on that language model: `model.text_checkpoint` is stage 1's directory, the text tower is frozen
-with LoRA adapters on it (trained at a tenth of the learning rate, `optim.lr_scales`: at the full rate they move a
-caption's vector off its words: caption word precision 0.60 after 300 steps, 0.88 at 0.1×; BENCHMARKS.md), the text
-codebook is its `lm_head` rows of the kept vocabulary (frozen) and the visual codebook starts from the same rows
-(`build.recipe`), so an image's strongest dimensions are words of its captions. One difference from the paper: the
-paper freezes a pretrained DINOv2, but no pretrained vision tower exists here, so the tiny random one trains with
-the adapter.
+captions, stage 0 (`miniature/vision_pretrain.py`): the tiny vision tower pretrained self-supervised on the train
+images alone (DINO's and iBOT's self-distillation with an EMA teacher, plus masked-patch pixel reconstruction),
+saved as a Hugging Face Dinov2Model (`miniature.vision.dir`), then stage 1 (`miniature/lm_pretrain.py`): a tiny
+Llama pretrained as a language model that names a caption's content words after the prompt, saved as a Hugging Face
+directory (`miniature.lm.dir`). Stage 2 is LexVLA as in the paper on those two towers: `model.vision_checkpoint` and
+`model.text_checkpoint` are their directories, both towers are frozen, LoRA adapters sit on the text tower (trained
+at a tenth of the learning rate, `optim.lr_scales`: at the full rate they move a caption's vector off its words:
+caption word precision 0.60 after 300 steps, 0.88 at 0.1×; BENCHMARKS.md), the text codebook is its `lm_head` rows
+of the kept vocabulary (frozen) and the visual codebook starts from the same rows (`build.recipe`), so an image's
+strongest dimensions are words of its captions. Trainable: adapter, visual codebook, logit scale, LoRA.
 Usage:
 
   lexvla train --config configs/tiny.py --workdir runs/tiny
 
-`configs/tiny.py:scratch` is the same model without stage 1: a random text tower that trains (for tests and
+`configs/tiny.py:scratch` is the same model without stages 0 and 1: random towers that train (for tests and
 compiles that need no pretrained weights).
 """
 
@@ -90,6 +91,40 @@ def get_config(arg=None):
         lora=dict(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v"), init="peft"),
     )
 
+    # Stage 0: the tiny vision tower pretrained self-supervised on the train images (vision_pretrain.py: DINO's and
+    # iBOT's self-distillation with an EMA teacher), saved as a Hugging Face Dinov2Model; skipped when `dir` holds one.
+    config.miniature.vision = dict(
+        dir="data/synthetic/vision",
+        steps=250,
+        batch_size=64,
+        learning_rate=2e-3,
+        warmup_steps=50,
+        weight_decay=0.04,
+        local_crops=2,
+        local_size=32,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.1, 0.4),
+        jitter=0.2,
+        permute=0.8,  # probability that a view's colour channels are shuffled (vision_pretrain.py says why)
+        gray=0.2,
+        mask_ratio=(0.1, 0.5),
+        prototypes=128,
+        head_hidden=64,
+        head_bottleneck=64,
+        student_temp=0.1,
+        teacher_temp=(0.04, 0.07),
+        teacher_warmup=100,
+        momentum=0.99,
+        center_momentum=0.9,
+        dino_weight=1.0,
+        ibot_weight=1.0,
+        pixel_weight=1.0,
+        koleo_weight=0.1,
+        seed=0,
+        log_every=100,
+        probe_images=400,  # the linear shape probe in its report (shape_probe.py); 0: none
+    )
+
     # Stage 1: the tiny Llama pretrained as a language model that names a caption's content words after the
     # prompt (lm_pretrain.py), saved as a Hugging Face directory; skipped when `dir` holds one.
     config.miniature.lm = dict(
@@ -129,8 +164,8 @@ def get_config(arg=None):
         global_batch_size=128,
         micro_batches=1,
         seed=0,
-        # The text tower and its codebook stay frozen (stage 1's language model); the vision tower trains (random).
-        trainable=("vision", "adapter", "visual_codebook", "logit_scale", "lora"),
+        # Both towers stay frozen (stage 0's vision tower, stage 1's language model), as in the paper.
+        trainable=("adapter", "visual_codebook", "logit_scale", "lora"),
         log_every=25,
         profile_steps=(),  # (start, stop): a jax.profiler trace of those steps in WORKDIR/profile
         # No step for this long (seconds, or a multiple of the median step time, at least 30 s): every process
@@ -184,8 +219,9 @@ def get_config(arg=None):
         config.train.num_steps = 900  # as measured (BENCHMARKS.md); the text tower trains, so it needs fewer
         config.checkpoint.every_steps = config.evals.retrieval.every_steps = 300
     else:
-        # Follows miniature.lm.dir; overriding text_checkpoint itself leaves miniature.lm.dir alone (`identity`).
+        # Follow miniature.*.dir; overriding a checkpoint itself leaves the stage's dir alone (`identity`).
         config.model.text_checkpoint = config.miniature.lm.get_ref("dir").identity()
+        config.model.vision_checkpoint = config.miniature.vision.get_ref("dir").identity()
 
     config.mesh = dict(shape=(-1, 1, 1), dcn_shape=(1, 1, 1))
     config.sharding = dict(rules=tuple(DEFAULT_RULES))

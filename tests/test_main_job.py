@@ -24,6 +24,12 @@ def short_job(root: str) -> list[str]:
         "data.train_shards": os.path.join(data, "train"),
         "data.eval_shards": os.path.join(data, "eval"),
         "data.tokenizer": os.path.join(data, "tokenizer.model"),
+        "miniature.vision.dir": os.path.join(data, "vision"),
+        "miniature.vision.steps": 40,
+        "miniature.vision.batch_size": 32,
+        "miniature.vision.warmup_steps": 10,
+        "miniature.vision.log_every": 20,
+        "miniature.vision.probe_images": 0,
         "miniature.lm.dir": os.path.join(data, "lm"),
         "miniature.lm.steps": 150,
         "miniature.lm.log_every": 50,
@@ -39,11 +45,14 @@ def short_job(root: str) -> list[str]:
 def test_short_main_job_names_the_words_of_its_images(tmp_path, capsys):
     config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), short_job(str(tmp_path)))
     assert config.model.text_checkpoint == config.miniature.lm.dir  # stage 2 reads what stage 1 writes
+    assert config.model.vision_checkpoint == config.miniature.vision.dir  # and what stage 0 writes
     workdir = tmp_path / "work"
     prepare.prepare(config)  # what `lexvla train` makes before the loop
     metrics = train.run(config, str(workdir))
     out = capsys.readouterr().out
     assert "stage 1 (language model): step 150/150" in out and "saved to" in out
+    assert "stage 0 (vision tower): step 40/40" in out
+    assert "one-class images the image's own class ranks first" in out
 
     image, random = metrics["retrieval/word_precision/image"], metrics["retrieval/word_precision/image_random"]
     assert image >= 3 * random, (image, random)  # measured 0.500 against 0.045
@@ -62,7 +71,10 @@ def test_short_main_job_names_the_words_of_its_images(tmp_path, capsys):
     before = os.stat(weights).st_mtime_ns
     logged = []
     prepare.prepare(config, logged.append)
-    assert logged == [f"stage 1 (language model): using {config.miniature.lm.dir}"]
+    assert logged == [
+        f"stage 0 (vision tower): using {config.miniature.vision.dir}",
+        f"stage 1 (language model): using {config.miniature.lm.dir}",
+    ]
     assert os.stat(weights).st_mtime_ns == before
 
 

@@ -306,7 +306,7 @@ def test_no_decay_exempts_its_group_from_weight_decay(setup):
 def test_a_group_that_names_no_parameter_is_one_line(section, name, misspelt):
     """A misspelt group in `train.trainable`, `optim.lr_scales` or `optim.no_decay` would silently do nothing."""
     tiny_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
-    config = configlib.load_config(tiny_py, ["model.text_checkpoint="])
+    config = configlib.load_config(tiny_py, ["model.text_checkpoint=", "model.vision_checkpoint="])
     mesh = sharding.mesh_from_config(config.mesh)
     program, params, *_ = make_program(config, mesh, build.abstract_model(config, 12))  # the defaults name groups
     assert {"visual_codebook", "lora"} <= optim.groups_of(params)

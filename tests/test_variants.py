@@ -45,7 +45,16 @@ def _abstract(config, num_words: int) -> lexvla.LexVLA:
         ("qflops", "paper", {"loss.penalty": ("overuse", "flops")}),
         ("qflops", "tiny", {"loss.penalty": ("overuse", "flops")}),
         ("registers", "paper", {"model.vision.preset": ("dinov2_vitl14", "dinov2_vitl14_reg")}),
-        ("registers", "tiny", {"model.vision.num_register_tokens": (None, 4)}),
+        (
+            "registers",
+            "tiny",
+            {
+                "model.vision.num_register_tokens": (None, 4),
+                "model.vision.pos_embed_antialias": (None, True),
+                "miniature.vision.dir": ("data/synthetic/vision", "data/synthetic/vision_registers"),
+                "model.vision_checkpoint": ("data/synthetic/vision", "data/synthetic/vision_registers"),
+            },
+        ),
         ("adapter17m", "paper", {}),  # the paper config's adapter is "block" already
         ("adapter17m", "tiny", {"model.adapter_shape": ("mlp", "block")}),
         ("q512", "paper", {"loss.top_k": (0, 512)}),  # the paper config's evaluators score top-512 already
@@ -89,7 +98,9 @@ def test_registers_variant_builds_dinov2_with_registers():
     model = _abstract(configlib.load_config(os.path.join(VARIANTS, "registers.py")), PAPER_WORDS)
     assert model.vision.config.num_register_tokens == 4 and model.vision.num_prefix_tokens == 5
     assert model.vision.register_tokens.shape == (1, 4, 1024) and model.vision.config.pos_embed_antialias
-    tiny = configlib.load_config(os.path.join(VARIANTS, "registers.py") + ":tiny", ["model.text_checkpoint="])
+    tiny = configlib.load_config(
+        os.path.join(VARIANTS, "registers.py") + ":tiny", ["model.text_checkpoint=", "model.vision_checkpoint="]
+    )
     model = nnx.eval_shape(lambda: lexvla.LexVLA(build.model_config(tiny, 12), rngs=nnx.Rngs(0)))
     pixels = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
     # 8×8 patches of width 64: CLS and the 4 registers are dropped.
@@ -177,7 +188,8 @@ def test_top_k_loss_is_info_nce_of_the_sparsified_vectors():
 
 def test_top_k_beyond_the_vocabulary_is_one_line():
     config = configlib.load_config(
-        os.path.join(VARIANTS, "q512.py") + ":tiny", ["loss.top_k=13", "model.text_checkpoint="]
+        os.path.join(VARIANTS, "q512.py") + ":tiny",
+        ["loss.top_k=13", "model.text_checkpoint=", "model.vision_checkpoint="],
     )
     mesh = sharding.mesh_from_config(config.mesh)
     with pytest.raises(configlib.ConfigError, match=r"^config.loss.top_k=13 must be in \[0, V'=12\]"):
@@ -191,7 +203,7 @@ def test_top_k_beyond_the_vocabulary_is_one_line():
 def bow_setup(synthetic_text):
     """The tiny Q(BoW) model (kept vocabulary of the synthetic tokenizer) and its bag-of-words encoder."""
     captions, tokenizer = synthetic_text
-    config = configlib.load_config(os.path.join(VARIANTS, "qbow.py") + ":tiny")
+    config = configlib.load_config(os.path.join(VARIANTS, "qbow.py") + ":tiny", ["model.vision_checkpoint="])
     kept_ids = filter_vocabulary(tokenizer, config.model.vocab_filter)
     encoder = build.caption_encoder(config, tokenizer, kept_ids)
     model = lexvla.LexVLA(build.model_config(config, len(kept_ids)), rngs=nnx.Rngs(0))

@@ -16,5 +16,9 @@ def get_config(arg=None):
     if config.model.vision.preset:
         config.model.vision.preset += "_reg"
     else:
+        # Stage 0 pretrains a tower with registers in its own directory, antialiasing resampled position embeddings
+        # as transformers' Dinov2WithRegistersModel does.
         config.model.vision.num_register_tokens = 4
+        config.model.vision.pos_embed_antialias = True
+        config.miniature.vision.dir += "_registers"
     return config

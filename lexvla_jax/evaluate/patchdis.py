@@ -18,7 +18,11 @@ Protocol:
    matches, below): per image, the IoU of each class in its ground truth, averaged over those classes, then over
    images. Also `mean_class_recall` (I_c over the patches of class c, averaged over the classes present),
    `patch_accuracy` and `iou/<class>`.
-5. Random baseline: `random_miou`, `random_miou_per_image` and `random_mean_class_recall` score, by the
+5. Image level, on the images whose ground truth holds exactly one class (a single object): the class whose text
+   vector is most similar to the image's lexical vector (max-pooled, as retrieval encodes it) should be that
+   class. `top_class` is the fraction where it is (random: 1/C), `top_class_images` the number of such images,
+   and `confusion/<true>/<ranked first>` counts every pair (`confusion_table` prints them as a matrix).
+6. Random baseline: `random_miou`, `random_miou_per_image` and `random_mean_class_recall` score, by the
    same code, an assignment of every patch to a class drawn uniformly (numpy, seeded by `random_seed`).
 
 Which protocol gives the paper's "Random Dis. 5.0"? 5.0 = 100/C with VOC's C = 20. Under a uniform
@@ -112,6 +116,36 @@ def random_assignment(labels: np.ndarray, num_classes: int, seed: int) -> np.nda
     return np.random.default_rng(seed).integers(num_classes, size=labels.shape, dtype=np.int32)
 
 
+def single_class_images(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, class) of the images whose scored patches all belong to one class (protocol step 5)."""
+    present = np.stack([(labels == c).any(axis=1) for c in range(num_classes)], axis=1)
+    single = np.flatnonzero(present.sum(axis=1) == 1)
+    return single, present[single].argmax(axis=1)
+
+
+def top_class_scores(truth: np.ndarray, ranked_first: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """`top_class`, `top_class_images` and `confusion/<true>/<ranked first>` counts (protocol step 5)."""
+    metrics = {"top_class": float(np.mean(truth == ranked_first)) if len(truth) else 0.0}
+    metrics["top_class_images"] = len(truth)
+    counts = np.zeros((len(classes), len(classes)), np.int64)
+    np.add.at(counts, (truth, ranked_first), 1)
+    for i, a in enumerate(classes):
+        for j, b in enumerate(classes):
+            metrics[f"confusion/{a.replace(' ', '_')}/{b.replace(' ', '_')}"] = int(counts[i, j])
+    return metrics
+
+
+def confusion_table(metrics: Mapping[str, float], prefix: str, classes: Sequence[str]) -> str:
+    """The `confusion/` counts under `prefix` as rows (true class) × columns (class ranked first)."""
+    names = [c.replace(" ", "_") for c in classes]
+    width = max(len(n) for n in names) + 2
+    lines = ["true \\ first".ljust(width) + "".join(n.rjust(width) for n in names)]
+    for a in names:
+        cells = "".join(str(int(metrics.get(f"{prefix}confusion/{a}/{b}", 0))).rjust(width) for b in names)
+        lines.append(a.ljust(width) + cells)
+    return "\n".join(lines)
+
+
 def assign_patches(encoder, images: np.ndarray, class_vectors: np.ndarray) -> np.ndarray:
     """int32 `[N, P]`: the class of highest similarity for each patch (protocol step 2)."""
     project = np.ascontiguousarray(np.asarray(class_vectors, np.float32).T)  # [V', C]
@@ -174,6 +208,11 @@ class PatchDisEvaluator(Evaluator):
         )
         for key in ("miou", "miou_per_image", "mean_class_recall"):
             metrics[f"random_{key}"] = chance[key]
+        single, truth = single_class_images(labels, len(self.classes))
+        if len(single):
+            scores = np.asarray(encoder.encode_images(images[single]), np.float32) @ class_vectors.T
+            metrics.update(top_class_scores(truth, scores.argmax(axis=1), self.classes))
+            metrics["random_top_class"] = 1.0 / len(self.classes)
         metrics["num_images"] = len(images)
         metrics["num_patches"] = int((labels != UNSCORED).sum())
         metrics["num_classes"] = len(self.classes)

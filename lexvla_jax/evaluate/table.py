@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from lexvla_jax.evaluate.base import Evaluator
+from lexvla_jax.evaluate.patchdis import confusion_table
 from lexvla_jax.evaluate.retrieval import MODES
 
 NUMBER_WIDTH = 6
@@ -90,7 +91,16 @@ def patchdis_table(evaluators: Sequence[Evaluator], metrics: Mapping[str, float]
         for key in ("miou_per_image", "miou", "mean_class_recall"):
             line += [_cell(metrics, prefix + key), _cell(metrics, prefix + "random_" + key)]
         lines.append(line)
-    return _columns(lines)
+    out = _columns(lines)
+    for e in evaluators:
+        prefix = f"{e.name}/"
+        if prefix + "top_class" in metrics:
+            out += (
+                f"\n{e.label}: on {int(metrics[prefix + 'top_class_images'])} one-class images the image's own class "
+                f"ranks first {100 * metrics[prefix + 'top_class']:.1f}% (random "
+                f"{100 * metrics[prefix + 'random_top_class']:.1f}%)\n" + confusion_table(metrics, prefix, e.classes)
+            )
+    return out
 
 
 def classification_table(evaluators: Sequence[Evaluator], metrics: Mapping[str, float]) -> str:

@@ -171,8 +171,14 @@ class Dinov2Model(nnx.Module):
         )  # fmt: skip
         return jnp.concatenate([pos[:, :1], grid[None]], axis=1)
 
-    def embed(self, pixels: jax.Array) -> jax.Array:
-        """`[B,H,W,C]` pixels → `[B, 1+R+P, D]` input tokens of the first block."""
+    def embed(
+        self, pixels: jax.Array, masked: jax.Array | None = None, mask_token: jax.Array | None = None
+    ) -> jax.Array:
+        """`[B,H,W,C]` pixels → `[B, 1+R+P, D]` input tokens of the first block.
+
+        `masked` (bool `[B, P]`, with `mask_token` `[D]`): those patch embeddings are replaced by the token before
+        position embeddings are added, as HF's `bool_masked_pos` does (masked-image modelling in pre-training).
+        """
         config = self.config
         vit.check_pixels(pixels, config.num_channels, config.patch_size)
         b, height, width, _ = pixels.shape
@@ -180,7 +186,10 @@ class Dinov2Model(nnx.Module):
         _, grid_h, grid_w, d = patches.shape
         dtype = config.dtype
         cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (b, 1, d))
-        x = jnp.concatenate([cls, patches.reshape(b, grid_h * grid_w, d)], axis=1)
+        patches = patches.reshape(b, grid_h * grid_w, d)
+        if masked is not None:
+            patches = jnp.where(masked[..., None], mask_token.astype(dtype), patches)
+        x = jnp.concatenate([cls, patches], axis=1)
         x = x + self.interpolate_pos_encoding(grid_h, grid_w, height == width).astype(dtype)
         if self.register_tokens is not None:
             registers = jnp.broadcast_to(self.register_tokens[...].astype(dtype), (b, config.num_register_tokens, d))
@@ -188,10 +197,17 @@ class Dinov2Model(nnx.Module):
         return layers.constrain(x, vit.ACT)
 
     def __call__(
-        self, pixels: jax.Array, *, output_hidden_states: bool = False, deterministic: bool = True
+        self,
+        pixels: jax.Array,
+        *,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+        masked: jax.Array | None = None,
+        mask_token: jax.Array | None = None,
     ) -> Dinov2Output:
-        """`pixels`: `[B,H,W,C]` normalised floats, any size ≥ one patch (position embeddings are resampled)."""
-        x = self.embed(pixels)
+        """`pixels`: `[B,H,W,C]` normalised floats, any size ≥ one patch (position embeddings are resampled);
+        `masked`, `mask_token`: see `embed`."""
+        x = self.embed(pixels, masked, mask_token)
         out, hidden_states = vit.run_blocks(
             self.layers,
             x,
