@@ -47,6 +47,28 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def env():
+    """The environment of `lexvla train` subprocesses: two data-parallel devices, sharded like a real run and light
+    enough for a 2-core machine."""
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(data_dir, env, tmp_path_factory):
+    """`(workdir, stdout)` of one whole `lexvla train` of the cut-down tiny config (`local_cluster.overrides`, 24
+    steps): the reference that interrupted, resumed and read-back runs are compared with."""
+    import subprocess
+
+    from support import local_cluster
+
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "work"
+    command = local_cluster.command(workdir, data_dir, **{"train.profile_steps": "(5,7)"})
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return workdir, result.stdout
+
+
+@pytest.fixture(scope="session")
 def synthetic_text(tmp_path_factory):
     """`(captions, tokenizer)`: 7,500 synthetic captions (1,500 scenes × 5) and a 512-piece tokenizer trained on
     them and configs/tiny.py's prompt, as the embedded job trains its own."""

@@ -15,7 +15,6 @@ import pytest
 from etils import epath
 from support import local_cluster
 from support.corrupt_data import write_corrupt_shards
-from support.gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
 
 from lexvla_jax import cli, configlib, inference
 from lexvla_jax.data import array_record, corpus
@@ -296,7 +295,7 @@ def test_parts_are_whole_or_absent_and_unfinished_collections_are_refused(tmp_pa
 
 
 @pytest.mark.slow
-def test_encode_writes_parts_and_meta_to_gcs(gcs_emulator, trained, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_encode_writes_parts_and_meta_to_gcs(gcs_emulator, trained, tmp_path, monkeypatch, capsys):
     """`lexvla encode --out gs://…` (the eval shards and the texts): parts, ledgers and meta.json in the bucket
     through epath, nothing local, and the vectors of a local run of the same command."""
     monkeypatch.chdir(tmp_path)

@@ -20,7 +20,6 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 from support import local_cluster
-from support.gcs_emulator import gcs_emulator  # noqa: F401 (fixture)
 
 from lexvla_jax import cli, goodput, watchdog
 from lexvla_jax.checkpoints import Checkpointer
@@ -29,14 +28,14 @@ STEPS = local_cluster.STEPS
 HANG = {"train.hang_timeout": 5}  # seconds without a step; start-up and checkpoints get hang_timeout_slow
 
 
-def _start(workdir, data_dir, env, **extra) -> tuple[int, str]:  # noqa: F811
+def _start(workdir, data_dir, env, **extra) -> tuple[int, str]:
     """`lexvla train` to its end (or its hang) → (exit code, output)."""
     result = subprocess.run(local_cluster.command(workdir, data_dir, **extra), env=env, capture_output=True, text=True)
     return result.returncode, result.stdout + result.stderr
 
 
 @pytest.mark.slow
-def test_two_hangs_then_the_end_goodput_and_exact_resume(uninterrupted, data_dir, env, tmp_path):  # noqa: F811
+def test_two_hangs_then_the_end_goodput_and_exact_resume(uninterrupted, data_dir, env, tmp_path):
     """Start 1 hangs fetching step 7, start 2 fetching step 15: the watchdog dumps every thread's stack and exits
     124 each time; start 3 trains to the end. Steps 5-6 and 13-14 ran twice: the goodput record counts those 4 as
     redone, the restore time as logged, and its causes add up to the wall time measured here (launches, the time
@@ -97,7 +96,7 @@ def test_goodput_command_prints_the_causes(tmp_path, capsys):
     assert "no goodput.jsonl" in capsys.readouterr().err
 
 
-def _popen(workdir, data_dir, env, **extra):  # noqa: F811
+def _popen(workdir, data_dir, env, **extra):
     """`lexvla train` in its own process group (as a terminal's foreground job), SIGINT's default disposition."""
     log = open(f"{workdir}.log", "w+")
     command = local_cluster.command(workdir, data_dir, **extra)
@@ -113,7 +112,7 @@ def _wait_for(proc, log, pattern: str, timeout: float = 600) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_with_a_checkpoint_and_a_second_exits_at_once(data_dir, env, tmp_path):  # noqa: F811
+def test_ctrl_c_stops_with_a_checkpoint_and_a_second_exits_at_once(data_dir, env, tmp_path):
     """Ctrl-C (SIGINT to the process group, data worker included) stops after the step with a checkpoint, no
     traceback and no leaked shared memory; resumed, two Ctrl-Cs exit at once and the checkpoints still read."""
     workdir = str(tmp_path / "work")
@@ -152,9 +151,9 @@ def _damage(checkpoint_dir: str) -> str:
 
 @pytest.mark.slow
 def test_damaged_newest_and_partial_saves_resume_from_the_newest_that_reads(
-    uninterrupted,  # noqa: F811
-    data_dir,  # noqa: F811
-    env,  # noqa: F811
+    uninterrupted,
+    data_dir,
+    env,
     tmp_path,
     capsys,
 ):
@@ -192,7 +191,7 @@ def test_damaged_newest_and_partial_saves_resume_from_the_newest_that_reads(
 
 
 @pytest.mark.slow
-def test_sigkill_during_an_asynchronous_save(uninterrupted, data_dir, env, tmp_path):  # noqa: F811
+def test_sigkill_during_an_asynchronous_save(uninterrupted, data_dir, env, tmp_path):
     """SIGKILL to the run (trainer and data worker) while step 12's save is being written: the next start removes
     the cut-short save in one line, resumes from step 8 and ends bit for bit like the uninterrupted run."""
     workdir = str(tmp_path / "work")
@@ -217,7 +216,7 @@ def test_sigkill_during_an_asynchronous_save(uninterrupted, data_dir, env, tmp_p
 # ------------------------------------------------------------------------------------- gs:// workdirs
 
 
-def test_damaged_newest_checkpoint_in_gcs_is_set_aside(gcs_emulator):  # noqa: F811
+def test_damaged_newest_checkpoint_in_gcs_is_set_aside(gcs_emulator):
     """Step 2's array data damaged in the bucket: named as damaged, moved to damaged/2, step 1 restored."""
     workdir = gcs_emulator.new_workdir()
     state = {"codebook": jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64), "step": jnp.int32(3)}
@@ -248,7 +247,7 @@ def test_damaged_newest_checkpoint_in_gcs_is_set_aside(gcs_emulator):  # noqa: F
     assert not any(o.startswith("checkpoints/2/") for o in objects)
 
 
-def test_goodput_command_reads_a_gcs_workdir(gcs_emulator, capsys):  # noqa: F811
+def test_goodput_command_reads_a_gcs_workdir(gcs_emulator, capsys):
     workdir = gcs_emulator.new_workdir()
     clock = iter(range(10, 100)).__next__
     recorder = goodput.GoodputRecorder(workdir, enabled=True, started_at=clock(), clock=clock)

@@ -9,7 +9,7 @@ import time
 import pytest
 from support import local_cluster
 from support.local_cluster import Cluster
-from test_multiprocess_train import EXTRA, STEPS, _children, _stopped_at, data_dir  # noqa: F401 (fixture)
+from test_multiprocess_train import EXTRA, STEPS, _children, _stopped_at
 
 from lexvla_jax import watchdog
 
@@ -29,7 +29,7 @@ def _wait_for(cluster: Cluster, process: int, pattern: str, timeout: float = 900
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_a_hang_in_one_process_stops_both_then_ctrl_c_stops_both_at_one_step(data_dir, tmp_path):  # noqa: F811
+def test_a_hang_in_one_process_stops_both_then_ctrl_c_stops_both_at_one_step(data_dir, tmp_path):
     workdir = str(tmp_path / "work")
     hang = {"train.hang_timeout": HANG_TIMEOUT, "train.debug_hang": "(1,7)"}
     hung = Cluster(workdir, data_dir, 2, 4, **EXTRA, **hang)

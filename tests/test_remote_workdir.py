@@ -74,7 +74,7 @@ def _abstract_on(tree, mesh):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec(x))), tree)
 
 
-def test_checkpointer_round_trip_in_gcs(gcs_emulator, data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_checkpointer_round_trip_in_gcs(gcs_emulator, data_dir, tmp_path, monkeypatch):
     """State (resharded onto another mesh), data position, config and vocabulary come back exactly."""
     monkeypatch.chdir(tmp_path)
     workdir = gcs_emulator.new_workdir()
@@ -137,7 +137,7 @@ def _event_scalars(data: bytes) -> dict:
     return scalars
 
 
-def test_metric_writer_in_gcs(gcs_emulator, tmp_path, monkeypatch):  # noqa: F811
+def test_metric_writer_in_gcs(gcs_emulator, tmp_path, monkeypatch):
     """A run and its resumption (same second, same host) both keep their rows and event files."""
     monkeypatch.chdir(tmp_path)
     workdir = gcs_emulator.new_workdir()
@@ -167,7 +167,7 @@ def test_metric_writer_in_gcs(gcs_emulator, tmp_path, monkeypatch):  # noqa: F81
     _assert_no_local_copy(tmp_path)
 
 
-def test_eval_results_in_gcs(gcs_emulator, tmp_path, monkeypatch):  # noqa: F811
+def test_eval_results_in_gcs(gcs_emulator, tmp_path, monkeypatch):
     """`lexvla eval`'s record, `<workdir>/eval/step_<N>.json`, is written through epath to the bucket."""
     monkeypatch.chdir(tmp_path)
     workdir = gcs_emulator.new_workdir()
@@ -188,7 +188,7 @@ def test_eval_results_in_gcs(gcs_emulator, tmp_path, monkeypatch):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_train_resume_and_restore_in_gcs(gcs_emulator, data_dir, tmp_path, tmp_path_factory):  # noqa: F811
+def test_train_resume_and_restore_in_gcs(gcs_emulator, data_dir, tmp_path, tmp_path_factory):
     """`lexvla train --workdir gs://...` twice (the second resumes), then `inference.restore` from gs://."""
     workdir = gcs_emulator.new_workdir()
     env = {

@@ -28,21 +28,6 @@ def _final_state(workdir, step=STEPS):
     return local_cluster.final_state(workdir, step)
 
 
-@pytest.fixture(scope="session")
-def env():
-    """Two data-parallel devices: sharded like a real run, light enough for a loaded 2-core machine."""
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-
-
-@pytest.fixture(scope="session")
-def uninterrupted(data_dir, env, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted") / "work"
-    command = local_cluster.command(workdir, data_dir, **{"train.profile_steps": "(5,7)"})
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return workdir, result.stdout
-
-
 @pytest.mark.slow
 def test_metrics_rows(uninterrupted):
     workdir, stdout = uninterrupted

@@ -113,7 +113,7 @@ CHECKS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CHECKS))
-def test_variant_trains_a_few_steps(name, data_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_variant_trains_a_few_steps(name, data_dir, tmp_path, monkeypatch):
     probe, real_loss = PROBES[name], losses.lexvla_loss
 
     def probed_loss(s_img, s_txt, logit_scale, **kwargs):
