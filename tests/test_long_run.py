@@ -173,8 +173,8 @@ def test_damaged_newest_and_partial_saves_resume_from_the_newest_that_reads(
     eval_args = ["eval", *local_cluster.command(workdir, data_dir)[4:]]
     assert cli.main(eval_args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    damage = f"checkpoint step 20 in {checkpoints} is damaged: its train state cannot be read ("
-    assert len(err) == 1 and damage in err[0], err
+    damage = f"checkpoint step 20 in {checkpoints} is damaged: its {{}} cannot be read ("
+    assert len(err) == 1 and damage.format("trained parameters") in err[0], err  # reading needs only those
     assert "--step N (steps 4, 8, 12, 16)" in err[0] and "config.model" not in err[0]
 
     code, out = _start(workdir, data_dir, env)
@@ -182,7 +182,7 @@ def test_damaged_newest_and_partial_saves_resume_from_the_newest_that_reads(
     for name in ("24.orbax-checkpoint-tmp-1", "24.orbax-checkpoint-tmp-2"):
         assert f"removed {os.path.join(checkpoints, name)}: a checkpoint save that was cut short" in out
     damaged = os.path.join(workdir, "damaged", "20")
-    assert damage in out
+    assert damage.format("train state") in out
     assert f"moved it to {damaged}; resuming from step 16" in out
     assert "resumed from step 16" in out and os.path.isdir(os.path.join(damaged, "state"))
     local_cluster.assert_bitwise_equal(

@@ -217,25 +217,25 @@ def _assert_restores_exactly_on_one_process(workdir: str, step: int, data_dir: s
             np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def _refused(workdir, data_dir, capfd, monkeypatch, **extra) -> str:
+    """`lexvla train` in this process on `workdir`: must stop with one line (exit code 2) before building a model."""
+    monkeypatch.setattr(build, "build_model", lambda *a, **k: pytest.fail("the model was built before the refusal"))
+    command = local_cluster.command(workdir, data_dir, **{**EXTRA, **extra})
+    assert cli.main(command[command.index("train") :]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("lexvla train: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
 @pytest.mark.parametrize(
     "setting, value, saved",
     [("data.num_workers", 0, 1), ("data.num_streams", 4, 2)],
     ids=["num_workers", "num_streams"],
 )
-def _refused(workdir, data_dir, capsys, monkeypatch, **extra) -> str:
-    """`lexvla train` in this process on `workdir`: must stop with one line (exit code 2) before building a model."""
-    monkeypatch.setattr(build, "build_model", lambda *a, **k: pytest.fail("the model was built before the refusal"))
-    command = local_cluster.command(workdir, data_dir, **{**EXTRA, **extra})
-    assert cli.main(command[command.index("train") :]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("lexvla train: ") and err.count("\n") == 1, err
-    return err.strip()
-
-
-def test_resume_with_other_data_layout_is_refused(runs, data_dir, tmp_path, capsys, monkeypatch, setting, value, saved):
+def test_resume_with_other_data_layout_is_refused(runs, data_dir, tmp_path, capfd, monkeypatch, setting, value, saved):
     workdir = _copy(runs["one"], tmp_path)
     _truncate(workdir, step=4)
-    assert _refused(workdir, data_dir, capsys, monkeypatch, **{setting: value}) == (
+    assert _refused(workdir, data_dir, capfd, monkeypatch, **{setting: value}) == (
         f"lexvla train: the checkpoint's data position was saved with config.{setting}={saved} but this run has "
         f"{value}; set config.{setting}={saved} to resume it exactly"
     )
@@ -322,11 +322,11 @@ def _kept_words(tokenizer_path: str) -> int:
     return len(filter_vocabulary(load_tokenizer(tokenizer_path)))
 
 
-def test_resume_with_another_vocabulary_is_refused(runs, data_dir, other_tokenizer, tmp_path, capsys, monkeypatch):
+def test_resume_with_another_vocabulary_is_refused(runs, data_dir, other_tokenizer, tmp_path, capfd, monkeypatch):
     workdir = _copy(runs["one"], tmp_path)
     trained, now = _kept_words(os.path.join(data_dir, "tokenizer.model")), _kept_words(other_tokenizer)
     assert trained != now
-    error = _refused(workdir, data_dir, capsys, monkeypatch, **{"data.tokenizer": other_tokenizer})
+    error = _refused(workdir, data_dir, capfd, monkeypatch, **{"data.tokenizer": other_tokenizer})
     assert f"trained on {trained} kept words of" in error and f"{other_tokenizer} gives {now} of 512" in error
 
     config = configlib.load_config(

@@ -16,7 +16,7 @@ from lexvla_jax.models import clip, dinov2, image_norm, lexvla
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = os.path.join(REPO, "configs", "variants")
 PAPER_WORDS = 17182
-NO_TEXT_CHECKPOINT = ["model.text_checkpoint="]
+NO_TEXT_CHECKPOINT = ["model.text_checkpoint=", "model.vision_checkpoint="]
 VISION_ONLY = [*NO_TEXT_CHECKPOINT, "model.text_encoder=bow"]  # no language model to build: the image side is tested
 
 

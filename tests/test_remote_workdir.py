@@ -180,6 +180,7 @@ def test_eval_results_in_gcs(gcs_emulator, tmp_path, monkeypatch):
         "workdir": workdir,
         "evals": {"coco": {"type": "retrieval", "top_k": 512, "ks": [1, 5]}},
         "metrics": {"coco/dense/i2t_r@1": 0.5},
+        "results": {"coco": {"dense/i2t_r@1": 0.5}},
     }
     _assert_no_local_copy(tmp_path)
 

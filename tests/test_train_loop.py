@@ -20,6 +20,7 @@ from support import local_cluster
 from lexvla_jax import configlib, train
 from lexvla_jax import step as step_lib
 from lexvla_jax.data.tar_reader import iter_samples
+from lexvla_jax.sparse import parts
 
 STEPS = local_cluster.STEPS
 
@@ -263,7 +264,9 @@ def test_eval_explain_and_export_read_the_trained_checkpoint(uninterrupted, data
 
     code, out, err = _cli(capsys, "export", *config_args, "--workdir", workdir, "--out", str(tmp_path / "sparse"))
     assert code == 0, err
-    lines = open(tmp_path / "sparse" / "images" / "collection.jsonl").read().splitlines()
+    lines = [
+        line for part in parts.part_files(tmp_path / "sparse" / "images") for line in part.read_text().splitlines()
+    ]
     assert len(lines) == 24 and all(json.loads(line)["vector"] for line in lines)
 
 
@@ -278,7 +281,7 @@ def test_search_finds_with_the_trained_model(uninterrupted, data_dir, tmp_path, 
     code, _, err = _cli(capsys, "export", *model, "--out", str(sparse))
     assert code == 0, err
     assert _cli(capsys, "index", str(sparse / "captions"), "--threads", "1")[0] == 0
-    image_record = json.loads(open(sparse / "images" / "collection.jsonl").readline())
+    image_record = json.loads(parts.part_files(sparse / "images")[0].read_text().splitlines()[0])
     image = os.path.join(tmp_path, "image.png")
     with open(os.path.join(data_dir, "eval", "shard-00000.tar"), "rb") as f:
         from lexvla_jax.data.tar_reader import iter_samples

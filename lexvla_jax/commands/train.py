@@ -15,6 +15,7 @@ def main(argv: list[str]) -> int:
     started_at = goodput.process_start_time()  # start-up counts from the process's start (goodput.py)
     config, args = configlib.parse_command(argv, parser)
     sharding.initialize_distributed(config.dist)
+    sharding.mesh_and_rules(config)  # a mesh that cannot be made fails in one line before minutes of preparation
     prepare.prepare(config, print if sharding.is_main_process() else lambda _: None)
     try:
         train.run(config, args.workdir, started_at=started_at)

@@ -23,26 +23,27 @@ from etils import epath
 from lexvla_jax.data.array_record import SUFFIX, DecodeRecord
 from lexvla_jax.data.batching import SkipTotalsDataset
 from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
+from lexvla_jax.data.eval_set import eval_image
 from lexvla_jax.data.pipeline import decoded_batches
 from lexvla_jax.data.records import CAPTION_EXTENSION, REASON_INDEX, BadSample, skip_counts_dict
-from lexvla_jax.data.transforms import decode_caption, image_member, load_image
+from lexvla_jax.data.transforms import decode_caption, image_member
 from lexvla_jax.data.webdataset import WebDatasetSource
 
 TEXT_SKIP_REASONS = ("malformed_line", "empty_text", "non_utf8_text")
 
 
 class ImageDecoder:
-    """Raw sample → `{"key", "image", "content"}` or a skip marker (runs in grain workers: no JAX)."""
+    """Raw sample → `{"key", "image", "content"}` or a skip marker (runs in grain workers: no JAX). Images go through
+    the evaluation transform (`eval_set.eval_image`), so a collection is encoded as evaluation sets are."""
 
     def __init__(self, config):
-        self.size, self.resample = config.image_size, config.resample
-        self.limits = {"max_pixels": config.max_image_pixels, "min_size": config.min_image_size}
+        self.config = config
 
     def __call__(self, sample: dict) -> dict:
         try:
             if sample["error"] is not None:
                 raise BadSample(sample["error"])
-            image = load_image(image_member(sample["files"]), self.size, resample=self.resample, **self.limits)
+            image = eval_image({"image": image_member(sample["files"])}, self.config)
         except BadSample as e:
             return {"skip": REASON_INDEX[e.reason], "key": sample["key"]}
         try:

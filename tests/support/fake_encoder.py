@@ -58,7 +58,7 @@ class FakeEncoder:
         self.patch_size = image_size // patch_grid[0]
         self.image_vectors, self.text_vectors, self.patch_vector = image_vectors, text_vectors, patch_vector
         self.calls: list[tuple[str, int]] = []
-        self._images = lambda images: np.stack([self.image_vectors[code_of(image)] for image in images])
+        self._images = self._images_by_code if image_vectors is not None else self._images_by_patches
         self._texts = lambda captions: np.stack([self.text_vectors[caption] for caption in captions])
         self._patches = self._patches_by_code
 
@@ -73,7 +73,6 @@ class FakeEncoder:
         table[[0, 1, 2], [0, 1, 2]] = 3.0
         encoder.table = table.astype(np.float32)
         encoder._patches = encoder._patches_by_colour
-        encoder._images = lambda images: _normalise(encoder._patches_by_colour(images).max(axis=1))
         encoder._texts = encoder._texts_by_words
         return encoder
 
@@ -94,6 +93,21 @@ class FakeEncoder:
         self.calls.append(("patches", len(images)))
         vectors = np.asarray(self._patches(images), np.float32)
         return vectors if project is None else vectors @ project
+
+    def _images_by_code(self, images: np.ndarray) -> np.ndarray:
+        """The table's vector of each image's code; an image whose code is not in it pools its patches."""
+        return np.stack(
+            [
+                self.image_vectors[code_of(image)]
+                if code_of(image) in self.image_vectors
+                else self._images_by_patches(image[None])[0]
+                for image in images
+            ]
+        )
+
+    def _images_by_patches(self, images: np.ndarray) -> np.ndarray:
+        """Without an image table: the max over the image's patch vectors, L2-normalised, as the model pools."""
+        return _normalise(np.asarray(self._patches(images), np.float32).max(axis=1))
 
     def _patches_by_code(self, images: np.ndarray) -> np.ndarray:
         rows, cols = self.patch_grid

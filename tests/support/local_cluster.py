@@ -222,9 +222,8 @@ def eval_rows(workdir) -> dict[int, dict]:
     out = {}
     for r in metric_rows(workdir):
         if "retrieval/dense/i2t_r@1" in r:
-            out[r["step"]] = {
-                k: v for k, v in r.items() if k.startswith(("retrieval/", "patchdis/")) and not k.endswith("/seconds")
-            }
+            evaluated = ("retrieval/", "patchdis/", "zeroshot/")
+            out[r["step"]] = {k: v for k, v in r.items() if k.startswith(evaluated) and not k.endswith("/seconds")}
     return out
 
 
