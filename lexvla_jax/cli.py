@@ -42,7 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lexvla_jax.commands.encode:main",
         "encode a collection (image shards, a text file) into sparse part files on every device; resumable",
     ),
-    "export": ("lexvla_jax.commands.export:main", "write an eval set's sparse lexical vectors (JSONL, TSV, .npz)"),
+    "export": ("lexvla_jax.commands.export:main", "write an eval set's images and captions as sparse part files"),
     "index": ("lexvla_jax.commands.index:main", "build the approximate (Seismic) index of an exported collection"),
     "search": ("lexvla_jax.commands.search:main", "search an exported collection by text, image or vector id"),
 }
