@@ -159,7 +159,8 @@ def test_a_checkpoint_of_another_tower_is_a_one_line_config_error(tiny_clip_chec
     assert "\n" not in str(e.value)
     with pytest.raises(configlib.ConfigError, match=r"config.model.vision.tower='vit' unknown; choose one of"):
         build.vision_config(_load("", "tiny", ["model.vision.tower=vit"]))
-    assert isinstance(build.vision_config(_load("", "tiny")), dinov2.Dinov2Config)
-    dinov2_fields = _load("", "tiny", ["model.vision.tower=clip"])  # mlp_ratio is DINOv2's, not CLIP's
+    assert isinstance(build.vision_config(_load("", "tiny", NO_TEXT_CHECKPOINT)), dinov2.Dinov2Config)
+    # mlp_ratio is DINOv2's, not CLIP's
+    dinov2_fields = _load("", "tiny", [*NO_TEXT_CHECKPOINT, "model.vision.tower=clip"])
     with pytest.raises(configlib.ConfigError, match=r"^config.model.vision: 'mlp_ratio' is no field of the clip tower"):
         build.vision_config(dinov2_fields)
