@@ -42,14 +42,14 @@ def short_job(root: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_short_main_job_names_the_words_of_its_images(tmp_path, capsys):
+def test_short_main_job_names_the_words_of_its_images(tmp_path, capfd):
     config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), short_job(str(tmp_path)))
     assert config.model.text_checkpoint == config.miniature.lm.dir  # stage 2 reads what stage 1 writes
     assert config.model.vision_checkpoint == config.miniature.vision.dir  # and what stage 0 writes
     workdir = tmp_path / "work"
     prepare.prepare(config)  # what `lexvla train` makes before the loop
     metrics = train.run(config, str(workdir))
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "stage 1 (language model): step 150/150" in out and "saved to" in out
     assert "stage 0 (vision tower): step 40/40" in out
     assert "one-class images the image's own class ranks first" in out
