@@ -100,7 +100,12 @@ def get_config(arg=None):
         max_consecutive_skips=20,
         show_top_words=3,
     )
-    config.checkpoint = dict(every_steps=100, keep=1, async_save=True)
+    config.checkpoint = dict(
+        every_steps=100,
+        keep=1,
+        async_save=True,
+        debug_kill_save=(),  # debug: (step, "before" | "during" | "after"): SIGKILL at that point of that save
+    )
     config.eval = dict(every_steps=100, batch_size=50)
 
     config.mesh = dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1))

@@ -93,7 +93,12 @@ def get_config(arg=None):
         show_top_words=0,
         record_sample_keys=False,  # debug: write the sample keys of every step under the workdir
     )
-    config.checkpoint = dict(every_steps=1000, keep=3, async_save=True)
+    config.checkpoint = dict(
+        every_steps=1000,
+        keep=3,
+        async_save=True,
+        debug_kill_save=(),  # debug: (step, "before" | "during" | "after"): SIGKILL at that point of that save
+    )
     config.eval = dict(batch_size=512)  # rows per batch when evaluators encode (any size works)
     # The paper's evaluations; set the paths to local copies (or any etils.epath location), e.g.
     # --config.evals.coco.json=/data/karpathy/dataset_coco.json --config.evals.coco.image_root=/data/coco.

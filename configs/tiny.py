@@ -178,7 +178,12 @@ def get_config(arg=None):
         word_maps=4,  # PNGs of the first eval images' word maps in WORKDIR/word_maps
         record_sample_keys=False,  # debug: write the sample keys of every step under the workdir
     )
-    config.checkpoint = dict(every_steps=450, keep=2, async_save=True)
+    config.checkpoint = dict(
+        every_steps=450,
+        keep=2,
+        async_save=True,
+        debug_kill_save=(),  # debug: (step, "before" | "during" | "after"): SIGKILL at that point of that save
+    )
     config.eval = dict(batch_size=125)  # rows per batch when evaluators encode (any size works)
     # Evaluators (lexvla train runs each every `every_steps` and at the end; lexvla eval runs them all).
     # Their shards follow config.data.eval_shards.

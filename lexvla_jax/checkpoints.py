@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import signal
+import sys
 
 import jax
 import numpy as np
@@ -125,14 +128,83 @@ def vocabulary_record(tokenizer: Tokenizer, kept_ids: np.ndarray, tokenizer_path
     }
 
 
+KILL_POINTS = ("before", "during", "after")  # of the array writes of a save: `config.checkpoint.debug_kill_save`
+
+
+def parse_kill_save(value) -> tuple[int, str] | None:
+    """`config.checkpoint.debug_kill_save` → (step, point) or None; `()` is off."""
+    if not value:
+        return None
+    if len(value) == 2 and isinstance(value[0], int) and value[1] in KILL_POINTS:
+        return int(value[0]), str(value[1])
+    raise ConfigError(
+        f"config.checkpoint.debug_kill_save={tuple(value)!r}: use (step, point) with point one of "
+        f"{', '.join(KILL_POINTS)}, or () for off"
+    )
+
+
+def _kill_self(step: int, point: str) -> None:
+    print(
+        f"process {jax.process_index()}: debug_kill_save: SIGKILL at step {step}, {point} the array writes",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillAfter:
+    """A commit future that waits for the save's array writes, then kills the process (before orbax finalises)."""
+
+    def __init__(self, futures, step: int):
+        self.futures, self.step = list(futures or []), step
+
+    def result(self, timeout=None):
+        for f in self.futures:
+            f.result(timeout=timeout)
+        _kill_self(self.step, "after")
+
+
+def _crash_test(handler: ocp.StandardCheckpointHandler, kill_at: tuple[int, str], saving_step) -> None:
+    """Wraps `handler.async_save` so that step `kill_at[0]`'s save SIGKILLs this process at `kill_at[1]`, as a lost
+    machine would: before the array writes start (the temporary directory exists), during them (writes issued,
+    not finished) or after them (before orbax finalises the save). `saving_step()` names the step being saved."""
+    save = handler.async_save
+
+    async def async_save(directory, *args, **kwargs):
+        step = saving_step()
+        point = kill_at[1] if step == kill_at[0] else None
+        if point == "before":
+            if not isinstance(directory, epath.Path):
+                await directory.await_creation()
+            _kill_self(step, point)
+        futures = await save(directory, *args, **kwargs)
+        if point == "during":
+            _kill_self(step, point)
+        return [_KillAfter(futures, step)] if point == "after" else futures
+
+    handler.async_save = async_save
+
+
 class Checkpointer:
     """`save` / `restore` of (state, data iterator, config, vocabulary) under `workdir/checkpoints/<step>`."""
 
     def __init__(
-        self, workdir: str, *, every_steps: int, keep: int | None, async_save: bool = True, create: bool = True
+        self,
+        workdir: str,
+        *,
+        every_steps: int,
+        keep: int | None,
+        async_save: bool = True,
+        create: bool = True,
+        kill_at: tuple[int, str] | None = None,
     ):
+        """`kill_at`: a crash test (`parse_kill_save`), SIGKILL at one point of one save."""
         self.directory = workdir_path(workdir) / "checkpoints"
         self.every_steps = every_steps
+        self.saving_step: int | None = None
+        state_handler = ocp.StandardCheckpointHandler()
+        if kill_at:
+            _crash_test(state_handler, kill_at, lambda: self.saving_step)
         # A save cut short (SIGKILL, a lost machine) leaves a temporary directory orbax never reads; on opening
         # for training (`create`) such directories are removed (`partial_saves` names them first).
         options = ocp.CheckpointManagerOptions(
@@ -144,7 +216,7 @@ class Checkpointer:
                 self.directory,
                 options=options,
                 item_handlers={
-                    "state": ocp.StandardCheckpointHandler(),
+                    "state": state_handler,
                     "data": streams.StreamsCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler(),
                     "vocab": ocp.JsonCheckpointHandler(),
@@ -216,6 +288,7 @@ class Checkpointer:
         }
         if data_iterator is not None:
             args["data"] = streams.StreamsSave(data_iterator)
+        self.saving_step = step
         with self._writing(f"saving checkpoint step {step}"):
             self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 

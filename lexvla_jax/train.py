@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lexvla_jax import build, explain, sharding, throughput
-from lexvla_jax.checkpoints import Checkpointer, vocabulary_record, workdir_path
+from lexvla_jax.checkpoints import Checkpointer, parse_kill_save, vocabulary_record, workdir_path
 from lexvla_jax.data import layout, pipeline
 from lexvla_jax.data.device_batch import make_global_batch
 from lexvla_jax.evaluate import registry, table
@@ -46,13 +46,17 @@ class StopRequest:
 
     One process: a SIGTERM handler sets a flag. Several: JAX's preemption sync manager (started by
     `jax.distributed.initialize`) turns a SIGTERM to any process into one step at which
-    `reached_preemption_sync_point` is true on all of them; its handler stays installed. SIGINT (Ctrl-C) is the
+    `reached_preemption_sync_point` is true on all of them; its handler stays installed. It is asked with the
+    number of steps this start has run (the same on every process), not the step: it places the sync point one
+    past the largest counter it has seen (0 before the first call), so a notice that comes before the first step
+    of a resumed run would otherwise name a step already behind it. SIGINT (Ctrl-C) is the
     same request: it sets the flag, or with several processes is passed on to this process as SIGTERM. A second
     SIGINT exits at once (code 130, one line, no traceback); the last complete checkpoint stays.
     """
 
     def __init__(self):
         self.received = self.interrupted = False
+        self.calls = 0
         self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt)}
         if jax.process_count() == 1:
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
@@ -72,10 +76,12 @@ class StopRequest:
         else:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def __call__(self, step: int) -> bool:
+    def __call__(self) -> bool:
+        """Called once after every step, on every process."""
+        self.calls += 1
         if jax.process_count() == 1:
             return self.received
-        return multihost_utils.reached_preemption_sync_point(step)
+        return multihost_utils.reached_preemption_sync_point(self.calls)
 
     def restore(self):
         for signum, previous in self._previous.items():
@@ -101,7 +107,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
     prompt = build.caption_encoder(config, tokenizer, kept_ids)
     writer.log(layout.check_layout(config.data, jax.process_count()))
     ck = config.checkpoint
-    checkpointer = Checkpointer(workdir, every_steps=ck.every_steps, keep=ck.keep, async_save=ck.async_save)
+    kill_at = parse_kill_save(ck.get("debug_kill_save", ()))
+    checkpointer = Checkpointer(
+        workdir, every_steps=ck.every_steps, keep=ck.keep, async_save=ck.async_save, kill_at=kill_at
+    )
     train_iter = pipeline.train_iterator(
         config.data, tc.global_batch_size, prompt_encoder=prompt, keep_keys=tc.record_sample_keys
     )
@@ -193,7 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
                 with meter.paused(), goodput.doing("evaluation"), watchdog.slow():
                     due = registry.run_evaluators(evaluators, encoder.with_params(state.params), step, writer.log)
                 writer.write(step, due)
-            preempted = stop(step)
+            preempted = stop()
             last = step == tc.num_steps
             # A state whose update was skipped (non-finite loss or gradient) is never saved.
             if (preempted or last or checkpointer.due(step)) and bool(metrics["update_ok"]):  # waits for the step

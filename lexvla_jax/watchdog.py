@@ -6,7 +6,8 @@ A stuck collective, a stuck filesystem or a data worker that stops would otherwi
 (`slow()`), `train.hang_timeout_slow` seconds apply. On a timeout the process writes the Python stacks of all
 its threads (`faulthandler`) to stderr and to `WORKDIR/hangs/process-<p>-<time>.txt`, waits `GRACE_SECONDS` (so
 the other processes, which stop stepping within a step of it, dump theirs before its connections close) and
-exits with `EXIT_CODE`, so a launcher restarts it. A watcher thread does this; `faulthandler`'s own C-level
+exits with `EXIT_CODE`, so a launcher restarts it (process 0, which hosts the coordination service, a little
+later than the others). A watcher thread does this; `faulthandler`'s own C-level
 timer backs it up a little later for a process whose interpreter is stuck too.
 """
 
@@ -32,6 +33,9 @@ MIN_MULTIPLE_SECONDS = 30.0
 MEDIAN_OF = 100  # the median of the last this many step times
 MIN_STEPS_FOR_MEDIAN = 5
 GRACE_SECONDS = 5.0
+# Process 0 hosts the coordination service: when it goes first, the others' coordination clients abort
+# (SIGABRT) instead of exiting with EXIT_CODE, so it stays this much longer.
+COORDINATOR_LINGER_SECONDS = 3.0
 BACKUP_SECONDS = 60.0  # the C-level timer fires this long after the watcher should have
 REARM_SECONDS = 1.0  # the C-level timer is re-armed at most this often (re-arming starts a thread)
 
@@ -147,7 +151,7 @@ class Watchdog:
             (self.hang_dir / name).write_text(f"{message}\n{stacks}")
         except Exception as e:  # a stuck or failing filesystem must not stop the exit
             print(f"process {self.process_index}: writing the stacks to {self.hang_dir} failed: {e}", file=sys.stderr)
-        time.sleep(GRACE_SECONDS)
+        time.sleep(GRACE_SECONDS + (COORDINATOR_LINGER_SECONDS if self.process_index == 0 else 0.0))
         os._exit(EXIT_CODE)
 
     def close(self) -> None:

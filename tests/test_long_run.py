@@ -22,7 +22,8 @@ from etils import epath
 from support import local_cluster
 
 from lexvla_jax import cli, goodput, watchdog
-from lexvla_jax.checkpoints import Checkpointer
+from lexvla_jax.checkpoints import Checkpointer, parse_kill_save
+from lexvla_jax.configlib import ConfigError
 
 STEPS = local_cluster.STEPS
 HANG = {"train.hang_timeout": 5}  # seconds without a step; start-up and checkpoints get hang_timeout_slow
@@ -191,26 +192,43 @@ def test_damaged_newest_and_partial_saves_resume_from_the_newest_that_reads(
 
 
 @pytest.mark.slow
-def test_sigkill_during_an_asynchronous_save(uninterrupted, data_dir, env, tmp_path):
-    """SIGKILL to the run (trainer and data worker) while step 12's save is being written: the next start removes
-    the cut-short save in one line, resumes from step 8 and ends bit for bit like the uninterrupted run."""
+def test_sigkill_before_during_and_after_the_array_writes_of_a_save(uninterrupted, data_dir, env, tmp_path):
+    """Three starts SIGKILLed by the crash-test hook (`checkpoint.debug_kill_save`): at step 8's save before its
+    array writes, at step 12's during them and at step 16's after them (before orbax finalises the save). Each
+    next start removes the cut-short save in one line and resumes from the newest complete checkpoint; the fourth
+    trains to the end, bit for bit like the uninterrupted run."""
     workdir = str(tmp_path / "work")
     checkpoints = os.path.join(workdir, "checkpoints")
-    proc, log = _popen(workdir, data_dir, env)
-    deadline = time.time() + 900
-    while not (partial := glob.glob(os.path.join(checkpoints, "12.orbax-checkpoint-tmp*"))):
-        assert proc.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
-        time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert local_cluster.saved_steps(workdir) == [4, 8] and glob.glob(partial[0]), "the save was not cut short"
 
+    def assert_recovered(out, partial, step):
+        assert f"removed {partial}: a checkpoint save that was cut short" in out, out[-3000:]
+        assert f"resumed from step {step}" in out, out[-3000:]
+
+    previous = None  # (the cut-short save, the step the next start resumes from)
+    for step, point in ((8, "before"), (12, "during"), (16, "after")):
+        code, out = _start(workdir, data_dir, env, **{"checkpoint.debug_kill_save": f"({step},'{point}')"})
+        assert code == -signal.SIGKILL, out[-3000:]
+        assert f"debug_kill_save: SIGKILL at step {step}, {point} the array writes" in out
+        if previous:
+            assert_recovered(out, *previous)
+        assert max(local_cluster.saved_steps(workdir)) == step - 4, (point, local_cluster.saved_steps(workdir))
+        partial = glob.glob(os.path.join(checkpoints, f"{step}.orbax-checkpoint-tmp*"))
+        assert len(partial) == 1, (point, os.listdir(checkpoints))
+        if point == "after":  # the arrays were written: only the finalising step is missing
+            assert glob.glob(os.path.join(partial[0], "state*", "ocdbt.process_*", "d", "*")), point
+        previous = partial[0], step - 4
     code, out = _start(workdir, data_dir, env)
     assert code == 0, out[-3000:]
-    assert f"removed {partial[0]}: a checkpoint save that was cut short" in out and "resumed from step 8" in out
+    assert_recovered(out, *previous)
     local_cluster.assert_bitwise_equal(
         local_cluster.final_state(workdir, STEPS), local_cluster.final_state(uninterrupted[0], STEPS)
     )
+
+
+def test_a_bad_crash_test_setting_is_one_line():
+    assert parse_kill_save(()) is None and parse_kill_save((8, "after")) == (8, "after")
+    with pytest.raises(ConfigError, match=r"^config.checkpoint.debug_kill_save=\(8, 'late'\): use \(step, point\)"):
+        parse_kill_save((8, "late"))
 
 
 # ------------------------------------------------------------------------------------- gs:// workdirs

@@ -244,8 +244,11 @@ def test_resume_with_other_data_layout_is_refused(runs, data_dir, tmp_path, capf
 def _children(pid: int) -> list[int]:
     children = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
     return children
 
 

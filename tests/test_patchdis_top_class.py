@@ -54,6 +54,7 @@ def test_evaluator_ranks_the_class_of_one_object_images():
     evaluator = patchdis.PatchDisEvaluator.__new__(patchdis.PatchDisEvaluator)
     evaluator.name, evaluator.classes, evaluator.where = "shapes", list(CLASSES), "config.evals.shapes"
     evaluator.settings = {"random_seed": 0}
+    evaluator.prompt_names, evaluator.templates = list(CLASSES), ["{c}"]
     masks = np.zeros((3, 4, 4), np.uint8)
     masks[0], masks[1, :2], masks[1, 2:], masks[2] = 1, 2, 3, 3  # circle; square above plant; plant
     images = np.zeros((3, 4, 4, 3), np.uint8)
