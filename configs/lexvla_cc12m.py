@@ -89,6 +89,7 @@ def get_config(arg=None):
         hang_timeout="20x",
         hang_timeout_slow=1800,  # seconds allowed for start-up and compilation, an evaluation or a checkpoint
         debug_hang=(),  # debug: (process, step): that process stops fetching the batch of that step
+        final_eval=True,  # config.evals at the end of training (False: only on their every_steps; `lexvla eval` later)
         max_consecutive_skips=20,
         show_top_words=0,
         record_sample_keys=False,  # debug: write the sample keys of every step under the workdir

@@ -154,7 +154,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
         del params
 
         encoder = LexicalEncoder.for_program(config, program, state.params, frozen, rest, prompt, kept_ids, patch_size)
-        evaluators = registry.build_evaluators(config)
+        final_eval = tc.get("final_eval", True)
+        evaluators = registry.build_evaluators(config, periodic_only=not final_eval)
         config_dict = config.to_dict()
         step = int(jax.device_get(state.step))
         last_metrics, previous = {}, None
@@ -221,6 +222,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
         _check_skips(previous, step, tc.max_consecutive_skips)
         with goodput.doing("checkpoint"), watchdog.slow():
             checkpointer.wait()
+        if not final_eval:
+            return last_metrics
         goodput.switch("evaluation")
         watchdog.close()  # the final evaluation, top words and word maps run once, at their own pace
         final_encoder = encoder.with_params(state.params)

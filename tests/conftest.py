@@ -56,13 +56,13 @@ def env():
 @pytest.fixture(scope="session")
 def uninterrupted(data_dir, env, tmp_path_factory):
     """`(workdir, stdout)` of one whole `lexvla train` of the cut-down tiny config (`local_cluster.overrides`, 24
-    steps): the reference that interrupted, resumed and read-back runs are compared with."""
+    steps, with its final evaluation): the reference that interrupted, resumed and read-back runs are compared with."""
     import subprocess
 
     from support import local_cluster
 
     workdir = tmp_path_factory.mktemp("uninterrupted") / "work"
-    command = local_cluster.command(workdir, data_dir, **{"train.profile_steps": "(5,7)"})
+    command = local_cluster.command(workdir, data_dir, **{"train.profile_steps": "(5,7)", "train.final_eval": True})
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return workdir, result.stdout

@@ -220,6 +220,9 @@ def test_sigkill_before_during_and_after_the_array_writes_of_a_save(uninterrupte
     code, out = _start(workdir, data_dir, env)
     assert code == 0, out[-3000:]
     assert_recovered(out, *previous)
+    # `train.final_eval=False` (the tests' default): no evaluation at the end, none recorded.
+    assert "final evaluation" not in out and "evaluated " not in out
+    assert not [row for row in local_cluster.metric_rows(workdir) if "retrieval/dense/i2t_r@1" in row]
     local_cluster.assert_bitwise_equal(
         local_cluster.final_state(workdir, STEPS), local_cluster.final_state(uninterrupted[0], STEPS)
     )

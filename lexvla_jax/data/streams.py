@@ -83,8 +83,12 @@ class StreamsIterator:
         for s, it in self.iterators.items():
             it.set_state(states[str(s)])
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Stops the streams' data workers; if their shutdown hangs past `timeout` s, kills them instead."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops the streams' data workers; if their shutdown hangs past `timeout` s, kills them instead.
+
+        A worker normally stops within a second; now and then one does not see the stop at the end of a run and
+        grain waits 25 s before it kills it (about one start in three of the tests' short runs): the same kill,
+        sooner."""
 
         def close_all() -> None:
             for it in self.iterators.values():

@@ -17,8 +17,9 @@ EVALUATOR_TYPES: dict[str, type[Evaluator]] = {
 }
 
 
-def build_evaluators(config: ml_collections.ConfigDict) -> list[Evaluator]:
-    """One evaluator per `config.evals` entry, in name order, each with its data loaded."""
+def build_evaluators(config: ml_collections.ConfigDict, periodic_only: bool = False) -> list[Evaluator]:
+    """One evaluator per `config.evals` entry, in name order, each with its data loaded; `periodic_only`: only
+    those that run during training (`every_steps > 0`), for a run that evaluates nothing at its end."""
     entries = config.get("evals") or {}
     evaluators = []
     for name in sorted(entries):
@@ -32,7 +33,10 @@ def build_evaluators(config: ml_collections.ConfigDict) -> list[Evaluator]:
                 f"config.evals.{name}.type={kind!r} is not an evaluator type; use one of {', '.join(EVALUATOR_TYPES)}"
             )
         cls = EVALUATOR_TYPES[kind]
-        evaluators.append(cls(name, entry_settings(name, entry, cls), config.data))
+        settings = entry_settings(name, entry, cls)
+        if periodic_only and int(settings["every_steps"]) <= 0:
+            continue
+        evaluators.append(cls(name, settings, config.data))
     return evaluators
 
 

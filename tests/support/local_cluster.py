@@ -40,7 +40,8 @@ def make_data(root: str, seed: int = 1) -> str:
 
 
 def overrides(data_dir: str, **extra) -> list[str]:
-    """The tiny config cut down to seconds per step (1 layer per tower, 32 px, batch 16), then `extra`."""
+    """The tiny config cut down to seconds per step (1 layer per tower, 32 px, batch 16, no final evaluation), then
+    `extra`."""
     values = {
         "miniature.synthetic.dir": data_dir,
         "data.train_shards": os.path.join(data_dir, "train"),
@@ -60,6 +61,9 @@ def overrides(data_dir: str, **extra) -> list[str]:
         "checkpoint.keep": 10,
         "evals.retrieval.every_steps": 0,
         "eval.batch_size": 16,
+        # No evaluation, top words or word maps at the end: the tests that read them turn it on.
+        "train.final_eval": False,
+        "train.word_maps": 0,
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
