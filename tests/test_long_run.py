@@ -140,14 +140,15 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_second_exits_at_once(data_dir, env
     assert newest >= stopped and local_cluster.final_state(workdir, newest)["params"]
 
 
-def _damage(checkpoint_dir: str) -> str:
-    """Overwrites 4 KiB of the largest array-data file of a checkpoint (as a failing disk would)."""
+def _damage(checkpoint_dir: str) -> None:
+    """Overwrites 4 KiB of every array-data file of a checkpoint's train state (as a failing disk would): whatever
+    a reader reads of it (the parameters alone, or the whole state) is damaged."""
     files = glob.glob(os.path.join(checkpoint_dir, "state", "ocdbt.process_*", "d", "*"))
-    target = max(files, key=os.path.getsize)
-    with open(target, "r+b") as f:
-        f.seek(min(64, os.path.getsize(target) // 2))
-        f.write(b"\xff" * 4096)
-    return target
+    assert files, checkpoint_dir
+    for target in files:
+        with open(target, "r+b") as f:
+            f.seek(min(64, os.path.getsize(target) // 2))
+            f.write(b"\xff" * 4096)
 
 
 @pytest.mark.slow
