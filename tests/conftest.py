@@ -1,6 +1,6 @@
 """Test environment (8 fake CPU devices, no network, grain-ready absl flags) and the fixtures shared across files.
 
-Helpers live in `tests/support/`. Markers: `slow` (more than ~20 s on a 2-core CPU), `multiprocess` (several JAX
+Helpers live in `tests/support/`. Markers: `slow` (more than ~8 s on a 2-core CPU), `multiprocess` (several JAX
 processes on 127.0.0.1); `pytest -m "not slow and not multiprocess"` is the quick tier for development.
 """
 

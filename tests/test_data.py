@@ -201,6 +201,7 @@ def test_flip_mirrors_image_and_swaps_left_right(prompt):
 # --------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_from_orbax_checkpoint_is_exact(corrupt, prompt, tmp_path, num_workers):
     """Two epochs with a restart mid-way: the batches after the restore equal the uninterrupted ones."""

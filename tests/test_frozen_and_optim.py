@@ -21,6 +21,7 @@ def _images(model, params, frozen, rest, seed):
     return np.asarray(s_img)
 
 
+@pytest.mark.slow
 def test_frozen_vision_tower_ignores_its_drop_path_rate():
     """A frozen DINOv2 with drop_path_rate=0.3: two training-mode passes with different keys agree; the same tower
     made trainable draws drop-path masks (the passes differ), so the check can fail."""

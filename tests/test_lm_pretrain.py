@@ -191,6 +191,7 @@ def test_short_pretraining_names_the_captions_content_words(synthetic_text, prom
     assert again == pytest.approx(quality)
 
 
+@pytest.mark.slow
 def test_z_loss_adds_the_squared_log_partition_on_the_weighted_tokens():
     config = llama.LlamaConfig(
         vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,

@@ -89,6 +89,7 @@ def test_paper_qclip_is_clip_vitl14_and_its_patch_tokens_feed_the_adapter():
     assert nnx.eval_shape(lambda m, x: m.patch_features(x), siglip, pixels).shape == (2, 256, 4096)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, prefix", [("qclip", 1), ("siglip", 0)])
 def test_patch_features_are_the_adapter_on_the_patch_tokens(name, prefix):
     config = _load(name, "tiny", VISION_ONLY)

@@ -263,6 +263,7 @@ def _updates(params, grads, configs: dict) -> dict:
     return updates
 
 
+@pytest.mark.slow
 def test_lr_scales_scale_the_update_of_their_group(setup):
     """`optim.lr_scales={"lora": 0.1}`: LoRA weights move a tenth as far as without it, everything else as far."""
     graphdef, params, frozen, rest, *_ = setup

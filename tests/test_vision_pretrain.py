@@ -36,6 +36,7 @@ def _randomise(model, seed: int = 0) -> None:
         variable.set_value(value + 0.2 * jax.random.normal(key, value.shape))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fields",
     [dict(), dict(num_register_tokens=2, pos_embed_antialias=True, use_swiglu_ffn=True, qkv_bias=False)],
