@@ -202,10 +202,21 @@ def storage_dtypes(r: ModelRecipe):
     return dtype_of
 
 
-def build_model(config: ml_collections.ConfigDict, mesh: Mesh, kept_ids: np.ndarray) -> lexvla.LexVLA:
-    """LexVLA with checkpoints loaded where configured, every variable created on `mesh` by the rules."""
+def build_model(
+    config: ml_collections.ConfigDict, mesh: Mesh, kept_ids: np.ndarray, *, trainable_abstract: bool = False
+) -> lexvla.LexVLA:
+    """LexVLA with checkpoints loaded where configured, every variable created on `mesh` by the rules.
+    `trainable_abstract`: the trainable parameters are left as `ShapeDtypeStruct`s (neither read nor initialised),
+    for a run that restores them from its own checkpoint."""
     r = recipe(config, kept_ids)
-    return hf_loader.load_model(r.make, r.parts, mesh=mesh, rules=sharding.rules_of(config), dtype_of=storage_dtypes(r))
+    return hf_loader.load_model(
+        r.make,
+        r.parts,
+        mesh=mesh,
+        rules=sharding.rules_of(config),
+        dtype_of=storage_dtypes(r),
+        leave_abstract=filterlib.to_predicate(r.trainable) if trainable_abstract else None,
+    )
 
 
 def abstract_model(config: ml_collections.ConfigDict, num_words: int) -> lexvla.LexVLA:

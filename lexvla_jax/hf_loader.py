@@ -156,6 +156,7 @@ def load_model(
     mesh: Mesh | None = None,
     rules=sharding.DEFAULT_RULES,
     dtype_of: Callable[[tuple, nnx.Variable], Any] | None = None,
+    leave_abstract: Callable[[tuple, nnx.Variable], bool] | None = None,
 ) -> nnx.Module:
     """`make_model()` with every variable created directly in its sharded layout.
 
@@ -163,7 +164,9 @@ def load_model(
     everything else (random initialisation, LoRA, RNG state) is computed under `jit` with the target
     shardings, so XLA drops the initialisers of what is loaded. `dtype_of(path, abstract_variable)`
     may return a storage dtype for a parameter (None: the model's own); with no parts this is the
-    random-initialisation path.
+    random-initialisation path. Variables for which `leave_abstract(path, variable)` holds are neither read
+    nor initialised: they stay `ShapeDtypeStruct`s with their dtype and sharding (what a resumed run restores
+    from its own checkpoint).
     """
     mesh = mesh or single_device_mesh()
     graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
@@ -180,8 +183,10 @@ def load_model(
         return jnp.dtype(wanted)
 
     sources = {name: (part.ckpt, s) for part in parts for name, s in part.sources.items()}
-    loaded = [p for p in flat_abstract if _path_str(p) in sources]
-    fresh = [p for p in flat_abstract if _path_str(p) not in sources]
+    skipped = [p for p, v in flat_abstract.items() if leave_abstract is not None and leave_abstract(p, v)]
+    made = [p for p in flat_abstract if p not in set(skipped)]
+    loaded = [p for p in made if _path_str(p) in sources]
+    fresh = [p for p in made if _path_str(p) not in sources]
 
     def init_fresh():
         flat = dict(nnx.to_flat_state(nnx.state(make_model())))
@@ -192,6 +197,13 @@ def load_model(
         return out
 
     values = jax.jit(init_fresh, out_shardings={p: shardings[p] for p in fresh})() if fresh else {}
+    for path in skipped:
+        variable = flat_abstract[path]
+        value = variable.get_value()
+        target = shardings[path].get_value()
+        values[path] = variable.replace(
+            jax.ShapeDtypeStruct(value.shape, storage_dtype(path, variable), sharding=target)
+        )
     for path in loaded:
         variable = flat_abstract[path]
         ckpt, source = sources[_path_str(path)]

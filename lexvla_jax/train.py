@@ -14,6 +14,7 @@ completes in time (`watchdog.py`), and resumes from the newest checkpoint that r
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -111,9 +112,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
     checkpointer = Checkpointer(
         workdir, every_steps=ck.every_steps, keep=ck.keep, async_save=ck.async_save, kill_at=kill_at
     )
-    train_iter = pipeline.train_iterator(
-        config.data, tc.global_batch_size, prompt_encoder=prompt, keep_keys=tc.record_sample_keys
+    new_train_iter = functools.partial(
+        pipeline.train_iterator,
+        config.data,
+        tc.global_batch_size,
+        prompt_encoder=prompt,
+        keep_keys=tc.record_sample_keys,
     )
+    train_iter = new_train_iter()
     sample_keys = SampleKeyLog(workdir, jax.process_index(), enabled=tc.record_sample_keys)
     stop = StopRequest()
     profiler = throughput.Profiler(str(workdir_path(workdir) / "profile"), tc.get("profile_steps"))
@@ -132,21 +138,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, started_at: float | Non
             _, latest = checkpointer.newest_readable(checkpointer.latest_step(), read_position, writer.log)
         restore_seconds = time.perf_counter() - restore_start
 
-        # Model and program: trainable parameters in the train state, frozen ones and the rest beside it.
+        # Model and program: trainable parameters in the train state, frozen ones and the rest beside it. A run that
+        # resumes reads its trainable parameters from the checkpoint: they are not initialised first.
+        resuming = latest is not None
         with sharding.use_mesh_rules(mesh, rules):
-            model = build.build_model(config, mesh, kept_ids)
+            model = build.build_model(config, mesh, kept_ids, trainable_abstract=resuming)
             program, params, frozen, rest = make_program(config, mesh, model)
         patch_size = model.config.vision.patch_size
         del model
         writer.log(
             f"vocabulary {len(kept_ids)} words; parameters: trainable {_count(params):,}, frozen {_count(frozen):,}"
         )
-        if latest is not None:  # a damaged train state sets its checkpoint aside: an older one is read instead
+        if resuming:  # a damaged train state sets its checkpoint aside: an older one is read instead
             restore_start = time.perf_counter()
             with goodput.doing("restore"):
                 state, latest = _restore_state(checkpointer, latest, program, read_position, writer.log)
             restore_seconds += time.perf_counter() - restore_start
         if latest is None:
+            if resuming:  # no checkpoint was readable after all: parameters and data start anew
+                with sharding.use_mesh_rules(mesh, rules):
+                    _, params, _, _ = make_program(config, mesh, build.build_model(config, mesh, kept_ids))
+                train_iter.close()
+                train_iter = new_train_iter()
             state = program.init_state(params)
         else:
             goodput.resumed(latest)

@@ -2,8 +2,10 @@
 
 import io
 import json
+import multiprocessing
 import os
 import tarfile
+import time
 from collections import Counter
 
 import grain
@@ -196,6 +198,22 @@ def test_flip_mirrors_image_and_swaps_left_right(prompt):
         np.testing.assert_array_equal(b["image"], a["image"][:, ::-1] if flipped else a["image"])
         np.testing.assert_array_equal(b["input_ids"], prompt(expected)[0])
     assert 0 < flips < 8
+
+
+@pytest.mark.slow
+def test_closing_mid_stream_lets_every_data_worker_exit_on_its_own(synthetic_dir, prompt):
+    """Closed after a few batches, while the worker is still producing, each data worker exits by itself (exit
+    code 0), never killed: without emptying its queue while it stops, about one close in four left a worker
+    blocked on a half-sent batch until grain (or the close's timeout) killed it."""
+    config = data_config(os.path.join(synthetic_dir, "train"), num_workers=1)
+    for _ in range(6):
+        iterator = pipeline.train_iterator(config, 16, prompt_encoder=prompt)
+        for _ in range(3):
+            next(iterator)
+        time.sleep(0.5)  # the worker fills its queue meanwhile
+        workers = multiprocessing.active_children()
+        iterator.close(timeout=60)
+        assert workers and [w.exitcode for w in workers] == [0] * len(workers)
 
 
 # --------------------------------------------------------------------------------------------- resume

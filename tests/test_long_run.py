@@ -193,6 +193,23 @@ def test_damaged_newest_and_partial_saves_resume_from_the_newest_that_reads(
 
 
 @pytest.mark.slow
+def test_every_checkpoint_damaged_starts_anew_parameters_and_data(uninterrupted, data_dir, env, tmp_path):
+    """A workdir whose only checkpoint (step 4) is damaged: the run says so, sets it aside and starts anew (fresh
+    parameters, the data from its first batch, not from step 4's position), ending bit for bit like the
+    uninterrupted run."""
+    workdir = tmp_path / "work"
+    shutil.copytree(os.path.join(uninterrupted[0], "checkpoints", "4"), workdir / "checkpoints" / "4")
+    _damage(str(workdir / "checkpoints" / "4"))
+    code, out = _start(workdir, data_dir, env)
+    assert code == 0, out[-3000:]
+    assert f"moved it to {workdir / 'damaged' / '4'}; no older checkpoint: starting anew" in out
+    assert "resumed from step" not in out
+    local_cluster.assert_bitwise_equal(
+        local_cluster.final_state(workdir, STEPS), local_cluster.final_state(uninterrupted[0], STEPS)
+    )
+
+
+@pytest.mark.slow
 def test_sigkill_before_during_and_after_the_array_writes_of_a_save(uninterrupted, data_dir, env, tmp_path):
     """Three starts SIGKILLed by the crash-test hook (`checkpoint.debug_kill_save`): at step 8's save before its
     array writes, at step 12's during them and at step 16's after them (before orbax finalises the save). Each

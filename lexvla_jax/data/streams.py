@@ -14,12 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import queue
 import threading
+import time
+from multiprocessing import queues as mp_queues
 from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from grain._src.python.ipc import shared_memory_array  # grain has no public unlink
 
 from lexvla_jax.data.config import DataConfigError
 from lexvla_jax.data.records import skip_counts_dict
@@ -84,11 +88,12 @@ class StreamsIterator:
             it.set_state(states[str(s)])
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stops the streams' data workers; if their shutdown hangs past `timeout` s, kills them instead.
+        """Stops the streams' data workers, emptying their output queues until they have exited; if their shutdown
+        still hangs past `timeout` s, kills them instead.
 
-        A worker normally stops within a second; now and then one does not see the stop at the end of a run and
-        grain waits 25 s before it kills it (about one start in three of the tests' short runs): the same kill,
-        sooner."""
+        grain's stop empties a worker's queue once, then waits for the worker to exit. A worker whose last batch
+        is still on its way (its queue's feeder thread writing into the pipe) cannot exit until someone reads it,
+        and grain waits 25 s before it kills it (2 closes in 8 here): the queues are read until the workers end."""
 
         def close_all() -> None:
             for it in self.iterators.values():
@@ -96,12 +101,50 @@ class StreamsIterator:
                 if close is not None:
                     close()
 
+        queues = [q for it in self.iterators.values() for q in _worker_queues(it)]
         closer = threading.Thread(target=close_all, name="lexvla-data-close", daemon=True)
         closer.start()
-        closer.join(timeout)
+        deadline = time.monotonic() + timeout
+        while closer.is_alive() and time.monotonic() < deadline:
+            for q in queues:
+                _discard_all(q)
+            closer.join(0.05)
         if closer.is_alive():  # a worker died mid-message and its queue never drains: end the workers
             for child in multiprocessing.active_children():
                 child.kill()
+
+
+def _worker_queues(iterator, depth: int = 8) -> list:
+    """The output queues (`multiprocessing` queues named `_buffer`) of the grain worker processes under `iterator`,
+    found through the attributes of grain's iterator objects."""
+    found, seen, frontier = [], set(), [iterator]
+    for _ in range(depth):
+        following = []
+        for obj in frontier:
+            if id(obj) in seen or not type(obj).__module__.startswith(("grain", "lexvla_jax")):
+                continue
+            seen.add(id(obj))
+            for name, value in getattr(obj, "__dict__", {}).items():
+                if name == "_buffer" and isinstance(value, mp_queues.Queue):
+                    found.append(value)
+                elif isinstance(value, list | tuple):
+                    following.extend(value)
+                elif isinstance(value, dict):
+                    following.extend(value.values())
+                else:
+                    following.append(value)
+        frontier = following
+    return found
+
+
+def _discard_all(q) -> None:
+    """Empties a worker's output queue, releasing the shared memory of what it held."""
+    while True:
+        try:
+            element = q.get_nowait()
+        except (queue.Empty, OSError, ValueError):  # empty, or already closed by grain
+            return
+        shared_memory_array.unlink_shm(element)
 
 
 class StreamsCheckpointHandler(ocp.CheckpointHandler):
