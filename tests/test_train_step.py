@@ -256,9 +256,9 @@ def _updates(params, grads, configs: dict) -> dict:
     updates = {}
     for name, config in configs.items():
         tx, _ = optim.make_optimizer(config, num_steps=10)
-        state = tx.init(params)
+        state, update_fn = jax.jit(tx.init)(params), jax.jit(tx.update)  # one dispatch, not one per array op
         for _ in range(2):
-            update, state = tx.update(grads, state, params)
+            update, state = update_fn(grads, state, params)
         updates[name] = {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(update)}
     return updates
 
