@@ -1,12 +1,13 @@
 """LexVLA assembled from Hugging Face checkpoints: codebooks, towers, text read at the last real token."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from support import tiny_hf
 
-from lexvla_jax import build, hf_loader, sharding
+from lexvla_jax import build, hf_loader, optim, sharding
 from lexvla_jax.models import lexical
 
 torch = pytest.importorskip("torch")
@@ -94,3 +95,27 @@ def test_random_and_loaded_models_are_made_one_way_in_their_rule_shardings(model
         assert split > 10
     kernel = random.adapter.fc1.kernel[...]
     assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape  # a randomly initialised weight, split
+
+
+def test_a_resumed_build_leaves_trainable_parameters_abstract_and_makes_the_rest_alike(hf_dirs, model):
+    """`trainable_abstract=True` (a run that restores its trainable parameters): those stay shapes with the dtype
+    and sharding a real build gives them, nothing read or initialised; every other variable equals the real
+    build's, value and sharding."""
+    vision_dir, text_dir, _, _ = hf_dirs
+    config = tiny_hf.lexvla_config(vision_dir, text_dir)
+    resumed = build.build_model(config, sharding.make_mesh((2, 2, 2)), KEPT, trainable_abstract=True)
+    trainable = nnx.filterlib.to_predicate(optim.trainable_filter(config.train.trainable))
+    abstract = 0
+    pairs = zip(nnx.to_flat_state(nnx.state(resumed)), nnx.to_flat_state(nnx.state(model)), strict=True)
+    for (path, got), (_, want) in pairs:
+        value, real = got.get_value(), want.get_value()
+        assert value.shape == real.shape and value.dtype == real.dtype, path
+        assert value.sharding.is_equivalent_to(real.sharding, real.ndim), path
+        if trainable(path, want):
+            assert isinstance(value, jax.ShapeDtypeStruct), path
+            abstract += 1
+        else:
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(real), err_msg=str(path))
+    assert abstract and {"adapter", "visual_codebook", "logit_scale"} <= {
+        p[0] for p, v in nnx.to_flat_state(nnx.state(resumed)) if isinstance(v.get_value(), jax.ShapeDtypeStruct)
+    }
