@@ -39,6 +39,7 @@ def _randomise(model, seed: int = 0) -> None:
             variable.set_value(value + 0.2 * jax.random.normal(key, value.shape))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fields",
     [

@@ -32,6 +32,7 @@ def setup():
     return graphdef, params, frozen, rest, tx, schedule
 
 
+@pytest.mark.slow
 def test_only_trainable_parameters_get_gradients(setup):
     graphdef, params, frozen, rest, *_ = setup
     model = tiny.split_model(graphdef)
@@ -281,6 +282,7 @@ def test_lr_scales_scale_the_update_of_their_group(setup):
     assert lora > 0
 
 
+@pytest.mark.slow
 def test_no_decay_exempts_its_group_from_weight_decay(setup):
     """`optim.no_decay=("visual_codebook",)`: with zero gradients only weight decay moves a parameter, so the
     visual codebook stays put while the adapter's matrices still shrink; vectors (norms, biases) never decay."""

@@ -155,6 +155,7 @@ def test_q512_sets_training_and_evaluation_top_k():
         assert retrieval and all("topk" in e.modes and e.top_k == k for e in retrieval)
 
 
+@pytest.mark.slow
 def test_top_k_loss_is_info_nce_of_the_sparsified_vectors():
     s_img, s_txt, k = _lexical(0), _lexical(1), 7
     kwargs = dict(lambda_img=0.5, lambda_txt=0.25, penalty="overuse")
