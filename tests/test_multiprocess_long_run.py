@@ -48,6 +48,8 @@ def test_a_hang_in_one_process_stops_both_then_ctrl_c_stops_both_at_one_step(dat
     # job (trainers and data workers). Both stop after the first step, with a checkpoint.
     resumed = Cluster(workdir, data_dir, 2, 4, **EXTRA)
     _wait_for(resumed, 0, r"resumed from step 4\b")
+    for proc in resumed.procs:  # started data workers (see test_long_run's Ctrl-C test)
+        local_cluster.wait_for_data_workers(proc.pid)
     for proc in resumed.procs:
         for pid in [proc.pid, *_children(proc.pid)]:
             os.kill(pid, signal.SIGINT)

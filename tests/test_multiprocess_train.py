@@ -233,14 +233,7 @@ def test_resume_with_other_data_layout_is_refused(runs, data_dir, tmp_path, capf
 
 
 def _children(pid: int) -> list[int]:
-    children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                children += [int(c) for c in f.read().split()]
-        except FileNotFoundError:  # a thread that ended meanwhile
-            pass
-    return children
+    return local_cluster.children(pid)
 
 
 def _command_line(pid: int) -> str:

@@ -266,3 +266,36 @@ def sigterm_then_wait(cluster: Cluster, processes, timeout: float) -> float:
     cluster.signal(signal.SIGTERM, processes)
     cluster.wait(timeout)
     return time.time() - start
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (every thread's)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return found
+
+
+def _ignores_sigint(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            ignored = next(line for line in f if line.startswith("SigIgn:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return bool(int(ignored.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def wait_for_data_workers(pid: int, timeout: float = 120) -> None:
+    """Until trainer `pid` has children (its data workers, multiprocessing's resource tracker) and all of them ignore
+    SIGINT, i.e. have started (`pipeline.end_with_parent`): a terminal's Ctrl-C then reaches only the trainer."""
+    deadline = time.time() + timeout
+    while True:
+        found = children(pid)
+        if found and all(_ignores_sigint(c) for c in found):
+            return
+        assert time.time() < deadline, f"data workers of {pid} not started within {timeout} s: {found}"
+        time.sleep(0.05)
