@@ -183,8 +183,8 @@ def load_model(
         return jnp.dtype(wanted)
 
     sources = {name: (part.ckpt, s) for part in parts for name, s in part.sources.items()}
-    skipped = [p for p, v in flat_abstract.items() if leave_abstract is not None and leave_abstract(p, v)]
-    made = [p for p in flat_abstract if p not in set(skipped)]
+    skipped = {p for p, v in flat_abstract.items() if leave_abstract is not None and leave_abstract(p, v)}
+    made = [p for p in flat_abstract if p not in skipped]
     loaded = [p for p in made if _path_str(p) in sources]
     fresh = [p for p in made if _path_str(p) not in sources]
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from support import local_cluster
 from support.local_cluster import Cluster
-from test_multiprocess_train import EXTRA, _children, _stopped_at
+from test_multiprocess_train import EXTRA, _stopped_at
 
 from lexvla_jax import watchdog
 
@@ -51,7 +51,7 @@ def test_a_hang_in_one_process_stops_both_then_ctrl_c_stops_both_at_one_step(dat
     for proc in resumed.procs:  # started data workers (see test_long_run's Ctrl-C test)
         local_cluster.wait_for_data_workers(proc.pid)
     for proc in resumed.procs:
-        for pid in [proc.pid, *_children(proc.pid)]:
+        for pid in [proc.pid, *local_cluster.children(proc.pid)]:
             os.kill(pid, signal.SIGINT)
     assert resumed.wait(timeout=300) == [0, 0]
     stops = [_stopped_at(resumed.output(i)) for i in range(2)]

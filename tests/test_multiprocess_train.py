@@ -232,10 +232,6 @@ def test_resume_with_other_data_layout_is_refused(runs, data_dir, tmp_path, capf
     )
 
 
-def _children(pid: int) -> list[int]:
-    return local_cluster.children(pid)
-
-
 def _command_line(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline") as f:
@@ -262,8 +258,8 @@ def test_data_workers_end_with_their_trainer(data_dir, tmp_path):
     while len(workers) < 2:  # one worker per data stream
         assert time.time() < deadline and cluster.procs[0].poll() is None, cluster.output(0)[-3000:]
         time.sleep(0.1)
-        workers = [c for c in _children(trainer) if "spawn_main" in _command_line(c)]
-    children = _children(trainer)  # the workers and multiprocessing's resource tracker
+        workers = [c for c in local_cluster.children(trainer) if "spawn_main" in _command_line(c)]
+    children = local_cluster.children(trainer)  # the workers and multiprocessing's resource tracker
     os.kill(trainer, signal.SIGKILL)
     assert cluster.wait(timeout=60) == [-signal.SIGKILL]
     deadline = time.time() + 5
