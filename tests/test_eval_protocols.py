@@ -9,11 +9,12 @@ import types
 import numpy as np
 import pytest
 from PIL import Image
-from support.fake_encoder import FakeEncoder, colour_of
+from support.fake_encoder import FakeEncoder, code_of, colour_of
 
 from lexvla_jax.commands.eval import write_results
 from lexvla_jax.configlib import ConfigError
-from lexvla_jax.data import masks, transforms
+from lexvla_jax.data import clip_benchmark, masks, transforms
+from lexvla_jax.data.class_set import ReadCounts
 from lexvla_jax.data.config import DataConfigError, default_data_config
 from lexvla_jax.data.seg_set import VOC_CLASSES
 from lexvla_jax.evaluate import class_text, patchdis, registry, table
@@ -191,6 +192,14 @@ def test_patchdis_crop_none_keeps_the_whole_image(tmp_path):
     assert bird not in center.data["mask"] and whole.data["mask"].shape == (1, 32, 32)
     np.testing.assert_array_equal(whole.data["mask"][0, :, :2], bird)  # 8 of 96 columns → 2.7 of 32
     assert whole.data["mask"][0, :, 3:].max() == VOC_CLASSES.index("cat") + 1
+    # The image too: the whole 96x48 JPEG resized to 32x32 (bicubic), so the bird's colour fills its left columns.
+    jpeg = Image.open(tmp_path / "JPEGImages" / "wide.jpg").convert("RGB")
+    expected = np.asarray(jpeg.resize((32, 32), Image.Resampling.BICUBIC)).astype(int)
+    assert whole.data["image"].shape == (1, 32, 32, 3)
+    assert np.abs(whole.data["image"][0].astype(int) - expected).max() <= 1
+    cat = VOC_CLASSES.index("cat") + 1
+    assert (code_of(whole.data["image"][0, :, :1]), code_of(whole.data["image"][0, :, 4:])) == (bird, cat)
+    assert code_of(center.data["image"][0, :, :1]) == cat  # the centre crop lost the bird
     with pytest.raises(ConfigError, match=r"crop='left': use one of center, none"):
         make(PatchDisEvaluator, format="voc", root=str(tmp_path), crop="left")
 
@@ -271,6 +280,16 @@ def zero_shot_fake() -> FakeEncoder:
     return FakeEncoder(4, image_vectors=images, text_vectors=texts)
 
 
+def read_whole(clf, batch_size: int = 4) -> tuple[list[int], list[str], ReadCounts, list[int]]:
+    """Every batch of a classification evaluator's set: labels, keys, the counts and each batch's size."""
+    counts, labels, keys, sizes = ReadCounts(), [], [], []
+    for batch in clf.data.batches(batch_size, counts):
+        labels += [int(x) for x in batch["label"]]
+        keys += batch["keys"]
+        sizes.append(len(batch["image"]))
+    return labels, keys, counts, sizes
+
+
 def test_zero_shot_classification_on_a_clip_benchmark_set(wds_classification):
     """By hand: dog (w1), cat ((w0 + w3)/√2), car (w2). Images 0, 1, 2, 5, 6 are right (1 and 6 only through the
     second template), 3 (car, looks like w1) and 4 (dog, w2) wrong: acc1 5/7; with 3 classes top-5 holds all;
@@ -278,9 +297,10 @@ def test_zero_shot_classification_on_a_clip_benchmark_set(wds_classification):
     and 6 (w3) tie at 0 and get dog: 3/7."""
     clf = make(ClassificationEvaluator, root=str(wds_classification), top_k=1)
     assert clf.templates == TEMPLATES and clf.classes == list(CLASSES)  # the set's own
-    assert [int(x) for x in clf.data["label"]] == [label for _, label in GOOD]
-    assert clf.data["skipped"]["missing_label"] == 1 and clf.data["skipped"]["undecodable_image"] == 1
-    assert clf.data["skipped"]["label_out_of_range"] == 1
+    labels, _, counts, _ = read_whole(clf)
+    assert labels == [label for _, label in GOOD] and counts.images == 7
+    assert counts.skipped["missing_label"] == 1 and counts.skipped["undecodable_image"] == 1
+    assert counts.skipped["label_out_of_range"] == 1 and sum(counts.skipped.values()) == 3
     scores = clf.run(zero_shot_fake())
     assert scores["e/dense/acc1"] == pytest.approx(5 / 7) and scores["e/dense/acc5"] == 1.0
     assert scores["e/dense/mean_per_class_recall"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
@@ -290,6 +310,56 @@ def test_zero_shot_classification_on_a_clip_benchmark_set(wds_classification):
     assert scores["e/num_images"] == 7 and scores["e/num_skipped"] == 3 and scores["e/num_templates"] == 2
     one_template = make(ClassificationEvaluator, root=str(wds_classification), templates=(TEMPLATES[0],), top_k=1)
     assert one_template.run(zero_shot_fake())["e/dense/acc1"] == pytest.approx(3 / 7)  # images 1 and 6 tie → dog
+
+
+def test_threshold_drops_entries_and_changes_zero_shot_accuracy(wds_classification):
+    """V' = 4, so 1/√V′ = 0.5. One template ("a {c}."): dog → w0, cat → w1, car → w2. Image vectors (unit norm):
+    code 0 → w0 (a dog), 2, 3 → w2 (cars), 4 → w2 (a dog: wrong), 5 → w1 (a cat); code 1 (a cat) = (0.3, 0.4,
+    0.1, 0.860): dense scores dog 0.3, cat 0.4, car 0.1 → cat, right; ≥ 0.5 keeps only w3, every class scores 0
+    and the tie goes to dog: wrong. Code 6 (a cat) = (0.2, 0.6, 0.3, 0.714): ≥ 0.5 keeps w1 and w3, still cat.
+    Dense acc1 6/7 (code 4 wrong), thresholded 5/7 (codes 1 and 4); active words per image 1,1,1,1,1,1,2 → 8/7;
+    top-1 keeps w3 of codes 1 and 6 (both → dog): 4/7."""
+    words = np.eye(4, dtype=np.float32)
+    blurred_cat = np.array([0.3, 0.4, 0.1, np.sqrt(1 - 0.26)], np.float32)
+    clear_cat = np.array([0.2, 0.6, 0.3, np.sqrt(1 - 0.49)], np.float32)
+    images = {0: words[0], 1: blurred_cat, 2: words[2], 3: words[2], 4: words[2], 5: words[1], 6: clear_cat}
+    texts = {TEMPLATES[1].format(c=c): words[i] for i, c in enumerate(CLASSES)}
+    clf = make(ClassificationEvaluator, root=str(wds_classification), templates=(TEMPLATES[1],), top_k=1)
+    scores = clf.run(FakeEncoder(4, image_vectors=images, text_vectors=texts))
+    assert scores["e/dense/acc1"] == pytest.approx(6 / 7) and scores["e/threshold/acc1"] == pytest.approx(5 / 7)
+    assert scores["e/threshold/active_words_image"] == pytest.approx(8 / 7)
+    assert scores["e/threshold/active_words_class"] == 1.0
+    # Per class (dog: codes 0, 4; cat: 1, 5, 6; car: 2, 3): dense 1/2, 3/3, 2/2; thresholded 1/2, 2/3, 2/2.
+    assert scores["e/dense/mean_per_class_recall"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert scores["e/threshold/mean_per_class_recall"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert scores["e/topk/acc1"] == pytest.approx(4 / 7)
+
+
+def test_classification_streams_its_set_in_batches(wds_classification, monkeypatch):
+    """The set is read lazily and encoded a batch at a time (the encoder's batch size), never held whole: the first
+    batch of 2 arrives after 4 of the 10 samples were read (that chunk and the next, decoding), the encoder never sees
+    more than its batch, and the scores are those of the whole set."""
+    clf = make(ClassificationEvaluator, root=str(wds_classification), top_k=1)
+    read, real = [], clip_benchmark.iter_records
+
+    def counted(*args):
+        for record in real(*args):
+            read.append(record["key"])
+            yield record
+
+    monkeypatch.setattr(clip_benchmark, "iter_records", counted)
+    batches = clf.data.batches(2)
+    first = next(batches)
+    assert first["image"].shape == (2, 32, 32, 3) and first["keys"] == ["s0000", "s0001"]
+    assert read == ["s0000", "s0001", "nolabel", "s0002"]
+    batches.close()
+    labels, keys, counts, sizes = read_whole(clf, 2)
+    assert sizes == [2, 2, 2, 1] and keys == [f"s{i:04d}" for i in range(7)] and len(read) == 4 + 10
+    encoder = zero_shot_fake()
+    encoder.batch_size = 3
+    scores = clf.run(encoder)
+    assert [n for kind, n in encoder.calls if kind == "images"] == [3, 3, 1]
+    assert scores["e/dense/acc1"] == pytest.approx(5 / 7) and scores["e/num_images"] == 7  # as read whole
 
 
 def test_clip_benchmark_layout_errors_are_one_line(wds_classification, tmp_path):
@@ -305,25 +375,66 @@ def test_clip_benchmark_layout_errors_are_one_line(wds_classification, tmp_path)
         make(RetrievalEvaluator, format="clip_benchmark", root=str(wds_classification))
 
 
+def png(code: int) -> bytes:
+    return encode(flat(code), "PNG")
+
+
+def jpg(code: int) -> bytes:
+    return encode(flat(code), "JPEG", quality=95)
+
+
 def test_clip_benchmark_retrieval_set(tmp_path):
-    """`wds_mscoco_captions`' layout: KEY.webp + KEY.txt (one caption per line), dataset_type.txt = retrieval."""
+    """`wds_mscoco_captions`' layout: KEY.webp|png|jpg + KEY.txt (one caption per line) over 2 shards,
+    dataset_type.txt = "Retrieval" (CLIP_benchmark strips and lower-cases it). Bad samples are skipped and counted by
+    reason: no captions, no image (captions only), an image that does not decode."""
     (tmp_path / "test").mkdir()
-    captions = {0: ["a dog", "a brown dog", "", "dog on grass"], 1: ["a cat"]}
-    members = []
-    for code, lines in captions.items():
-        members += [(f"{code}.webp", webp(code)), (f"{code}.txt", "\n".join(lines).encode())]
-    members.append(("2.webp", webp(2)))  # no captions: skipped
-    (tmp_path / "test" / "0.tar").write_bytes(tar_of(members))
-    (tmp_path / "test" / "nshards.txt").write_text("1")
-    (tmp_path / "dataset_type.txt").write_text("retrieval\n")
-    ret = make(RetrievalEvaluator, format="clip_benchmark", root=str(tmp_path), word_k=0, top_k=1)
-    assert ret.data["captions"] == ["a dog", "a brown dog", "dog on grass", "a cat"]
-    np.testing.assert_array_equal(ret.data["image_of_text"], [0, 0, 0, 1])
-    assert ret.data["skipped"]["missing_caption"] == 1
-    words = np.eye(2, dtype=np.float32)
-    fake = FakeEncoder(2, image_vectors={0: words[0], 1: words[1]}, text_vectors={
-        **{c: words[0] for c in captions[0] if c}, "a cat": words[1]})  # fmt: skip
-    assert ret.run(fake)["e/dense/i2t_r@1"] == 1.0
+    captions = {0: ["a dog", "a brown dog", "", "dog on grass"], 1: ["a cat"], 3: ["a red car", "a car"]}
+    shards = [
+        [("0.webp", webp(0)), ("0.txt", "\n".join(captions[0]).encode()), ("2.webp", webp(2))],  # 2: no captions
+        [("1.png", png(1)), ("1.txt", b"a cat"), ("4.txt", b"a caption without its image"),
+         ("5.jpg", b"not an image at all"), ("5.txt", b"a broken image"),
+         ("3.jpg", jpg(3)), ("3.txt", "\n".join(captions[3]).encode())],
+    ]  # fmt: skip
+    for i, members in enumerate(shards):
+        (tmp_path / "test" / f"{i}.tar").write_bytes(tar_of(members))
+    (tmp_path / "test" / "nshards.txt").write_text("2\n")
+    (tmp_path / "dataset_type.txt").write_text(" Retrieval\n")
+    ret = make(RetrievalEvaluator, format="clip_benchmark", root=str(tmp_path), word_k=0, modes=("dense",))
+    assert ret.data["captions"] == ["a dog", "a brown dog", "dog on grass", "a cat", "a red car", "a car"]
+    assert ret.data["keys"] == ["0", "1", "3"] and [code_of(image) for image in ret.data["image"]] == [0, 1, 3]
+    np.testing.assert_array_equal(ret.data["image_of_text"], [0, 0, 0, 1, 2, 2])
+    assert {reason: n for reason, n in ret.data["skipped"].items() if n} == {
+        "missing_caption": 1, "missing_image": 1, "undecodable_image": 1}  # fmt: skip
+    words = np.eye(3, dtype=np.float32)
+    texts = {caption: words[min(code, 2)] for code, lines in captions.items() for caption in lines if caption}
+    fake = FakeEncoder(3, image_vectors={0: words[0], 1: words[1], 3: words[2]}, text_vectors=texts)
+    scores = ret.run(fake)
+    assert scores["e/dense/i2t_r@1"] == 1.0 and scores["e/num_images"] == 3 and scores["e/num_skipped"] == 3
+
+
+def test_clip_benchmark_dataset_types(wds_classification, tmp_path):
+    """dataset_type.txt as CLIP_benchmark reads it: stripped and lower-cased; a multilabel set is refused in one line
+    naming what is supported; so is a type CLIP_benchmark does not write."""
+    root = tmp_path / "wds"
+    root.mkdir()
+    for item in wds_classification.iterdir():
+        (root / item.name).symlink_to(item)
+    (root / "dataset_type.txt").write_text("  Classification \n")
+    assert make(ClassificationEvaluator, root=str(root)).classes == list(CLASSES)
+    with pytest.raises(DataConfigError, match=r"is a classification set \(dataset_type.txt\), not a retrieval one"):
+        make(RetrievalEvaluator, format="clip_benchmark", root=str(root))
+    (root / "dataset_type.txt").write_text("MultiLabel\n")
+    multilabel = (
+        r"^config.evals.e: .*dataset_type.txt says 'multilabel': multilabel sets \(KEY.npy labels\) are not supported; "
+        r"classification sets \(KEY.cls, type='classification'\) and retrieval sets \(KEY.txt, type='retrieval'\) are$"
+    )
+    for cls, entry in ((ClassificationEvaluator, {}), (RetrievalEvaluator, {"format": "clip_benchmark"})):
+        with pytest.raises(DataConfigError, match=multilabel) as info:
+            make(cls, root=str(root), **entry)
+        assert "\n" not in str(info.value)
+    (root / "dataset_type.txt").write_text("segmentation")
+    with pytest.raises(DataConfigError, match=r"says 'segmentation'; a CLIP_benchmark set is 'retrieval' or class"):
+        make(ClassificationEvaluator, root=str(root))
 
 
 def test_synthetic_one_shape_images_classify_by_their_mask(tmp_path):
@@ -337,7 +448,13 @@ def test_synthetic_one_shape_images_classify_by_their_mask(tmp_path):
         members += [(f"{key}.jpg", encode(flat(0), "JPEG")), (f"{key}.mask.png", masks.encode_mask_png(mask))]
     (tmp_path / "0.tar").write_bytes(tar_of(members))
     clf = make(ClassificationEvaluator, format="webdataset", shards=str(tmp_path), classes=("circle", "square", "star"))
-    assert clf.data["keys"] == ["a", "b"] and list(clf.data["label"]) == [0, 1] and clf.data["num_multi_class"] == 2
+    labels, keys, counts, _ = read_whole(clf)
+    assert keys == ["a", "b"] and labels == [0, 1] and counts.multi_class == 2
+    (tmp_path / "none").mkdir()  # only the images of several shapes or none: refused when the entry is built
+    (tmp_path / "none" / "0.tar").write_bytes(tar_of(members[4:]))
+    nothing = r"^config.evals.e: no usable images \(skipped: \{\}; images of several classes or none: 2\)$"
+    with pytest.raises(DataConfigError, match=nothing):
+        make(ClassificationEvaluator, format="webdataset", shards=str(tmp_path / "none"), classes=("circle", "square"))
     assert clf.templates == ("a photo of a {c}.",)
 
 
@@ -367,4 +484,4 @@ def test_registry_builds_a_classification_entry(wds_classification):
     config = ml_collections.ConfigDict({"data": data_config(), "evals": {"zs": dict(type="classification",
                                         root=str(wds_classification))}})  # fmt: skip
     (evaluator,) = registry.build_evaluators(config)
-    assert isinstance(evaluator, ClassificationEvaluator) and len(evaluator.data["label"]) == 7
+    assert isinstance(evaluator, ClassificationEvaluator) and read_whole(evaluator)[2].images == 7

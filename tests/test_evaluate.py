@@ -11,9 +11,11 @@ from PIL import Image
 from support.fake_encoder import FakeEncoder, code_of, colour_of
 
 from lexvla_jax import cli, configlib
+from lexvla_jax.data.class_set import ReadCounts
 from lexvla_jax.data.config import DataConfigError, default_data_config
 from lexvla_jax.evaluate import registry, retrieval, table, word_precision
 from lexvla_jax.evaluate.base import EvalConfigError, entry_settings
+from lexvla_jax.evaluate.classification import ClassificationEvaluator
 from lexvla_jax.evaluate.patchdis import PatchDisEvaluator
 from lexvla_jax.evaluate.retrieval import RetrievalEvaluator
 from lexvla_jax.miniature import synthetic
@@ -376,7 +378,8 @@ def test_lexvla_eval_prints_tables_and_writes_json(tmp_path, capsys, monkeypatch
     evals = (
         f"dict(coco=dict(type='retrieval', label='MSCOCO', format='karpathy', json={json_path!r}, "
         f"image_root={root!r}, top_k=4), shapes=dict(type='patchdis', format='webdataset', shards={out + '/eval'!r}, "
-        f"classes={synthetic.SHAPES!r}))"
+        f"classes={synthetic.SHAPES!r}), zs=dict(type='classification', label='one-shape', format='webdataset', "
+        f"shards={out + '/eval'!r}, classes={synthetic.SHAPES!r}, templates=('{{c}}',), top_k=4))"
     )
     config_file = write_config(tmp_path, evals)
     data = RetrievalEvaluator("c", entry_settings("c", dict(format="karpathy", json=json_path, image_root=root),
@@ -400,6 +403,12 @@ def test_lexvla_eval_prints_tables_and_writes_json(tmp_path, capsys, monkeypatch
     assert restored == [(32, workdir, 700)]
     printed = capsys.readouterr().out
     assert "MSCOCO" in printed and "image-to-text" in printed and "PatchDis (%)" in printed and "top-4" in printed
+    lines = printed.splitlines()
+    (patchdis_head,) = [line for line in lines if line.startswith("PatchDis (%)")]
+    assert patchdis_head.split()[2:5] == ["classes", "mIoU/image", "random"]  # per-image mIoU first
+    (zero_shot_head,) = [i for i, line in enumerate(lines) if line.startswith("Zero-shot (%)")]
+    assert lines[zero_shot_head].split()[2:] == ["classes", "vectors", "acc@1", "acc@5", "recall"]
+    assert lines[zero_shot_head + 1].split()[:3] == ["one-shape", "6", "dense"]
     record = json.loads(open(os.path.join(workdir, "eval", "step_700.json")).read())
     assert record["step"] == 700 and record["evals"]["shapes"]["type"] == "patchdis"
     metrics = record["metrics"]
@@ -411,6 +420,16 @@ def test_lexvla_eval_prints_tables_and_writes_json(tmp_path, capsys, monkeypatch
     direct = seg.run(encoder)
     assert sorted(set(direct) - set(metrics)) == [] and {k: metrics[k] for k in direct} == pytest.approx(direct)
     assert 0 < metrics["shapes/random_miou"] < 1
+    zs = dict(format="webdataset", shards=out + "/eval", classes=synthetic.SHAPES, templates=("{c}",), top_k=4)
+    direct = ClassificationEvaluator("zs", entry_settings("zs", zs, ClassificationEvaluator), data_config()).run(
+        encoder
+    )
+    assert record["evals"]["zs"]["type"] == "classification" and record["results"]["zs"]["num_images"] > 0
+    assert record["results"]["zs"].pop("seconds") > 0
+    assert record["results"]["zs"] == pytest.approx({k.removeprefix("zs/"): v for k, v in direct.items()})
+    assert "dense/acc1" in record["results"]["zs"] and record["results"]["zs"]["chance/acc1"] == pytest.approx(1 / 6)
+    acc1 = f"{100 * metrics['zs/dense/acc1']:.1f}"
+    assert lines[zero_shot_head + 1].split()[3] == acc1
     assert (
         f"{100 * metrics['coco/dense/i2t_r@1']:.1f}"
         in printed.splitlines()[[i for i, line in enumerate(printed.splitlines()) if line.startswith("dense")][0]]
@@ -426,10 +445,9 @@ def test_tiny_config_declares_retrieval_and_patchdis(tmp_path):
     kinds = {n: e.type for n, e in evaluators.items()}
     assert kinds == {"retrieval": "retrieval", "patchdis": "patchdis", "zeroshot": "classification"}
     zeroshot = evaluators["zeroshot"]  # the one-shape images of the 5
-    assert (
-        zeroshot.classes == list(synthetic.SHAPES)
-        and len(zeroshot.data["label"]) + zeroshot.data["num_multi_class"] == 5
-    )
+    counts = ReadCounts()
+    assert sum(len(batch["label"]) for batch in zeroshot.data.batches(2, counts)) == counts.images > 0
+    assert zeroshot.classes == list(synthetic.SHAPES) and counts.images + counts.multi_class == 5
     assert evaluators["retrieval"].modes == retrieval.MODES and len(evaluators["retrieval"].data["image"]) == 5
     assert evaluators["patchdis"].classes == list(synthetic.SHAPES) and len(evaluators["patchdis"].data["mask"]) == 5
     paper = configlib.load_config(os.path.join(REPO, "configs", "lexvla_cc12m.py"))

@@ -9,11 +9,15 @@ ROOT/classnames.txt                           class names, one per line, in clas
 ROOT/zeroshot_classification_templates.txt    prompt templates with {c}, one per line (classification)
 ROOT/dataset_type.txt                         "retrieval" for retrieval sets; absent for classification
 ```
-A missing `nshards.txt` or shard is a one-line error; a sample without its image, its `cls` or `txt`, or with an
-unreadable one, is a record carrying the skip reason (counted by the readers, never fatal).
+`dataset_type.txt` is read as CLIP_benchmark reads it (stripped, lower-cased: "Retrieval" is a retrieval set);
+"multilabel" sets (`KEY.npy` label vectors) are not supported, a one-line error. A missing `nshards.txt` or shard is
+a one-line error; a sample without its image, its `cls` or `txt`, or with an unreadable one, is a record carrying
+the skip reason (counted by the readers, never fatal). Records are read lazily, shard by shard (`iter_records`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -52,10 +56,26 @@ def shard_paths(root: str, split: str, where: str) -> list[str]:
     return [str(p) for p in paths]
 
 
-def dataset_type(root: str) -> str:
-    """ "retrieval" or "classification" (`dataset_type.txt` absent)."""
+DATASET_TYPES = ("classification", "retrieval")
+
+
+def dataset_type(root: str, where: str) -> str:
+    """ "retrieval" or "classification" (`dataset_type.txt` absent or empty), read as CLIP_benchmark reads it:
+    stripped and lower-cased. "multilabel" and unknown types are one-line errors."""
     path = epath.Path(root) / "dataset_type.txt"
-    return path.read_text().strip() if path.exists() else "classification"
+    found = path.read_text().strip().lower() if path.exists() else ""
+    if found in ("", "classification"):
+        return "classification"
+    if found == "retrieval":
+        return found
+    if found == "multilabel":
+        raise DataConfigError(
+            f"{where}: {path} says 'multilabel': multilabel sets (KEY.npy labels) are not supported; "
+            "classification sets (KEY.cls, type='classification') and retrieval sets (KEY.txt, type='retrieval') are"
+        )
+    raise DataConfigError(
+        f"{where}: {path} says {found!r}; a CLIP_benchmark set is 'retrieval' or classification (no dataset_type.txt)"
+    )
 
 
 def classnames(root: str, where: str) -> list[str]:
@@ -72,22 +92,32 @@ def templates(root: str) -> list[str]:
 
 
 def check_type(root: str, expected: str, where: str) -> None:
-    found = dataset_type(root)
+    found = dataset_type(root, where)
     if found != expected:
-        kind = "classification" if expected == "classification" else "retrieval"
         raise DataConfigError(
-            f"{where}: {root} is a {found} set (dataset_type.txt), not a {kind} one; use an evaluator of type {found!r}"
+            f"{where}: {root} is a {found} set (dataset_type.txt), not a {expected} one; use an evaluator of type "
+            f"{found!r}"
         )
 
 
-def records(root: str, split: str, where: str, kind: str) -> list[dict]:
-    """`sample_record`s of every sample, in shard order then tar order (`kind`: "retrieval" or "classification")."""
+def iter_records(root: str, split: str, where: str, kind: str) -> Iterator[dict]:
+    """`sample_record`s of every sample, in shard order then tar order (`kind`: "retrieval" or "classification"),
+    read lazily: only the current sample's members are in memory. The layout (type, `nshards.txt`, every shard) is
+    checked now, before the first record is read."""
     check_type(root, kind, where)
-    out = []
-    for path in shard_paths(root, split, where):
+    return _read_shards(shard_paths(root, split, where), kind)
+
+
+def _read_shards(paths: list[str], kind: str) -> Iterator[dict]:
+    for path in paths:
         with epath.Path(path).open("rb") as f:
-            out += [sample_record(sample, path, kind) for sample in iter_samples(f)]
-    return out
+            for sample in iter_samples(f):
+                yield sample_record(sample, path, kind)
+
+
+def records(root: str, split: str, where: str, kind: str) -> list[dict]:
+    """Every record of `iter_records`, in a list (retrieval holds its set in memory)."""
+    return list(iter_records(root, split, where, kind))
 
 
 def sample_record(sample: TarSample, path: str, kind: str) -> dict:

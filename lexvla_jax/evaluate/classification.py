@@ -13,6 +13,12 @@ averaged over the classes that have images: CLIP_benchmark's balanced accuracy),
 `<mode>/active_words_class` for sparse modes; `chance/acc1`, `chance/acc5`, `chance/mean_per_class_recall` (a
 uniformly random ranking: 1/C, min(5, C)/C, 1/C); `num_images`, `num_classes`, `num_templates`, `num_skipped`
 (bad samples) and `num_multi_class` (images of a mask set with several classes, left out). Fractions in [0, 1].
+
+Memory: the set is streamed (`data.class_set.ClassSet.batches`), never held: each `run` reads and decodes it in
+batches of the encoder's `batch_size`, encodes each batch and keeps only each image's label and its top-5 classes
+per mode, so a process holds two batches of pixels and `[N, 5]` class indices (ImageNet's 50k: ~1 MB per mode), at
+the cost of decoding the set again at every run. Every process reads the same batches in the same order and the
+encoder replicates its outputs (`inference.LexicalEncoder`), so multi-process evaluation sees the same numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from lexvla_jax.data.class_set import CLASS_FORMATS, load_class_set
+from lexvla_jax.data.class_set import CLASS_FORMATS, ClassSet, ReadCounts
 from lexvla_jax.evaluate import class_text
 from lexvla_jax.evaluate.base import EvalConfigError, Evaluator
 from lexvla_jax.evaluate.retrieval import MODES, check_modes, check_top_k, sparse_vectors
@@ -29,13 +35,22 @@ from lexvla_jax.evaluate.retrieval import MODES, check_modes, check_top_k, spars
 FALLBACK_TEMPLATES = ("a photo of a {c}.",)
 
 
-def classification_scores(similarity: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """`acc1`, `acc5` and `mean_per_class_recall` of `[N, C]` similarities against int labels `[N]`."""
-    top = np.argsort(-similarity, axis=1, kind="stable")[:, : min(5, num_classes)]
+def top_classes(similarity: np.ndarray, num_classes: int) -> np.ndarray:
+    """int32 `[N, min(5, C)]`: each row's classes by descending similarity (ties: the lower class index)."""
+    return np.argsort(-similarity, axis=1, kind="stable")[:, : min(5, num_classes)].astype(np.int32)
+
+
+def scores_of_top(top: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """`acc1`, `acc5` and `mean_per_class_recall` of the `top_classes` of N images against int labels `[N]`."""
     hit1, hit5 = top[:, 0] == labels, (top == labels[:, None]).any(axis=1)
     present = np.bincount(labels, minlength=num_classes) > 0
     per_class = np.bincount(labels, weights=hit1, minlength=num_classes)[present] / np.bincount(labels)[present]
     return {"acc1": float(hit1.mean()), "acc5": float(hit5.mean()), "mean_per_class_recall": float(per_class.mean())}
+
+
+def classification_scores(similarity: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
+    """`acc1`, `acc5` and `mean_per_class_recall` of `[N, C]` similarities against int labels `[N]`."""
+    return scores_of_top(top_classes(similarity, num_classes), labels, num_classes)
 
 
 class ClassificationEvaluator(Evaluator):
@@ -61,31 +76,39 @@ class ClassificationEvaluator(Evaluator):
         if s["format"] not in CLASS_FORMATS:
             raise EvalConfigError(f"{self.where}.format={s['format']!r}: use one of {', '.join(CLASS_FORMATS)}")
         self.modes = check_modes(self)
-        self.data = load_class_set(s, data_config, self.where)
-        self.classes = self.data["classes"]
-        templates = s["templates"] if s["templates"] is not None else self.data["templates"] or FALLBACK_TEMPLATES
+        self.data = ClassSet(s, data_config, self.where)
+        self.classes = self.data.classes
+        templates = s["templates"] if s["templates"] is not None else self.data.templates or FALLBACK_TEMPLATES
         self.templates = class_text.check_templates(templates, self.where)
         self.prompt_names = class_text.prompt_names(self.classes, s["name_map"], self.where)
 
     def run(self, encoder) -> dict[str, float]:
-        self.check_image_size(encoder, self.data["image"].shape[1])
+        self.check_image_size(encoder, self.data_config.image_size)
         check_top_k(self, len(encoder.kept_ids))
-        s_img = np.asarray(encoder.encode_images(self.data["image"]), np.float32)
+        threshold, top_k, num_classes = self.settings["threshold"], int(self.settings["top_k"]), len(self.classes)
         s_cls = class_text.class_vectors(encoder, self.prompt_names, self.templates)
-        labels, num_classes = self.data["label"], len(self.classes)
+        classes = {mode: sparse_vectors(s_cls, mode, threshold, top_k) for mode in self.modes}
+        tops, active = {mode: [] for mode in self.modes}, dict.fromkeys(self.modes, 0)
+        labels, counts = [], ReadCounts()
+        for batch in self.data.batches(encoder.batch_size, counts):
+            s_img = np.asarray(encoder.encode_images(batch["image"]), np.float32)
+            labels.append(batch["label"])
+            for mode in self.modes:
+                images = sparse_vectors(s_img, mode, threshold, top_k)
+                tops[mode].append(top_classes(images @ classes[mode].T, num_classes))
+                active[mode] += int(np.count_nonzero(images))
+        labels = np.concatenate(labels)
         metrics = {}
         for mode in self.modes:
-            images = sparse_vectors(s_img, mode, self.settings["threshold"], int(self.settings["top_k"]))
-            classes = sparse_vectors(s_cls, mode, self.settings["threshold"], int(self.settings["top_k"]))
-            scores = classification_scores(images @ classes.T, labels, num_classes)
+            scores = scores_of_top(np.concatenate(tops[mode]), labels, num_classes)
             metrics.update({f"{mode}/{key}": value for key, value in scores.items()})
             if mode != "dense":
-                metrics[f"{mode}/active_words_image"] = float(np.mean(np.count_nonzero(images, axis=1)))
-                metrics[f"{mode}/active_words_class"] = float(np.mean(np.count_nonzero(classes, axis=1)))
+                metrics[f"{mode}/active_words_image"] = active[mode] / len(labels)
+                metrics[f"{mode}/active_words_class"] = float(np.mean(np.count_nonzero(classes[mode], axis=1)))
         metrics["chance/acc1"] = metrics["chance/mean_per_class_recall"] = 1 / num_classes
         metrics["chance/acc5"] = min(5, num_classes) / num_classes
         metrics["num_images"], metrics["num_classes"] = len(labels), num_classes
         metrics["num_templates"] = len(self.templates)
-        metrics["num_skipped"] = sum(self.data["skipped"].values())
-        metrics["num_multi_class"] = self.data["num_multi_class"]
+        metrics["num_skipped"] = sum(counts.skipped.values())
+        metrics["num_multi_class"] = counts.multi_class
         return self.prefixed(metrics)
