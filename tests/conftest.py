@@ -4,9 +4,17 @@ Helpers live in `tests/support/`. Markers: `slow` (more than ~8 s on a 2-core CP
 processes on 127.0.0.1); `pytest -m "not slow and not multiprocess"` is the quick tier for development.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from support import xla_env
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_env.xla_flags(8)).strip()
+if xla_env.CACHE_VAR not in os.environ:  # the first pytest process of the session (xdist's workers inherit it)
+    os.environ[xla_env.CACHE_VAR] = tempfile.mkdtemp(prefix="lexvla-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ[xla_env.CACHE_VAR], ignore_errors=True)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from lexvla_jax import libtpu_env  # noqa: E402
 
 libtpu_env.quiet_libtpu_without_tpu()
+xla_env.use_cache_in_this_process()
 
 import pathlib  # noqa: E402
 
@@ -50,7 +59,7 @@ def data_dir(tmp_path_factory):
 def env():
     """The environment of `lexvla train` subprocesses: two data-parallel devices, sharded like a real run and light
     enough for a 2-core machine."""
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return xla_env.cpu_env(2)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ import pytest
 from etils import epath
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from support import xla_env
 from support.gcs_emulator import LOCAL_SUSPECTS, local_traces
 from support.local_cluster import REPO
 from support.local_cluster import command as _command
@@ -193,8 +194,7 @@ def test_train_resume_and_restore_in_gcs(gcs_emulator, data_dir, tmp_path, tmp_p
     """`lexvla train --workdir gs://...` twice (the second resumes), then `inference.restore` from gs://."""
     workdir = gcs_emulator.new_workdir()
     env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        **xla_env.cpu_env(2),
         "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
     }
     steps = {"train.log_every": 2, "checkpoint.every_steps": 2}

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from lexvla_jax import configlib
 from lexvla_jax.miniature import synthetic
 from lexvla_jax.text.tokenizer import train_tokenizer
+from support import xla_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_CONFIG = os.path.join(REPO, "configs", "tiny.py:scratch")  # no stage 1: a from-scratch text tower
@@ -120,8 +121,7 @@ class Cluster:
 
     def __init__(self, workdir, data_dir, num_processes: int, devices: int, *, command_name: str = "train", **extra):
         self.workdir = str(workdir)
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        env = xla_env.cpu_env(devices)
         if num_processes > 1:
             extra = {"dist.mode": "explicit", **extra}
             env.update(LEXVLA_COORDINATOR=f"127.0.0.1:{free_port()}", LEXVLA_NUM_PROCESSES=str(num_processes))

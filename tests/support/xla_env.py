@@ -1,0 +1,53 @@
+"""The XLA settings of every JAX process of the test suite: fake CPU devices and one shared compilation cache.
+
+A whole `lexvla train` or `lexvla encode` of the tests' cut-down config is mostly XLA compilation on a CPU (about
+20 of its 30 s), and the suite starts dozens of them with the same few programs. They share JAX's persistent
+compilation cache: one directory per test session (`$LEXVLA_TEST_XLA_CACHE`, made by conftest.py unless set; `off`
+turns it off), used by the pytest processes and by the subprocesses started with `cpu_env`.
+
+With 2+ CPU devices in a process, an executable read back from the cache deadlocks in its first collective under
+XLA:CPU's default, concurrency-optimised scheduler (jaxlib 0.10.2: the two devices wait in different all-gathers,
+rendezvous op_id 5 vs 51; 4 of 4 cached starts hung). `SCHEDULER_FLAG` turns that scheduler off; with it no cached
+start hung (0 of 8) and the trained parameters are bit for bit those of a default, uncached run. So every test
+process runs with `SCHEDULER_FLAG`, and the cache is only ever handed over together with it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+CACHE_VAR = "LEXVLA_TEST_XLA_CACHE"
+
+
+def cache_dir() -> str | None:
+    """This session's compilation cache directory, or None."""
+    value = os.environ.get(CACHE_VAR, "")
+    return None if value in ("", "off") else value
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process with `devices` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {SCHEDULER_FLAG}"
+
+
+def cpu_env(devices: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a JAX subprocess on `devices` CPU devices: `base` (default: this process's) with the
+    suite's XLA flags and, when this session has one, its compilation cache."""
+    env = dict(os.environ if base is None else base)
+    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+    for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        env.pop(key, None)
+    if cache_dir():
+        env.update(JAX_COMPILATION_CACHE_DIR=cache_dir(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
+
+
+def use_cache_in_this_process() -> None:
+    """Points this (already flagged) process's JAX at the session's compilation cache."""
+    import jax
+
+    if cache_dir():
+        jax.config.update("jax_compilation_cache_dir", cache_dir())
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
