@@ -1,7 +1,8 @@
 """Stage 0 then stage 2, shortened: the self-supervised tower, frozen, beats the same tower at random init.
 
-Q(BoW) stands in for the language model (`configs/variants/qbow.py:tiny`: no stage 1), so the comparison is about
-the vision side alone; both stage-2 runs share every setting but `model.vision_checkpoint`.
+Q(BoW) stands in for the language model (`configs/variants/qbow.py:tiny`: no stage 1), so stage 2 is about the vision
+side alone. Stage 0's report probes its tower and the same architecture at random init on the same images; the
+PatchDis comparison of stage 2 on either tower is an outcome of the real job (BENCHMARKS.md, Stage 0), not re-run here.
 """
 
 import json
@@ -51,21 +52,18 @@ def _vision_params(state) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Stage 0, then stage 2 on its tower and on the same architecture at random init: (config, root, metrics of
-    both runs, the preparation's log)."""
+    """Stage 0, then stage 2 on its tower: (config, root, the preparation's log)."""
     root = tmp_path_factory.mktemp("stage0_job")
     config = configlib.load_config(QBOW_TINY, short_job(str(root)))
     logged = []
     prepare.prepare(config, logged.append)
-    pretrained = train.run(config, str(root / "pretrained"))
-    random_config = configlib.load_config(QBOW_TINY, short_job(str(root), **{"model.vision_checkpoint": ""}))
-    random_tower = train.run(random_config, str(root / "random"))
-    return config, root, {"pretrained": pretrained, "random": random_tower}, logged
+    train.run(config, str(root / "pretrained"))
+    return config, root, logged
 
 
 @pytest.mark.slow
 def test_stage_2_leaves_the_stage_0_tower_bit_identical(runs):
-    config, root, _, logged = runs
+    config, root, logged = runs
     assert config.model.vision_checkpoint == config.miniature.vision.dir and "vision" not in config.train.trainable
     assert any(line.startswith("stage 0 (vision tower): saved to") for line in logged)
     # Stage 2 trained around the tower without touching it: the restored run's tower is stage 0's, bit for bit.
@@ -91,16 +89,11 @@ def test_stage_2_leaves_the_stage_0_tower_bit_identical(runs):
 @pytest.mark.xfail(
     strict=True,
     reason="not met: 150 steps of stage 0 leave the shape probe at 0.266 against 0.256 for the random-init tower "
-    "(majority 0.282) and PatchDis per-image mIoU at 0.181 against 0.194; even trained on shape labels this tower "
-    "stays at the majority rate for 300 steps (benchmarks/shape_learnability.py; BENCHMARKS.md, Stage 0)",
+    "(majority 0.282); even trained on shape labels this tower stays at the majority rate for 300 steps "
+    "(benchmarks/shape_learnability.py; BENCHMARKS.md, Stage 0)",
 )
-def test_pretrained_frozen_tower_beats_the_random_one(runs):
-    config, _, metrics, _ = runs
+def test_stage_0_tower_probes_shapes_better_than_at_random_init(runs):
+    config, _, _ = runs
     with open(os.path.join(config.miniature.vision.dir, vision_pretrain.REPORT)) as f:
         probe = json.load(f)["shape_probe"]
     assert probe["pretrained"]["accuracy"] >= probe["random_init"]["accuracy"] + 0.05, probe
-    key = "patchdis/miou_per_image"
-    assert metrics["pretrained"][key] >= metrics["random"][key] + 0.03, (
-        metrics["pretrained"][key],
-        metrics["random"][key],
-    )
