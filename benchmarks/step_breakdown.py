@@ -1,10 +1,11 @@
 """Where our train step's time goes: each stage of the step jitted on its own, forward and forward + backward.
 
-Stages: vision tower, adapter, lexical max-pool (with the L2 normalisation), text tower (with its codebook),
-loss, optimiser update; plus the host → device batch copy (`make_global_batch`). Backward = (forward +
-backward) − forward, with gradients taken with respect to what the real step differentiates: trainable
-parameters, and the stage's input when a trainable stage lies before it. Timings are medians over
-round-robin repetitions (every stage once per round), so a change in machine load hits all stages alike.
+Stages: vision tower (whichever `models/vision.py` tower, with its own normalisation), adapter, lexical max-pool
+(with the L2 normalisation), text tower (with its codebook), loss, optimiser update; plus the host → device batch
+copy (`make_global_batch`). Backward = (forward + backward) − forward, with gradients taken with respect to what the
+real step differentiates: trainable parameters, and the stage's input when a trainable stage lies before it.
+Timings are medians over round-robin repetitions (every stage once per round), so a change in machine load hits all
+stages alike.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import optax
 from flax import nnx
 
 from lexvla_jax import losses
-from lexvla_jax.data.device_batch import make_global_batch, normalize_images
+from lexvla_jax.data.device_batch import make_global_batch
 from lexvla_jax.models import lexical
 
 
@@ -27,12 +28,13 @@ def stages(ours) -> list[tuple[str, callable, tuple, tuple[int, ...]]]:
     model, frozen, rest, params, batch = ours.program.model, ours.frozen, ours.rest, ours.params, ours.batch
     cfg = ours.model_config
     groups = {path[0] for path, _ in nnx.to_flat_state(params)}
-    prefix = 1 + cfg.vision.num_register_tokens
     merged = lambda p: model.merge(p, frozen, rest)
     loss_config = ours.program_loss
 
     def vision(p, images):
-        return merged(p).vision(normalize_images(images)).last_hidden_state[:, prefix:]
+        """The tower on images normalised as it expects; its patch tokens (class token and registers dropped)."""
+        m = merged(p)
+        return m.vision(m.normalize(images)).last_hidden_state[:, m.vision.num_prefix_tokens :]
 
     def adapter(p, tokens):
         return merged(p).adapter(tokens)

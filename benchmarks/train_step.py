@@ -13,9 +13,12 @@ Reference shapes (a CPU-sized stand-in for the paper config): DINOv2 ViT-S/14 at
 V' = 17,149; adapter with 6 heads and MLP 1536; batch 32; text length 64; float32; one device.
 `--tiny` runs the main job's stage-2 model instead (`configs/tiny.py`: both towers frozen, LoRA on the text tower,
 here with random towers: no stage 0 or 1; its tokenizer gives V' and the prompt length).
+`--tower clip|siglip` swaps the image tower for a CLIP / SigLIP one of the same widths (Q(CLIP); ours only:
+`torch_step.py` is DINOv2's, so with `--no-torch`).
 
     JAX_PLATFORMS=cpu python benchmarks/train_step.py [--reps 7] [--batch 32] [--breakdown] [--no-torch]
     JAX_PLATFORMS=cpu python benchmarks/train_step.py --tiny --breakdown
+    JAX_PLATFORMS=cpu python benchmarks/train_step.py --tiny --tower clip --no-torch --breakdown
 """
 
 from __future__ import annotations
@@ -83,8 +86,40 @@ def tiny_config(args):
     return config, len(kept_ids), prompt_encoder(config.data, tokenizer).max_length
 
 
+def hf_vision_tower(v):
+    """A random Hugging Face vision tower with the architecture of our tower config `v` (DINOv2, CLIP or SigLIP)."""
+    import transformers
+
+    from lexvla_jax.models import dinov2
+
+    if isinstance(v, dinov2.Dinov2Config):
+        return transformers.Dinov2Model(
+            transformers.Dinov2Config(
+                hidden_size=v.hidden_size,
+                num_hidden_layers=v.num_hidden_layers,
+                num_attention_heads=v.num_attention_heads,
+                mlp_ratio=int(v.mlp_ratio),  # HF takes an int; ours are whole numbers
+                patch_size=v.patch_size,
+                image_size=v.image_size,
+                layer_norm_eps=v.layer_norm_eps,
+                attn_implementation="sdpa",
+            )
+        )
+    family = "Siglip" if v.family == "siglip" else "CLIP"
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size")
+    hf = getattr(transformers, f"{family}VisionConfig")(
+        **{f: getattr(v, f) for f in fields},
+        image_size=v.image_size,
+        hidden_act=v.hidden_act,
+        layer_norm_eps=v.layer_norm_eps,
+        attn_implementation="sdpa",
+    )
+    return getattr(transformers, f"{family}VisionModel")(hf)
+
+
 def write_hf_towers(config, directory: str):
-    """Random HF DINOv2 and Llama checkpoints with the config's architecture; `(vision, text_lm)` torch models."""
+    """Random HF vision (the config's tower) and Llama checkpoints with the config's architecture; `(vision,
+    text_lm)` torch models."""
     import torch
     import transformers
 
@@ -92,18 +127,7 @@ def write_hf_towers(config, directory: str):
 
     torch.manual_seed(0)
     v, t = build.vision_config(config), build.text_config(config)
-    vision = transformers.Dinov2Model(
-        transformers.Dinov2Config(
-            hidden_size=v.hidden_size,
-            num_hidden_layers=v.num_hidden_layers,
-            num_attention_heads=v.num_attention_heads,
-            mlp_ratio=int(v.mlp_ratio),  # HF takes an int; ours are whole numbers
-            patch_size=v.patch_size,
-            image_size=v.image_size,
-            layer_norm_eps=v.layer_norm_eps,
-            attn_implementation="sdpa",
-        )
-    )
+    vision = hf_vision_tower(v)
     text = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
             vocab_size=t.vocab_size,
@@ -117,9 +141,9 @@ def write_hf_towers(config, directory: str):
             attn_implementation="sdpa",
         )
     )
-    vision.save_pretrained(os.path.join(directory, "dinov2"))
+    vision.save_pretrained(os.path.join(directory, "vision"))
     text.save_pretrained(os.path.join(directory, "llama"))
-    config.model.vision_checkpoint = os.path.join(directory, "dinov2")
+    config.model.vision_checkpoint = os.path.join(directory, "vision")
     config.model.text_checkpoint = os.path.join(directory, "llama")
     return vision.eval(), text.eval()
 
@@ -219,16 +243,24 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="interleaved repetitions timed")
     parser.add_argument("--no-torch", action="store_true", help="time our step only")
     parser.add_argument("--breakdown", action="store_true", help="also time the jitted pieces of our step")
+    parser.add_argument(
+        "--tower", choices=("dinov2", "clip", "siglip"), default="dinov2", help="image tower (models/vision.py)"
+    )
     add_shape_args(parser)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="further config overrides")
     args = parser.parse_args()
+    if args.tower != "dinov2" and not args.no_torch:
+        parser.error(f"PyTorch's step (torch_step.py) runs DINOv2 only; add --no-torch to time --tower {args.tower}")
 
     import torch
 
+    from lexvla_jax import configlib
     from lexvla_jax.configlib import apply_overrides
 
     torch.set_num_threads(os.cpu_count())
     config, num_words, length = tiny_config(args) if args.tiny else reference_config(args)
+    if args.tower != "dinov2":  # the same widths, FFN width spelled as CLIP and SigLIP spell it
+        configlib.swap_vision_tower(config, args.tower, "")
     config.loss.warmup_steps = 0  # full penalty weights from the first step, in both implementations
     config.mesh.shape = (1, 1, 1)
     apply_overrides(config, args.set)
@@ -237,9 +269,10 @@ def main() -> None:
         host_batch = random_batch(config, build_text_vocab(config), length)
         ours = Ours(config, num_words, host_batch)
     print(
-        f"{'tiny' if args.tiny else 'reference'} shapes: batch {config.train.global_batch_size}, image "
-        f"{config.data.image_size}px, text length {length}, V'={num_words}, trainable {tuple(config.train.trainable)}; "
-        f"jax {jax.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, load {load()}"
+        f"{'tiny' if args.tiny else 'reference'} shapes ({args.tower} tower): batch {config.train.global_batch_size}, "
+        f"image {config.data.image_size}px, text length {length}, V'={num_words}, "
+        f"trainable {tuple(config.train.trainable)}; jax {jax.__version__}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, load {load()}"
     )
     print(f"ours: compiled + first step {ours.compile_s:.1f} s, matmul FLOPs/step {ours.flops:.4g}")
     theirs = None

@@ -67,8 +67,15 @@ def vision_config(config: ml_collections.ConfigDict) -> vision.VisionConfig:
     fields = {k: v for k, v in _fields(m.vision).items() if k != "tower"}
     if m.vision_checkpoint:
         ckpt = hf_loader.HFCheckpoint(m.vision_checkpoint, "config.model.vision_checkpoint")
-        # Our choices, not the checkpoint's: the normalisation and how position embeddings are resampled.
-        ours = {k: fields[k] for k in ("image_norm", "pos_interpolation") if fields.get(k)}
+        # Our choices, not the checkpoint's: the normalisation and how position embeddings are resampled. Only
+        # DINOv2 has the latter: a CLIP / SigLIP checkpoint under a base that sets it (the paper's) loads as is.
+        choices = ("image_norm", "pos_interpolation") if tower == "dinov2" else ("image_norm",)
+        if tower != "dinov2" and fields.get("pos_interpolation", "hf") != "hf":
+            raise ConfigError(
+                f"config.model.vision.pos_interpolation={fields['pos_interpolation']!r} is DINOv2's; a {tower} tower "
+                "resamples position embeddings as transformers does: leave it 'hf'"
+            )
+        ours = {k: fields[k] for k in choices if fields.get(k)}
         loaded = hf_loader.vision_config(ckpt, **_runtime(config), **ours)
         found = vision.tower_name(loaded)
         if found != tower:

@@ -9,8 +9,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from lexvla_jax import aot, configlib, throughput  # noqa: E402
+from lexvla_jax import aot, build, configlib, throughput  # noqa: E402
 from lexvla_jax.commands import compile as compile_command
+from lexvla_jax.models import clip
 
 TOPOLOGY = "v5p:2x2x1"
 # The tiny config without its tokenizer file: shapes come from these fields.
@@ -47,6 +48,21 @@ def test_batch_that_cannot_fit_is_reported_and_fails_the_command(capsys):
     assert code == 1
     assert lines[-1] == "does not fit"
     assert any("RESOURCE_EXHAUSTED" in line for line in lines)
+
+
+@pytest.mark.slow  # ~12 s
+def test_qclip_tiny_compiles_and_fits(devices):
+    """Q(CLIP) (`configs/variants/qclip.py:tiny`: a frozen CLIP tower) compiles for a TPU topology and fits."""
+    shapes = ["data.tokenizer=", "model.vocab_size=64", "data.max_length=40", "train.global_batch_size=16"]
+    checkpoints = ["model.vision_checkpoint=", "model.text_checkpoint="]  # no stage 0 or 1 here: shapes only
+    config = configlib.load_config("configs/variants/qclip.py:tiny", [*shapes, *checkpoints])
+    vision = build.vision_config(config)
+    assert isinstance(vision, clip.ClipVisionConfig) and vision.family == "clip"
+    assert "vision" not in config.train.trainable
+    r = aot.compile_train_step(config, devices, TOPOLOGY)
+    assert (r.num_devices, r.device_kind, r.global_batch) == (4, "TPU v5", 16)
+    assert r.argument_bytes > 0 and r.temp_bytes > 0 and r.flops > 0 and r.matmul_flops > 0
+    assert r.fits and r.lines()[-1] == "fits"
 
 
 def _report(**overrides):

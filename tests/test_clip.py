@@ -1,6 +1,7 @@
 """CLIP and SigLIP vision towers: parity with transformers, loading from vision-only and joint checkpoints, sharding."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
+from support import jaxpr_counts
 
 from lexvla_jax import hf_loader, sharding
 from lexvla_jax.models import clip
@@ -153,24 +155,120 @@ def test_other_model_types_are_one_line_errors(checkpoint):
     assert "\n" not in str(e.value)
 
 
-def test_sharded_load_matches_and_is_sharded(checkpoint):
-    _, path = checkpoint("siglip_joint")
+@pytest.mark.parametrize("variant, size", [("siglip_joint", (40, 24)), ("clip_l14_gelu", (56, 42))])
+def test_sharded_load_matches_and_is_sharded(variant, size, checkpoint):
+    _, path = checkpoint(variant)
     reference = hf_loader.load_hf_clip_vision(path)
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     model = hf_loader.load_hf_clip_vision(path, mesh=mesh)
     assert model.layers.mlp.fc1.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
-    assert model.head.attention.k_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+    assert model.layers.attention.q_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
     assert model.position_embeddings[...].sharding.spec == P(None, "fsdp")
+    if variant.startswith("siglip"):
+        assert model.head.attention.k_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+    else:  # CLIP's own parameters: the class token and the pre-LayerNorm
+        assert model.class_embedding[...].sharding.spec == P("fsdp")
+        assert model.pre_layernorm.scale[...].sharding.spec == P("fsdp")
     ours, ref = nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(reference, nnx.Param))
-    for (name, a), (_, b) in zip(ours, ref, strict=True):
+    assert len(ours) == len(ref) > 10
+    for (name, a), (name_ref, b) in zip(ours, ref, strict=True):
+        assert name == name_ref and len(a[...].sharding.device_set) == 8
         np.testing.assert_array_equal(a[...], b[...], err_msg=str(name))
-    pixels = jnp.asarray(_pixels(4, (40, 24)))
+    pixels = jnp.asarray(_pixels(4, size))
     with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
         out = nnx.jit(lambda m, x: m(x))(model, pixels)
     assert out.last_hidden_state.sharding.spec[0] == ("data", "fsdp")
     expected = reference(pixels)
     np.testing.assert_allclose(out.last_hidden_state, expected.last_hidden_state, atol=1e-5)
     np.testing.assert_allclose(out.pooler_output, expected.pooler_output, atol=1e-5)
+
+
+def _copy_checkpoint(source, target, tensors: dict) -> None:
+    target.mkdir()
+    (target / "config.json").write_text((source / "config.json").read_text())
+    save_file(tensors, target / "model.safetensors")
+
+
+def test_bfloat16_load_is_close_to_float32(checkpoint):
+    _, path = checkpoint("clip_l14_gelu")
+    f32, bf16 = hf_loader.load_hf_clip_vision(path), hf_loader.load_hf_clip_vision(path, dtype=jnp.bfloat16)
+    assert bf16.config.dtype == bf16.config.param_dtype == jnp.bfloat16
+    full, half = nnx.to_flat_state(nnx.state(f32, nnx.Param)), nnx.to_flat_state(nnx.state(bf16, nnx.Param))
+    for (name, a), (_, b) in zip(full, half, strict=True):  # the checkpoint's float32 tensors, rounded once
+        assert b[...].dtype == jnp.bfloat16, name
+        np.testing.assert_array_equal(b[...], a[...].astype(jnp.bfloat16), err_msg=str(name))
+    pixels = jnp.asarray(_pixels(2, (56, 70)))
+    forward = nnx.jit(lambda m, x: m(x))
+    ours, reference = forward(bf16, pixels.astype(jnp.bfloat16)), forward(f32, pixels)
+    for got, want in (
+        (ours.last_hidden_state, reference.last_hidden_state),
+        (ours.pooler_output, reference.pooler_output),
+    ):
+        assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+        error = np.abs(np.asarray(got, np.float32) - np.asarray(want))
+        scale = np.abs(np.asarray(want)).max()
+        assert error.max() <= 0.1 * scale and error.mean() <= 0.02 * scale, (error.max(), error.mean(), scale)
+        assert error.max() > 0  # really computed in bfloat16
+
+
+def test_vision_only_checkpoint_missing_a_tensor_is_a_one_line_error(checkpoint, tmp_path):
+    _, path = checkpoint("clip_b32_vision")
+    tensors = load_file(path / "model.safetensors")
+    for name in ("embeddings.class_embedding", "pre_layrnorm.weight", "encoder.layers.1.self_attn.out_proj.bias"):
+        assert name in tensors
+        broken = tmp_path / name
+        _copy_checkpoint(path, broken, {k: v for k, v in tensors.items() if k != name})
+        with pytest.raises(hf_loader.CheckpointError, match=re.escape(f"lacks tensor(s) ['{name}']")) as error:
+            hf_loader.load_hf_clip_vision(broken)
+        assert "\n" not in str(error.value)
+
+
+def test_vision_model_prefixes_and_position_ids_load_equal(checkpoint, tmp_path):
+    """transformers v4 wrote a `CLIPVisionModel`'s tensors under `vision_model.` (older versions with the
+    `position_ids` buffer); v5 writes them bare. Both load to the same tower."""
+    _, path = checkpoint("clip_b32_vision")
+    tensors = load_file(path / "model.safetensors")
+    assert not [k for k in tensors if k.startswith("vision_model.")]
+    positions = tensors["embeddings.position_embedding.weight"].shape[0]
+    v4 = {f"vision_model.{k}": v for k, v in tensors.items()}
+    v4["vision_model.embeddings.position_ids"] = np.arange(positions, dtype=np.int64)[None]
+    _copy_checkpoint(path, tmp_path / "v4", v4)
+    reference, model = hf_loader.load_hf_clip_vision(path), hf_loader.load_hf_clip_vision(tmp_path / "v4")
+    ours, ref = nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(reference, nnx.Param))
+    assert len(ours) == len(ref) > 10
+    for (name, a), (name_ref, b) in zip(ours, ref, strict=True):
+        assert name == name_ref
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(name))
+
+
+@pytest.mark.slow
+def test_remat_gives_same_outputs_and_gradients(checkpoint):
+    _, path = checkpoint("clip_l14_gelu")
+    pixels = jnp.asarray(_pixels(2, (42, 56)))
+
+    def loss(model):
+        out = model(pixels)
+        return jnp.mean(out.last_hidden_state**2) + jnp.mean(out.pooler_output**2)
+
+    models = {remat: hf_loader.load_hf_clip_vision(path, remat=remat) for remat in ("none", "full")}
+    results = {}
+    for remat, model in models.items():
+        assert model.config.remat == remat
+        results[remat] = nnx.jit(nnx.value_and_grad(loss))(model)
+    (loss_none, grads_none), (loss_full, grads_full) = results["none"], results["full"]
+    np.testing.assert_allclose(loss_full, loss_none, rtol=1e-6)
+    flat_none, flat_full = nnx.to_flat_state(grads_none), nnx.to_flat_state(grads_full)
+    assert len(flat_none) == len(flat_full) > 10
+    for (path_, a), (_, b) in zip(flat_none, flat_full, strict=True):
+        assert np.abs(a[...]).max() > 0, path_  # every parameter, the class token's included, gets a gradient
+        np.testing.assert_allclose(b[...], a[...], rtol=1e-5, atol=1e-7, err_msg=str(path_))
+    # Remat really happens: in a checkpoint, the backward pass recomputes every forward matmul of the layer whose
+    # result it needs: all but fc2's, which only feeds the residual sum (DINOv2's LayerScale needs it; CLIP has none).
+    plain, remat = (jaxpr_counts.param_grad_counts(models[name], loss) for name in ("none", "full"))
+    assert (plain[jaxpr_counts.CHECKPOINT], remat[jaxpr_counts.CHECKPOINT]) == (0, 1)
+    layer_dots = jaxpr_counts.layer_forward_dots(models["full"], loss)
+    assert layer_dots == 8  # q, k, v, scores, mix, output, fc1, fc2
+    assert remat["dot_general"] - plain["dot_general"] == layer_dots - 1
 
 
 def test_config_from_hf_defaults_and_presets():

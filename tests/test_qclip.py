@@ -29,36 +29,54 @@ def _leaves(config) -> dict:
     return {k: config[k] for k in configlib.flat_keys(config) if not hasattr(config[k], "keys")}
 
 
+# pos_interpolation is DINOv2's choice of position-table resampling; CLIP and SigLIP resample as transformers.
+# Evaluation pixels: CLIP's and SigLIP's shorter side goes to the image size (crop fraction 1.0), not DINOv2's 256 → 224
+# (`:tiny` already evaluates at 1.0).
+PAPER_CROP = {"data.eval_crop_pct": (0.875, 1.0)}
+
+
 @pytest.mark.parametrize(
     "name, base, expected",
     [
-        # pos_interpolation is DINOv2's choice of position-table resampling; CLIP and SigLIP resample as transformers.
         (
             "qclip",
             "paper",
             {
-                "tower": ("dinov2", "clip"),
-                "preset": ("dinov2_vitl14", "clip_vitl14"),
-                "pos_interpolation": ("hf", None),
+                "model.vision.tower": ("dinov2", "clip"),
+                "model.vision.preset": ("dinov2_vitl14", "clip_vitl14"),
+                "model.vision.pos_interpolation": ("hf", None),
+                **PAPER_CROP,
             },
         ),
         (
             "siglip",
             "paper",
             {
-                "tower": ("dinov2", "siglip"),
-                "preset": ("dinov2_vitl14", "siglip_so400m14"),
-                "pos_interpolation": ("hf", None),
+                "model.vision.tower": ("dinov2", "siglip"),
+                "model.vision.preset": ("dinov2_vitl14", "siglip_so400m14"),
+                "model.vision.pos_interpolation": ("hf", None),
+                **PAPER_CROP,
             },
         ),
-        ("qclip", "tiny", {"tower": ("dinov2", "clip"), "mlp_ratio": (2.0, None), "intermediate_size": (None, 128)}),
-        ("siglip", "tiny", {"tower": ("dinov2", "siglip"), "mlp_ratio": (2.0, None), "intermediate_size": (None, 128)}),
+        *(
+            (
+                name,
+                "tiny",
+                {
+                    "model.vision.tower": ("dinov2", tower),
+                    "model.vision.mlp_ratio": (2.0, None),
+                    "model.vision.intermediate_size": (None, 128),
+                },
+            )
+            for name, tower in (("qclip", "clip"), ("siglip", "siglip"))
+        ),
     ],
 )
-def test_variant_changes_only_the_image_tower(name, base, expected):
+def test_variant_changes_only_the_image_tower_and_its_eval_crop(name, base, expected):
     a, b = _leaves(_load(name, base)), _leaves(_load("", base))
     diff = {k: (b.get(k), a.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-    assert diff == {f"model.vision.{k}": v for k, v in expected.items()}
+    assert diff == expected
+    assert _load(name, base).data.eval_crop_pct == 1.0
 
 
 def _abstract(config, num_words: int) -> lexvla.LexVLA:
@@ -165,3 +183,44 @@ def test_a_checkpoint_of_another_tower_is_a_one_line_config_error(tiny_clip_chec
     dinov2_fields = _load("", "tiny", [*NO_TEXT_CHECKPOINT, "model.vision.tower=clip"])
     with pytest.raises(configlib.ConfigError, match=r"^config.model.vision: 'mlp_ratio' is no field of the clip tower"):
         build.vision_config(dinov2_fields)
+
+
+def test_paper_base_with_a_clip_tower_and_checkpoint_loads_the_checkpoints_config(tiny_clip_checkpoint):
+    """The paper base sets DINOv2's `pos_interpolation`; with `model.vision.tower=clip` and a CLIP checkpoint the
+    tower is the checkpoint's (CLIP resamples as transformers, the 'hf' default); another choice is a one-line error."""
+    overrides = [*VISION_ONLY, "model.vision.tower=clip", f"model.vision_checkpoint={tiny_clip_checkpoint}"]
+    config = _load("", "paper", overrides)
+    assert config.model.vision.pos_interpolation == "hf"
+    v = build.vision_config(config)
+    assert isinstance(v, clip.ClipVisionConfig) and v.family == "clip" and v.image_norm == "clip"
+    assert (v.hidden_size, v.num_hidden_layers, v.patch_size, v.image_size) == (64, 2, 8, 64)
+    model = _abstract(config, 12)
+    assert model.vision.position_embeddings.shape == (65, 64)
+    with pytest.raises(
+        configlib.ConfigError,
+        match=r"^config.model.vision.pos_interpolation='dinov2' is DINOv2's; a clip tower resamples",
+    ) as e:
+        build.vision_config(_load("", "paper", [*overrides, "model.vision.pos_interpolation=dinov2"]))
+    assert "\n" not in str(e.value)
+
+
+# After the tests that build CLIP checkpoints: transformers' image processors are then imported already.
+@pytest.mark.parametrize("width, height", [(500, 333), (375, 500)])
+def test_qclip_evaluates_pixels_as_clips_image_processor(width, height):
+    """Q(CLIP)'s evaluation pixels (paper config) are CLIPImageProcessor's: shorter side to 224 (bicubic), centre crop
+    224, before its normalisation; within 1 grey level. The base's DINOv2 256 → 224 is far from them."""
+    from PIL import Image
+
+    from lexvla_jax.data.eval_set import eval_image
+
+    rng = np.random.default_rng(width)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    waves = np.stack([np.sin(2 * np.pi * (f * x + g * y)) for f, g in rng.uniform(1, 6, (3, 2))], -1)
+    pixels = np.clip(127.5 + 90 * waves + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
+    processor = transformers.CLIPImageProcessorPil(do_rescale=False, do_normalize=False)
+    expected = processor(images=Image.fromarray(pixels), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    assert expected.shape == (224, 224, 3)
+    ours = eval_image({"pixels": pixels}, _load("qclip").data).astype(int)
+    assert np.abs(ours - expected.astype(int)).max() <= 1
+    dinov2 = eval_image({"pixels": pixels}, _load("").data).astype(int)
+    assert np.abs(dinov2 - expected.astype(int)).mean() > 10

@@ -6,17 +6,21 @@ batch 16). The loss function is wrapped so that each step also logs numbers comp
 same lexical vectors (`probe/...`), which the checks compare with what the step reported.
 """
 
+import contextlib
 import dataclasses
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from support import local_cluster
 
 from lexvla_jax import build, configlib, inference, losses, train
 from lexvla_jax import step as step_lib
 from lexvla_jax.evaluate import registry
+from lexvla_jax.models import image_norm, split
 
 VARIANTS = os.path.join(local_cluster.REPO, "configs", "variants")
 STEPS = 8
@@ -45,15 +49,59 @@ def _bag_of_words(s_img, s_txt, scale):
 PROBES = {"qflops": _flops, "q512": _top_k, "qbow": _bag_of_words, "qclip": None, "siglip": None}
 
 
+# The mean and std each tower was trained with (DESIGN.md), written out here rather than read from `image_norm`.
+TOWER_NORMS = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
 @dataclasses.dataclass
 class Run:
-    """A finished few-step run: its logged train rows, final trainable parameters (flat) and evaluation."""
+    """A finished few-step run: its logged train rows, final trainable parameters (flat) and evaluation; its whole
+    final train state (flat); the vision tower's and adapter's parameters as built (flat nnx paths, host arrays);
+    every image normalisation the run traced."""
 
     rows: list
     params: dict
     final: dict
     config: object
     workdir: str
+    state: dict
+    initial: dict
+    normalizations: list
+
+
+class NormalizationProbe:
+    """Wraps `image_norm.normalize_images` (what `LexVLA.normalize` calls) and records each traced call: whether the
+    train step's `SplitModel.encode` made it, the norm named, and the mean and std it applied, measured by running the
+    real function on black and white pixels."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self._in_step = [], False
+        real_normalize, real_encode = image_norm.normalize_images, split.SplitModel.encode
+
+        def normalize(images, norm="imagenet", dtype=jnp.float32):
+            with jax.ensure_compile_time_eval():
+                black, white = np.asarray(real_normalize(jnp.asarray([[0] * 3, [255] * 3], jnp.uint8), norm))
+            std = 1.0 / (white - black)
+            self.calls.append({"in_step": self._in_step, "norm": norm, "mean": -black * std, "std": std})
+            return real_normalize(images, norm, dtype)
+
+        def encode(model, *args, **kwargs):
+            with self.in_step():
+                return real_encode(model, *args, **kwargs)
+
+        monkeypatch.setattr(image_norm, "normalize_images", normalize)
+        monkeypatch.setattr(split.SplitModel, "encode", encode)
+
+    @contextlib.contextmanager
+    def in_step(self):
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
 
 
 def _check_qflops(run):
@@ -92,14 +140,59 @@ def _check_qbow(run):
 
 
 def _check_clip_tower(run, family: str):
-    """The trained vision tower is a CLIP (class token, pre-LayerNorm) or SigLIP (MAP head) one, and the run
-    normalised images as that tower expects."""
+    """The trained vision tower is a CLIP (class token, pre-LayerNorm) or SigLIP (MAP head) one; the train step and
+    the evaluation normalised images with that tower's own mean and std; the tower trained (this test adds it to the
+    trainable set, the variant config itself freezes it) through its patch tokens only, and the adapter trained."""
     vision = run.params
     assert (("vision", "class_embedding", "value") in vision) == (family == "clip")
     assert (("vision", "pre_layernorm", "scale", "value") in vision) == (family == "clip")
     assert (("vision", "head", "probe", "value") in vision) == (family == "siglip")
     assert not [k for k in vision if k[:2] == ("vision", "cls_token")]
     assert build.vision_config(run.config).image_norm == family
+
+    # Normalisation: the step traced it (inside `SplitModel.encode`), and every call, evaluation's included,
+    # applied the tower's constants.
+    assert [c for c in run.normalizations if c["in_step"]], "the train step never normalised its images"
+    mean, std = TOWER_NORMS[family]
+    for call in run.normalizations:
+        assert call["norm"] == family
+        np.testing.assert_allclose(call["mean"], mean, rtol=1e-4)
+        np.testing.assert_allclose(call["std"], std, rtol=1e-4)
+
+    # What trained: the variant freezes its tower; here it trains, through its patch tokens only. Each parameter on
+    # their path changed (but the attention's key bias: softmax is blind to it, its gradient is rounding noise); the
+    # ones that only make the pooled output LexVLA never reads (CLIP's post_layernorm of the class token, SigLIP's
+    # head) got no gradient at all: Adam's first moment is exactly zero. Every adapter parameter changed.
+    variant = configlib.load_config(f"{VARIANTS}/{'qclip' if family == 'clip' else family}.py:tiny")
+    assert "vision" not in variant.train.trainable and "vision" in run.config.train.trainable
+    pooled_only = ("post_layernorm",) if family == "clip" else ("head",)
+    moments = _first_moments(run.state)
+    tower = {p[1] for p in run.initial if p[0] == "vision"}
+    assert tower >= {"patch_embeddings", "position_embeddings", "layers", *pooled_only}
+    assert any(p[0] == "adapter" for p in run.initial)
+    for path, before in run.initial.items():
+        after = vision[(*path, "value")]
+        assert after.shape == before.shape and after.dtype == np.float32, path
+        if path[0] == "vision" and path[1] in pooled_only:
+            assert not moments[path].any(), f"{path} got a gradient"
+        elif path[-2:] != ("k_proj", "bias"):
+            assert not np.array_equal(after, before), f"{path} did not train"
+
+
+def _first_moments(state: dict) -> dict:
+    """Adam's first moment `mu` of each trainable parameter, by nnx path, from a flat train state."""
+
+    def find(tree):
+        if isinstance(tree, dict):
+            if "mu" in tree:
+                return tree["mu"]
+            tree = list(tree.values())
+        for sub in tree if isinstance(tree, list | tuple) else ():
+            if (found := find(sub)) is not None:
+                return found
+        return None
+
+    return {k[:-1]: v for k, v in _flatten(find(state[("opt_state",)])).items()}
 
 
 CHECKS = {
@@ -122,6 +215,18 @@ def test_variant_trains_a_few_steps(name, data_dir, tmp_path, monkeypatch):
         return loss, {**metrics, **{f"probe/{k}": v for k, v in extra.items()}}
 
     monkeypatch.setattr(step_lib.losses, "lexvla_loss", probed_loss)
+    normalizations = NormalizationProbe(monkeypatch)
+    initial, real_build = {}, build.build_model
+
+    def recorded_build(*args, **kwargs):  # the weights the run starts from, as built
+        model = real_build(*args, **kwargs)
+        if not initial:
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+                if path[0] in ("vision", "adapter"):
+                    initial[path] = np.array(v[...])
+        return model
+
+    monkeypatch.setattr(build, "build_model", recorded_build)
     extra = {
         "train.num_steps": STEPS,
         "train.log_every": 1,
@@ -147,7 +252,8 @@ def test_variant_trains_a_few_steps(name, data_dir, tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert np.all(np.isfinite(losses_seen)) and len(set(losses_seen)) == STEPS
     assert final["retrieval/num_images"] == 24 and final["retrieval/num_texts"] == 120  # the whole eval set
-    CHECKS[name](Run(rows, params, final, config, workdir))
+    run = Run(rows, params, final, config, workdir, _flatten(flat), initial, normalizations.calls)
+    CHECKS[name](run)
 
 
 def _flatten(tree, prefix=()) -> dict:

@@ -17,4 +17,6 @@ from lexvla_jax import configlib
 def get_config(arg=None):
     config = configlib.variant_base(__file__, arg)
     configlib.swap_vision_tower(config, "clip", "clip_vitl14")
+    # CLIP evaluates as CLIPImageProcessor and open_clip do: shorter side to 224 (bicubic), centre crop 224, no 256.
+    config.data.eval_crop_pct = 1.0
     return config

@@ -16,4 +16,8 @@ from lexvla_jax import configlib
 def get_config(arg=None):
     config = configlib.variant_base(__file__, arg)
     configlib.swap_vision_tower(config, "siglip", "siglip_so400m14")
+    # SiglipImageProcessor squashes the whole image to 224×224 (bicubic, no crop); our evaluation transform keeps the
+    # aspect ratio, so we take the nearest it offers: shorter side to 224, centre crop 224 (same scale, the long
+    # side's ends cut instead of the image distorted), not DINOv2's 256 → 224.
+    config.data.eval_crop_pct = 1.0
     return config
