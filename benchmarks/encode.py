@@ -14,9 +14,19 @@ resized as in `lexvla encode`), one process times, interleaved over `--reps` rep
 Rates of the data path and of encode count from the first batch delivered (worker start-up, a few seconds once per
 run, is left out).
 
-The data path is not the bottleneck when `encode` runs at the `model only` rate.
+The data path is not the bottleneck when `encode` runs at the `model only` rate. On this CPU the model is slow (a
+few images/s at the reference shapes), so that says nothing about an accelerator: `--host` measures what one host
+process sustains with the model taken out, to compare with an accelerator's model-only rate. There a stand-in
+(`FixedImpacts`) returns, at no cost, impacts `[batch, V']` with `--words` active words per vector (default 1,081,
+the paper's average) as the jitted encoder returns them, and the rows are
+
+- `write only`: `encode.encode_kind` on images already decoded in memory: reading the impacts back, CSR
+  conversion, JSON lines and part files (the host's cost per vector, without decoding);
+- `data path only, W workers`: as above;
+- `host side, W workers`: the whole `encode.encode_kind` with the stand-in: decoding + writing.
 
     JAX_PLATFORMS=cpu python benchmarks/encode.py [--tiny] [--images 512] [--batch 32] [--reps 3]
+    JAX_PLATFORMS=cpu python benchmarks/encode.py --host [--images 1024] [--words 1081] [--reps 3]
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 
 import jax
 import numpy as np
@@ -69,6 +80,22 @@ def make_encoder(config, num_words: int, batch: int):
     patch_size = model.config.vision.patch_size
     kept = np.arange(num_words)
     return LexicalEncoder.for_program(config, program, params, frozen, rest, ImagesOnly(), kept, patch_size)
+
+
+class FixedImpacts:
+    """Stands in for the model (`--host`): a fixed int32 table `[batch, V']` with `words` active words per row (impacts
+    5–60, as `round(1000 · w)` of LexVLA weights), returned as a jax array like the jitted encoder's output."""
+
+    def __init__(self, num_words: int, words: int, batch: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        table = np.zeros((batch, num_words), np.int32)
+        for row in table:
+            row[rng.choice(num_words, words, replace=False)] = rng.integers(5, 61, words)
+        self.table, self.local_batch = table, batch
+        self.encoder = types.SimpleNamespace(words=[f"w{j}" for j in range(num_words)])
+
+    def dispatch(self, kind: str, batch: dict | None) -> jax.Array:
+        return jax.device_put(self.table)
 
 
 def make_collection(directory: str, count: int, pixels: int) -> list[str]:
@@ -125,12 +152,19 @@ def time_model(device, images: np.ndarray) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def time_encode(config, device, shards, workers: int, out: str) -> float:
+def time_encode(config, device, shards, workers: int, out: str, images: np.ndarray | None = None) -> float:
+    """encode_kind's images/s over the shards with `workers` (or over `images` already decoded, when given)."""
     from lexvla_jax import encode
     from lexvla_jax.data import corpus
 
     shutil.rmtree(out, ignore_errors=True)
-    source = AfterFirstBatch(corpus.image_batches(data_config(config, workers), shards, device.local_batch, 0, 1))
+    if images is None:
+        batches = corpus.image_batches(data_config(config, workers), shards, device.local_batch, 0, 1)
+    else:
+        keys = [f"{i:08d}" for i in range(len(images))]
+        batches = corpus.ArrayBatches(keys, ["a red circle above a blue square"] * len(keys), {"image": images},
+                                      device.local_batch, 0, 1)  # fmt: skip
+    source = AfterFirstBatch(batches)
     totals = encode.encode_kind(out, "images", source, device, part_size=10**6, expected=None, compress=False,
                                 log_seconds=1e9)  # fmt: skip
     return source.rate(totals["vectors"], first_done=False)
@@ -144,6 +178,59 @@ def active_words(out: str) -> float:
     return sum(lengths) / len(lengths)
 
 
+def load_info() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def print_table(rows: dict[str, list[float]], unit: str, reference: str | None) -> None:
+    extra = f" vs {reference} |" if reference else " ms per image |"
+    print(f"\n| path | {unit} (median) | min–max |{extra}\n|---|---:|---:|---:|")
+    base = statistics.median(rows[reference]) if reference else None
+    for name, values in rows.items():
+        median = statistics.median(values)
+        last = f"{median / base:.2f}" if base else f"{1000 / median:.2f}"
+        print(f"| {name} | {median:,.1f} | {min(values):,.0f}–{max(values):,.0f} | {last} |")
+
+
+def host_main(args) -> None:
+    """`--host`: images/s one host process sustains around a model that costs nothing (module docstring)."""
+    import train_step
+
+    from lexvla_jax.data import corpus
+
+    if args.tiny:
+        config, num_words, _ = train_step.tiny_config(args)
+    else:
+        shapes = argparse.ArgumentParser()
+        train_step.add_shape_args(shapes)
+        config, num_words, _ = train_step.reference_config(shapes.parse_args(["--batch", str(args.batch)]))
+    device = FixedImpacts(num_words, args.words, args.batch)
+    size = config.data.image_size
+    pixels = args.pixels or size * 5 // 4
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = make_collection(os.path.join(tmp, "collection"), args.images, pixels)
+        images = np.concatenate([b["image"] for b in corpus.image_batches(data_config(config, 0), shards, 64, 0, 1)])
+        out = os.path.join(tmp, "out")
+        print(
+            f"host side of encode: {size} px from {pixels} px JPEGs, V'={num_words}, {args.words} words per vector, "
+            f"batch {args.batch}, {len(images)} images; model replaced by fixed impacts; {os.cpu_count()} CPUs, "
+            f"load {load_info()}",
+            flush=True,
+        )
+        rows: dict[str, list[float]] = {}
+        for rep in range(args.reps):
+            rows.setdefault("write only (images in memory)", []).append(
+                time_encode(config, device, shards, 0, out, images)
+            )
+            for w in WORKERS:
+                rows.setdefault(f"data path only, {w} workers", []).append(
+                    time_data_path(config, shards, args.batch, w)
+                )
+                rows.setdefault(f"host side, {w} workers", []).append(time_encode(config, device, shards, w, out))
+            print(f"rep {rep} done, {active_words(out):.0f} words per vector, load {load_info()}", flush=True)
+    print_table(rows, "images/s per process", None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the main job's model instead of the reference shapes")
@@ -151,7 +238,12 @@ def main() -> None:
     parser.add_argument("--pixels", type=int, help="stored image side (default: 1.25 × the model's input)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--host", action="store_true", help="the host side only: the model replaced by fixed impacts")
+    parser.add_argument("--words", type=int, default=1081, help="--host: active words per vector")
     args = parser.parse_args()
+    if args.host:
+        host_main(args)
+        return
 
     import train_step
 

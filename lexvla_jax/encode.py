@@ -6,8 +6,12 @@ returns the quantised impacts `round(scale · sparsify(s))` `[B, V']` sharded th
 reads back only its own rows and appends them to its open part (`sparse/parts.py`). The step's row counts are
 all-gathered, so every process runs the same steps and stops at the same one. After `part_size` rows a process
 completes its part and records it, with its data position, in its ledger; run again, it restores that position
-and continues after its last recorded part. Host memory holds one batch and one open part's file buffer,
-whatever the collection's size.
+and continues after its last recorded part (a part renamed but not yet recorded, from a kill between the two, is
+deleted and written again). Host memory holds the batch on the devices, the batch being read and one open part's
+file buffer, whatever the collection's size.
+
+Crash test: `LEXVLA_DEBUG_KILL_ENCODE=KIND:N` SIGKILLs each process once its part N of KIND is renamed and before its
+ledger records it, the worst moment for a resume.
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import signal
+import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +38,7 @@ from lexvla_jax.data.device_batch import make_global_batch
 from lexvla_jax.sparse import parts
 
 DEFAULT_PART_SIZE = 100_000
+KILL_ENV = "LEXVLA_DEBUG_KILL_ENCODE"
 
 
 def config_digest(config) -> str:
@@ -139,33 +148,68 @@ def local_rows(array: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])
 
 
+def format_duration(seconds: float) -> str:
+    """`HH:MM:SS`, with the whole days in front from 24 h on: `1d 01:00:00`."""
+    rest = int(round(seconds))
+    days, rest = divmod(rest, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, rest = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{rest:02d}"
+
+
 @dataclasses.dataclass
 class Progress:
-    """Rate and ETA over every process, printed by process 0 every `every_seconds`."""
+    """Rate and ETA over every process, printed by process 0 every `every_seconds`; the final line says how many
+    vectors this run encoded (the rest were there before it)."""
 
     kind: str
     done: int
     expected: int | None
     devices: int
     every_seconds: float = 10.0
+    clock: Callable[[], float] = time.perf_counter
 
     def __post_init__(self):
-        self.start = self.last = time.perf_counter()
+        self.start = self.last = self.clock()
         self.first = self.done
 
     def update(self, rows: int, skipped: int, final: bool = False) -> None:
         self.done += rows
-        now = time.perf_counter()
+        now = self.clock()
         if not (final or now - self.last >= self.every_seconds) or jax.process_index() != 0:
             return
         self.last = now
         rate = (self.done - self.first) / max(now - self.start, 1e-9)
-        line = f"{self.kind}: {self.done:,} vectors, {rate:.1f}/s ({rate / self.devices:.1f}/s per device)"
+        this_run = f" ({self.done - self.first:,} this run)" if final else ""
+        line = f"{self.kind}: {self.done:,} vectors{this_run}, {rate:.1f}/s ({rate / self.devices:.1f}/s per device)"
         line += f", {skipped:,} skipped"
-        if self.expected and not final:
+        if self.expected and not final and rate > 0:
             left = max(self.expected - self.done - skipped, 0)
-            line += f", ETA {time.strftime('%H:%M:%S', time.gmtime(left / rate))}" if rate > 0 else ""
+            line += f", ETA {format_duration(left / rate)}"
         print(line, flush=True)
+
+
+def parse_kill_part(value: str | None) -> tuple[str, int] | None:
+    """`$LEXVLA_DEBUG_KILL_ENCODE` (`KIND:N`) → (kind, N); None when unset or empty."""
+    if not value:
+        return None
+    kind, _, number = value.partition(":")
+    if kind and number.isdigit():
+        return kind, int(number)
+    raise ConfigError(
+        f"{KILL_ENV}={value!r}: use KIND:N (e.g. images:1) to SIGKILL once part N of KIND is renamed, before its "
+        "ledger records it; unset it for no crash"
+    )
+
+
+def _kill_self(kind: str, number: int) -> None:
+    print(
+        f"process {jax.process_index()}: {KILL_ENV}: SIGKILL after part {number} of {kind} was renamed, before "
+        "the ledger records it",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def encode_kind(out: str, kind: str, source, device: DeviceEncoder, *, part_size: int, expected: int | None,
@@ -176,10 +220,16 @@ def encode_kind(out: str, kind: str, source, device: DeviceEncoder, *, part_size
     directory = epath.Path(out) / kind
     directory.mkdir(parents=True, exist_ok=True)
     ledger_path = directory / f"progress-{process:05d}.json"
+    kill_at = parse_kill_part(os.environ.get(KILL_ENV))
     ledger = parts.read_json(ledger_path) or {"parts": 0, "vectors": 0, "state": None, "finished": False}
     writer = parts.PartWriter(directory, process, device.encoder.words, compress=compress, next_part=ledger["parts"])
-    writer.remove_unrecorded()
+    removed = [name for name in writer.remove_unrecorded() if not name.endswith(".tmp")]
+    if removed:
+        print(f"{out}/{kind}: process {process} deleted {', '.join(removed)} (renamed, not in its ledger)", flush=True)
     if ledger["state"] is not None:
+        if not ledger["finished"]:
+            print(f"{out}/{kind}: process {process} resumes after its {ledger['parts']} recorded parts "
+                  f"({ledger['vectors']:,} vectors)", flush=True)  # fmt: skip
         source.set_state(ledger["state"])
     if not ledger["finished"]:
         getattr(source, "start_prefetch", lambda: None)()
@@ -191,16 +241,21 @@ def encode_kind(out: str, kind: str, source, device: DeviceEncoder, *, part_size
         entry = {"parts": writer.next_part, "vectors": vectors, "finished": finished, "skipped": counts or skip_counts}
         parts.write_json(ledger_path, {**entry, "state": state})
 
+    def complete_part(finished: bool, state=None, counts=None) -> None:
+        """Renames the open part (if any), then records it in the ledger."""
+        if writer.finish_part() is not None and kill_at == (kind, writer.next_part - 1):
+            _kill_self(kind, writer.next_part - 1)
+        record(finished, state, counts)
+
     def write(pending) -> None:
         """Writes a dispatched batch's rows; completes the part when it is full (with the data position after
         that batch: the next batch is already read, and a resume must read it again)."""
         nonlocal vectors
-        batch, out, state, counts = pending
-        writer.add(batch["key"], batch["content"], scipy.sparse.csr_array(local_rows(out)[: len(batch["key"])]))
+        batch, impacts, state, counts = pending
+        writer.add(batch["key"], batch["content"], scipy.sparse.csr_array(local_rows(impacts)[: len(batch["key"])]))
         vectors += len(batch["key"])
         if writer.rows >= part_size:
-            writer.finish_part()
-            record(False, state, counts)
+            complete_part(False, state, counts)
 
     # One batch in flight: the devices encode batch k while the host writes batch k-1 and reads batch k+1.
     pending = None
@@ -216,9 +271,9 @@ def encode_kind(out: str, kind: str, source, device: DeviceEncoder, *, part_size
                 break
             current = None
             if gathered[:, 0].any():
-                out = device.dispatch("images" if kind == "images" else "texts", batch if rows else None)
+                impacts = device.dispatch("images" if kind == "images" else "texts", batch if rows else None)
                 if rows:
-                    current = (batch, out, source.get_state(), dict(skip_counts))
+                    current = (batch, impacts, source.get_state(), dict(skip_counts))
             if pending is not None:
                 write(pending)
             pending = current
@@ -229,8 +284,7 @@ def encode_kind(out: str, kind: str, source, device: DeviceEncoder, *, part_size
         getattr(source, "close", lambda: None)()
     if not ledger["finished"]:
         skip_counts = source.skip_counts
-    writer.finish_part()
-    record(finished=True)
+    complete_part(finished=True)
     reasons = list(skip_counts)
     totals = _all(np.array([vectors, writer.next_part, *(skip_counts[r] for r in reasons)], np.int64)).sum(axis=0)
     progress.update(0, int(totals[2:].sum()), final=True)

@@ -1,6 +1,8 @@
 """`lexvla encode` end to end: 1 process × 8 devices against 2 processes × 4, each killed mid-way and resumed; the
 vectors against the model's own dense encoder; export through the same path; index and search over the parts;
-parts written to a `gs://` emulator. One short training run (2 steps) is shared by every test here."""
+parts written to a `gs://` emulator, stopped and resumed there. One short training run (2 steps) is shared by
+those tests. In process, with a stand-in for the model (`FakeDevice`): a kill between a part's rename and its
+ledger, bad samples through the command's own data path, empty shares, bounded memory, the progress line."""
 
 import gzip
 import json
@@ -8,15 +10,24 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+import tracemalloc
+import urllib.parse
+import urllib.request
+import weakref
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
 from support import local_cluster
 from support.corrupt_data import write_corrupt_shards
+from support.fake_encoder import FakeEncoder, colour_of
 
-from lexvla_jax import cli, configlib, inference
+from lexvla_jax import cli, configlib, encode, inference
+from lexvla_jax.commands import encode as encode_command
+from lexvla_jax.configlib import ConfigError
 from lexvla_jax.data import array_record, corpus
 from lexvla_jax.data.tar_reader import iter_samples
 from lexvla_jax.sparse import export, parts
@@ -113,17 +124,27 @@ def assert_same_vectors(a: dict, b: dict) -> None:
             assert abs(a[key].get(term, 0) - b[key].get(term, 0)) <= 1, (key, term)
 
 
+def recorded_parts(out, ledgers: dict, compress: bool) -> dict[str, tuple[int, int]]:
+    """{name: (inode, mtime in ns)} of the image parts each ledger records (its parts 0 … parts-1)."""
+    names = [parts.part_name(p, n, compress) for p, ledger in ledgers.items() for n in range(ledger["parts"])]
+    return {name: (os.stat(path).st_ino, os.stat(path).st_mtime_ns) for name in names
+            for path in [os.path.join(out, "images", name)]}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def encoded(trained, tmp_path_factory):
     """The collection encoded by 1 process × 8 devices and by 2 × 4 (gzip parts), each SIGKILLed once every
-    process had recorded a part, then run again to the end."""
+    process had recorded a part, then run again to the end; the recorded parts' inodes and mtimes at the kill and
+    after the rerun."""
     root = tmp_path_factory.mktemp("encoded")
     result = {}
     for name, processes, devices, args in (("one", 1, 8, ()), ("two", 2, 4, ("--gzip",))):
         out = root / name
         ledgers = kill_after_first_parts(start_encode(trained, out, processes, devices, *args), out, processes)
+        kept = recorded_parts(out, ledgers, bool(args))
         outputs = finish(start_encode(trained, out, processes, devices, *args))
-        result[name] = {"out": str(out), "killed_ledgers": ledgers, "outputs": outputs}
+        result[name] = {"out": str(out), "killed_ledgers": ledgers, "outputs": outputs, "recorded_at_kill": kept,
+                        "recorded_after_rerun": recorded_parts(out, ledgers, bool(args))}  # fmt: skip
     return result
 
 
@@ -131,8 +152,18 @@ def encoded(trained, tmp_path_factory):
 @pytest.mark.multiprocess
 def test_two_processes_encode_what_one_does_after_kill_and_resume(encoded):
     for name in ("one", "two"):
-        ledgers = encoded[name]["killed_ledgers"]
+        ledgers, outputs = encoded[name]["killed_ledgers"], encoded[name]["outputs"]
         assert all(not ledger["finished"] and 1 <= ledger["parts"] for ledger in ledgers.values()), ledgers
+        # A resume, not a restart: the parts the ledgers recorded are the same files, untouched, and each process
+        # read on from its ledger's data position (the rerun encoded only what the ledgers did not hold).
+        kept = encoded[name]["recorded_at_kill"]
+        assert len(kept) == sum(ledger["parts"] for ledger in ledgers.values())
+        assert encoded[name]["recorded_after_rerun"] == kept
+        for p, ledger in ledgers.items():
+            resumed = f"images: process {p} resumes after its {ledger['parts']} recorded parts ({ledger['vectors']} "
+            assert resumed in outputs[p], outputs[p][-3000:]
+        rest = 600 - sum(ledger["vectors"] for ledger in ledgers.values())
+        assert f"images: 600 vectors ({rest} this run), " in outputs[0], outputs[0][-3000:]
         meta = json.loads((epath.Path(encoded[name]["out"]) / "meta.json").read_text())
         assert meta["kinds"]["images"]["vectors"] == 600 and meta["kinds"]["texts"]["vectors"] == 3
         assert meta["kinds"]["texts"]["skipped"] == {"malformed_line": 1, "empty_text": 1, "non_utf8_text": 0}
@@ -278,9 +309,18 @@ def test_parts_are_whole_or_absent_and_unfinished_collections_are_refused(tmp_pa
     writer.add(["a", "b"], ["x", "y"], impacts)
     assert list((tmp_path / "images").glob("part-*")) == [tmp_path / "images" / "part-00000-00000.jsonl.gz.tmp"]
     assert writer.finish_part() == "part-00000-00000.jsonl.gz" and writer.finish_part() is None
-    writer.add(["c"], ["z"], impacts[[0]])  # a part that is never finished, then a rerun from the ledger's part 1
-    parts.PartWriter(tmp_path / "images", 0, words, next_part=1).remove_unrecorded()
-    assert [p.name for p in (tmp_path / "images").glob("part-*")] == ["part-00000-00000.jsonl.gz"]
+    # Killed after renaming part 1 and before the ledger recorded it (the ledger's next part is 1), with part 2
+    # open; process 1's part is not process 0's to delete. A rerun from the ledger deletes parts 1 and 2.
+    writer.add(["c"], ["z"], impacts[[0]])
+    assert writer.finish_part() == "part-00000-00001.jsonl.gz"
+    writer.add(["d"], ["w"], impacts[[1]])
+    other = parts.PartWriter(tmp_path / "images", 1, words, compress=True)
+    other.add(["e"], ["v"], impacts[[1]])
+    other.finish_part()
+    removed = parts.PartWriter(tmp_path / "images", 0, words, compress=True, next_part=1).remove_unrecorded()
+    assert removed == ["part-00000-00001.jsonl.gz", "part-00000-00002.jsonl.gz.tmp"]
+    assert sorted(p.name for p in (tmp_path / "images").glob("part-*")) == [
+        "part-00000-00000.jsonl.gz", "part-00001-00000.jsonl.gz"]  # fmt: skip
     with pytest.raises(parts.CollectionError, match="has no meta.json beside it"):
         parts.read_collection(tmp_path / "images")
     meta = {"words": words, "scale": 1000, "sparsification": {}, "kinds": {"images": {"finished": False}}}
@@ -290,27 +330,258 @@ def test_parts_are_whole_or_absent_and_unfinished_collections_are_refused(tmp_pa
     meta["kinds"]["images"]["finished"] = True
     parts.write_json(epath.Path(tmp_path) / "meta.json", meta)
     collection = parts.read_collection(tmp_path / "images")
-    assert collection.ids == ["a", "b"] and (collection.matrix != impacts).nnz == 0
+    assert collection.ids == ["a", "b", "e"] and (collection.matrix[[0, 1]] != impacts).nnz == 0
     assert read_parts(tmp_path / "images")["b"] == {"red@2": 750}
+
+
+class Stopped(Exception):
+    """Raised in place of the crash hook's SIGKILL (`encode._kill_self`) by in-process tests."""
+
+
+def stop_instead_of_kill(monkeypatch, when: str) -> None:
+    """`LEXVLA_DEBUG_KILL_ENCODE=when`, with the kill replaced by `Stopped` (this process is the test's)."""
+
+    def stop(kind, number):
+        raise Stopped(f"part {number} of {kind} renamed, not recorded")
+
+    monkeypatch.setattr(encode, "_kill_self", stop)
+    monkeypatch.setenv(encode.KILL_ENV, when)
+
+
+def gcs_generation(emulator, path: str) -> str:
+    """The generation of the object at `path` (`gs://bucket/name`): a new one for every write of it."""
+    name = path.removeprefix(f"gs://{emulator.bucket}/")
+    url = f"{emulator.url}/storage/v1/b/{emulator.bucket}/o/{urllib.parse.quote(name, safe='')}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.load(response)["generation"]
 
 
 @pytest.mark.slow
 def test_encode_writes_parts_and_meta_to_gcs(gcs_emulator, trained, tmp_path, monkeypatch, capsys):
-    """`lexvla encode --out gs://…` (the eval shards and the texts): parts, ledgers and meta.json in the bucket
-    through epath, nothing local, and the vectors of a local run of the same command."""
+    """`lexvla encode --gzip --out gs://…` (the eval shards and the texts), stopped once its image part 1 is renamed
+    and before its ledger records it, then run again: it deletes part 1, resumes after part 0 (the same object) and
+    finishes; parts, ledgers and meta.json are in the bucket through epath, nothing local, and the vectors are
+    those of a local run of the same command."""
     monkeypatch.chdir(tmp_path)
     data_dir, workdir, texts = trained
     out = gcs_emulator.new_workdir()
-    args = ["encode", *config_args(data_dir), "--workdir", workdir, "--texts", texts]
-    args += ["--images", os.path.join(data_dir, "eval"), "--part-size", "16"]
+    args = ["encode", *config_args(data_dir), "--workdir", workdir, "--texts", texts, "--gzip"]
+    args += ["--images", os.path.join(data_dir, "eval"), "--part-size", "8", "--batch-size", "8"]
+    stop_instead_of_kill(monkeypatch, "images:1")
+    with pytest.raises(Stopped):
+        cli.main([*args, "--out", out])
+    monkeypatch.delenv(encode.KILL_ENV)
+    assert gcs_emulator.objects(out) == [
+        "images/part-00000-00000.jsonl.gz", "images/part-00000-00001.jsonl.gz", "images/progress-00000.json",
+        "meta.json"]  # fmt: skip
+    assert json.loads(epath.Path(out, "images", "progress-00000.json").read_text())["parts"] == 1
+    first = gcs_generation(gcs_emulator, f"{out}/images/part-00000-00000.jsonl.gz")
+    capsys.readouterr()
     assert cli.main([*args, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert "images: process 0 deleted part-00000-00001.jsonl.gz (renamed, not in its ledger)" in printed
+    assert "images: process 0 resumes after its 1 recorded parts (8 vectors)" in printed
+    assert "images: 24 vectors (16 this run), " in printed
+    assert gcs_generation(gcs_emulator, f"{out}/images/part-00000-00000.jsonl.gz") == first
     assert cli.main([*args, "--out", str(tmp_path / "local")]) == 0
     objects = gcs_emulator.objects(out)
     assert sorted(objects) == sorted(
-        ["meta.json", "images/part-00000-00000.jsonl", "images/part-00000-00001.jsonl", "images/progress-00000.json",
-         "texts/part-00000-00000.jsonl", "texts/progress-00000.json"]
+        ["meta.json", "images/part-00000-00000.jsonl.gz", "images/part-00000-00001.jsonl.gz",
+         "images/part-00000-00002.jsonl.gz", "images/progress-00000.json", "texts/part-00000-00000.jsonl.gz",
+         "texts/progress-00000.json"]
     )  # fmt: skip
     for kind in ("images", "texts"):
         assert read_parts(f"{out}/{kind}") == read_parts(tmp_path / "local" / kind)
     assert len(parts.read_collection(f"{out}/images").ids) == 24
     assert not [name for name in os.listdir(tmp_path) if name in ("gs:", "gs")]
+
+
+# In process: `encode.encode_kind` and the command's data path with a stand-in for the model.
+
+
+class FakeDevice:
+    """`encode.DeviceEncoder`'s interface over a `FakeEncoder` (no model, no jit): `dispatch` returns the impacts
+    `round(1000 · s)` of the entries ≥ 1/√V′ as a jax array, as the jitted function does. `alive_at_dispatch` notes,
+    at each call, how many arrays it returned before are still referenced."""
+
+    def __init__(self, encoder: FakeEncoder, local_batch: int):
+        self.encoder, self.local_batch = encoder, local_batch
+        self.returned, self.alive_at_dispatch = [], []
+
+    def dispatch(self, kind: str, batch: dict | None) -> jnp.ndarray:
+        self.alive_at_dispatch.append(sum(ref() is not None for ref in self.returned))
+        impacts = np.zeros((self.local_batch, len(self.encoder.words)), np.int32)
+        if batch:
+            s = self.encoder.encode_images(np.asarray(batch["image"]))
+            impacts[: len(s)] = np.rint(np.where(s >= 1 / np.sqrt(s.shape[1]), s, 0) * 1000)
+        array = jnp.asarray(impacts)
+        self.returned.append(weakref.ref(array))
+        return array
+
+
+class Watched:
+    """A batch source that notes, each time it is asked for a batch: (batches delivered so far, how many of them are
+    still referenced, finished part files in `directory`); `rows` counts the rows it delivered."""
+
+    def __init__(self, source, directory):
+        self.source, self.directory = source, epath.Path(directory)
+        self.delivered, self.log, self.rows = [], [], 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        alive = sum(ref() is not None for ref in self.delivered)
+        self.log.append((len(self.delivered), alive, len(parts.part_files(self.directory))))
+        batch = next(self.source)
+        self.delivered.append(weakref.ref(batch["image"]))
+        self.rows += len(batch["key"])
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+
+def coloured_images(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
+    """`n` images, each one flat colour of random code."""
+    codes = np.random.default_rng(seed).integers(0, 30, n)
+    return np.stack([np.full((size, size, 3), colour_of(int(c)), np.uint8) for c in codes])
+
+
+def in_memory_source(images: np.ndarray, directory, batch: int = 4) -> Watched:
+    keys = [f"k{i:04d}" for i in range(len(images))]
+    return Watched(corpus.ArrayBatches(keys, keys, {"image": images}, batch, 0, 1), directory)
+
+
+def encode_images(out, source, device, part_size: int = 8, compress: bool = False) -> dict:
+    return encode.encode_kind(str(out), "images", source, device, part_size=part_size, expected=None,
+                              compress=compress, log_seconds=1e9)  # fmt: skip
+
+
+def test_a_kill_between_a_parts_rename_and_its_ledger_is_resumed_exactly(tmp_path, monkeypatch, capsys):
+    """The worst moment (`LEXVLA_DEBUG_KILL_ENCODE=images:2`: part 2 renamed, the ledger still at 2 parts): the
+    rerun deletes part 2, keeps parts 0-1 as they are, reads on from the ledger's position and writes what an
+    uninterrupted run writes, every id once."""
+    images, encoder = coloured_images(40), FakeEncoder.colours()
+    encode_images(tmp_path / "whole", in_memory_source(images, tmp_path / "whole" / "images"), FakeDevice(encoder, 4))
+    out = tmp_path / "out"
+    stop_instead_of_kill(monkeypatch, "images:2")
+    with pytest.raises(Stopped):
+        encode_images(out, in_memory_source(images, out / "images"), FakeDevice(encoder, 4))
+    monkeypatch.delenv(encode.KILL_ENV)
+    ledger = json.loads((out / "images" / "progress-00000.json").read_text())
+    assert (ledger["parts"], ledger["vectors"], ledger["finished"]) == (2, 16, False)
+    assert [p.name for p in parts.part_files(out / "images")] == [parts.part_name(0, n, False) for n in range(3)]
+    kept = recorded_parts(out, {0: ledger}, False)
+    capsys.readouterr()
+    rerun = in_memory_source(images, out / "images")
+    totals = encode_images(out, rerun, FakeDevice(encoder, 4))
+    printed = capsys.readouterr().out
+    assert f"{out}/images: process 0 deleted part-00000-00002.jsonl (renamed, not in its ledger)\n" in printed
+    assert f"{out}/images: process 0 resumes after its 2 recorded parts (16 vectors)\n" in printed
+    assert recorded_parts(out, {0: ledger}, False) == kept
+    assert rerun.rows == 40 - 16 and totals["vectors"] == 40 and totals["parts"] == 5
+    assert read_parts(out / "images") == read_parts(tmp_path / "whole" / "images")
+    with pytest.raises(ConfigError, match=r"^LEXVLA_DEBUG_KILL_ENCODE='images': use KIND:N"):
+        encode.parse_kill_part("images")
+    assert encode.parse_kill_part("") is None and encode.parse_kill_part("texts:0") == ("texts", 0)
+
+
+def test_encode_holds_a_bounded_number_of_batches_and_writes_parts_as_it_goes(tmp_path):
+    """8 and 32 batches of 4 (part size 4): whenever the encoder asks for a batch, at most one batch it read before
+    and one device result are still referenced and every batch but the last two is already in a finished part;
+    the peak of traced host memory does not grow with the collection."""
+    encoder = FakeEncoder.colours(extra_words=[f"w{j}" for j in range(509)], image_size=64, patch_size=16)  # V' 512
+    warm_up = in_memory_source(coloured_images(8, size=64), tmp_path / "warm-up" / "images")
+    encode_images(tmp_path / "warm-up", warm_up, FakeDevice(encoder, 4))  # jax's first-call allocations
+    peaks = []
+    for batches in (8, 32):
+        images = coloured_images(4 * batches, seed=batches, size=64)
+        out = tmp_path / str(batches)
+        source, device = in_memory_source(images, out / "images"), FakeDevice(encoder, 4)
+        tracemalloc.start()
+        totals = encode_images(out, source, device, part_size=4)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert totals["vectors"] == 4 * batches and totals["parts"] == batches
+        assert max(alive for _, alive, _ in source.log) == 1 and max(device.alive_at_dispatch) == 1
+        assert all(finished >= delivered - 1 for delivered, _, finished in source.log), source.log
+    assert peaks[1] < 1.25 * peaks[0], peaks
+
+
+def test_progress_line_gives_rate_and_an_eta_in_days(capsys):
+    assert [encode.format_duration(s) for s in (0, 59.6, 3600 * 25, 86_399, 2 * 86_400 + 61)] == [
+        "00:00:00", "00:01:00", "1d 01:00:00", "23:59:59", "2d 00:01:01"]  # fmt: skip
+    now = [0.0]
+    progress = encode.Progress("images", 1000, 1_001_000, devices=4, every_seconds=10, clock=lambda: now[0])
+    now[0] = 5.0
+    progress.update(50, 0)  # before every_seconds: nothing printed
+    now[0] = 10.0
+    progress.update(50, 10)  # 100 vectors in 10 s: 10/s; (1,001,000 - 1,100 - 10) / 10 s = 99,989 s
+    now[0] = 20.0
+    progress.update(0, 10, final=True)
+    assert capsys.readouterr().out == (
+        "images: 1,100 vectors, 10.0/s (2.5/s per device), 10 skipped, ETA 1d 03:46:29\n"
+        "images: 1,100 vectors (100 this run), 5.0/s (1.2/s per device), 10 skipped\n"
+    )
+
+
+@pytest.mark.parametrize("data_format", ["webdataset", "array_record"])
+def test_encode_command_path_counts_bad_samples_in_meta(tmp_path, data_format, capsys):
+    """The corrupt shards (or their ArrayRecord conversion) through the command's own data path and
+    `encode.encode_collection`, with `max_consecutive_skips=0` (training would stop at the first bad sample):
+    nothing is fatal, meta.json counts the skips by reason, every good image is encoded once. A directory of
+    ArrayRecord files given without `.array_record` is one line saying how to name them."""
+    expected = write_corrupt_shards(str(tmp_path / "tars"))
+    spec = str(tmp_path / "tars")
+    config = configlib.load_config(local_cluster.TINY_CONFIG)
+    with config.data.unlocked():
+        config.data.update(num_workers=0, image_size=32, max_consecutive_skips=0, **expected["limits"])
+    if data_format == "array_record":
+        array_record.convert(expected["shards"], str(tmp_path / "records"))
+        code = cli.main(["encode", "--config", local_cluster.TINY_CONFIG, "--images", str(tmp_path / "records"),
+                         "--out", str(tmp_path / "unused")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"lexvla encode: --images '{tmp_path}/records' holds ArrayRecord files, no .tar"), err
+        assert err.endswith(f"pass '{tmp_path}/records/*.array_record'\n")
+        spec = str(tmp_path / "records" / "*.array_record")
+    paths = encode_command.image_paths(spec, config)
+    assert encode_command.image_format(spec, config) == data_format
+    device, out = FakeDevice(FakeEncoder.colours(), 4), str(tmp_path / "out")
+    meta = encode.prepare_out(out, {"words": device.encoder.words, "scale": 1000})
+    images = lambda: encode_command.image_source(config, spec, paths, device)  # noqa: E731
+    encode.encode_collection(out, meta, device, {"images": images}, part_size=8)
+    saved = json.loads((tmp_path / "out" / "meta.json").read_text())["kinds"]["images"]
+    caption_skips = ("missing_caption", "empty_caption", "non_utf8_caption")  # an image without a caption is kept
+    assert saved["skipped"] == {r: 0 if r in caption_skips else n for r, n in expected["skipped"].items()}
+    keys = sorted([*expected["good_keys"], "bad_nocaption", "bad_emptycaption", "bad_latin1"])
+    assert saved["vectors"] == len(keys) and sorted(read_parts(tmp_path / "out" / "images")) == keys
+
+
+def test_a_process_with_an_empty_share_writes_nothing_and_finishes(tmp_path):
+    """One shard for two processes, ArrayRecord with fewer records than processes, a tar with no sample: no batch
+    and no error (not "the training data yielded no samples"); `encode_kind` on an empty share finishes its
+    ledger with no part file."""
+    expected = write_corrupt_shards(str(tmp_path / "tars"))
+    shard = expected["shards"][-1]  # 4 good samples
+    empty_tar = str(tmp_path / "empty.tar")
+    tarfile.open(empty_tar, "w").close()
+    array_record.convert([shard], str(tmp_path / "records"))
+    records = corpus.image_shards(str(tmp_path / "records" / "*.array_record"), "array_record")
+    config = configlib.load_config(local_cluster.TINY_CONFIG).data
+    with config.unlocked():
+        config.update(num_workers=0, image_size=32)
+    assert [len(b["key"]) for b in corpus.image_batches(config, [shard], 4, 0, 2)] == [4]
+    for paths, data_format, process, count in (([shard], "webdataset", 1, 2), (records, "array_record", 4, 5),
+                                               ([empty_tar], "webdataset", 0, 1)):  # fmt: skip
+        with config.unlocked():
+            config.format = data_format
+        batches = corpus.image_batches(config, paths, 4, process, count)
+        assert list(batches) == [] and not any(batches.skip_counts.values())
+    with config.unlocked():
+        config.format = "webdataset"
+    out = tmp_path / "out"
+    totals = encode_images(out, corpus.image_batches(config, [shard], 4, 1, 2), FakeDevice(FakeEncoder.colours(), 4))
+    assert totals["vectors"] == 0 and totals["parts"] == 0 and parts.part_files(out / "images") == []
+    assert json.loads((out / "images" / "progress-00000.json").read_text())["finished"]

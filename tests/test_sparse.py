@@ -263,6 +263,8 @@ EXACT = ["--method", "exact"]
         (["search", "--index", "{images}", "--query-id", "a", "--heap-factor", "2"], "lexvla search: --heap-factor 2"),
         (["search", "--index", "{images}", "--query-id", "a", "--rerank", "0"], "lexvla search: --rerank 0: must be"),
         (["index", "{images}", "--n-postings", "0"], "lexvla index: --n-postings 0: must be at least 1"),
+        (["index", "gs://b/run/images"], "lexvla index: 'gs://b/run/images' is not a local directory, and Seismic's"),
+        (["search", "--index", "gs://b/run/images", "--query-id", "a"], "lexvla search: 'gs://b/run/images' is not a"),
         (
             ["export", "--config", CONFIG, "--out", "{tmp}", "--scale", "0"],
             "lexvla export: --scale 0: must be a positive",

@@ -7,7 +7,8 @@ DIR is a finished collection, OUT/images or OUT/texts of `lexvla encode --out OU
 export`); its part files are read one at a time into Seismic, and the index (`seismic.index.seismic`,
 `seismic.json`) is saved into DIR (a local directory: Seismic writes local files). Documents enter Seismic with
 their `--doc-words` strongest words; searches re-score Seismic's best `--rerank` candidates exactly
-(`lexvla_jax.sparse.index`). The exact index needs no build: `lexvla search --method exact` reads the parts.
+(`lexvla_jax.sparse.index`). The exact index needs no build: `lexvla search --method exact` reads the parts,
+local or remote. For a collection on `gs://` (or any remote path), copy it to a local directory and index that.
 """
 
 from __future__ import annotations
@@ -15,9 +16,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import time
 
 from lexvla_jax.sparse import export, index
+
+
+def check_local(directory: str, command: str) -> None:
+    """A one-line error for a remote DIR (`gs://…`): Seismic writes and reads its index as local files."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", directory):
+        raise export.CollectionError(
+            f"{directory!r} is not a local directory, and Seismic's index is local files: copy the collection "
+            f"(e.g. `gsutil -m cp -r {directory} DIR`), then `{command} DIR`; `lexvla search --method exact` reads "
+            f"{directory!r} as it is"
+        )
 
 
 def add_search_args(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +62,7 @@ def main(argv: list[str]) -> int:
     add_search_args(parser)
     parser.add_argument("--threads", type=int, default=0, help="build threads (0: all cores)")
     args = parser.parse_args(argv)
+    check_local(args.directory, "lexvla index")
     if args.n_postings < 1:
         raise export.CollectionError(f"--n-postings {args.n_postings}: must be at least 1")
     params = index.SeismicParams(

@@ -8,7 +8,8 @@
 Text queries against an image collection search text→image; image queries against a caption collection
 search image→text. `--query-id` takes an exported vector (of `--queries`, default the collection itself) and
 needs no model. The query is sparsified like the collection was. Prints rank, id, score, the shared words by
-contribution, and the content.
+contribution, and the content. `--method exact` reads a collection anywhere `etils.epath` does (`gs://…`); Seismic's
+index is local files, so `--method seismic` needs a local DIR.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from lexvla_jax import configlib
 from lexvla_jax.commands import common
-from lexvla_jax.commands.index import add_search_args, search_settings
+from lexvla_jax.commands.index import add_search_args, check_local, search_settings
 from lexvla_jax.sparse import export, index, parts
 
 
@@ -67,6 +68,8 @@ def main(argv: list[str]) -> int:
     args.config_spec, args.overrides = spec, overrides
     if args.k < 1:
         raise configlib.ConfigError(f"-k {args.k}: must be at least 1")
+    if args.method == "seismic":
+        check_local(args.index, "lexvla index")
     vectors = parts.read_collection(args.index)
     settings = search_settings(args)
     if args.method == "exact":

@@ -5,7 +5,9 @@ stacks good elements into batches and attaches `skipped`, the skip markers (by r
 while filling that batch; at the end of the data it emits what is left, even a batch of skips only, so
 no count is lost. `SkipTotalsDataset` runs in the consuming process: it sums those counts into totals
 (part of its checkpointable state), drops short batches when asked, and re-labels each batch's
-`skipped` as "since the previous batch delivered". No JAX here: this module runs in the workers.
+`skipped` as "since the previous batch delivered". Data that yields no sample and no skip at all is an error
+for training (`empty_error`); `lexvla encode` passes `empty_error=None`, so a process whose share is empty
+just ends. No JAX here: this module runs in the workers.
 """
 
 from __future__ import annotations
@@ -85,12 +87,23 @@ def batch_rows(batch: dict) -> int:
     return next((len(v) for k, v in batch.items() if k != "skipped"), 0)
 
 
-class SkipTotalsDataset(grain.IterDataset):
-    """Consumer side: totals of skips by reason, short batches dropped (`drop_remainder`)."""
+EMPTY_TRAINING_DATA = "the training data yielded no samples at all; check config.data.train_shards"
 
-    def __init__(self, parent: grain.IterDataset, *, batch_size: int, drop_remainder: bool = True):
+
+class SkipTotalsDataset(grain.IterDataset):
+    """Consumer side: totals of skips by reason, short batches dropped (`drop_remainder`). Data without a single
+    sample or skip raises `DataConfigError(empty_error)`, or just ends when `empty_error` is None."""
+
+    def __init__(
+        self,
+        parent: grain.IterDataset,
+        *,
+        batch_size: int,
+        drop_remainder: bool = True,
+        empty_error: str | None = EMPTY_TRAINING_DATA,
+    ):
         super().__init__(parent)
-        self.batch_size, self.drop_remainder = batch_size, drop_remainder
+        self.batch_size, self.drop_remainder, self.empty_error = batch_size, drop_remainder, empty_error
 
     def __iter__(self) -> SkipTotalsIterator:
         return SkipTotalsIterator(self._parent.__iter__(), self)
@@ -118,10 +131,8 @@ class SkipTotalsIterator(grain.DatasetIterator):
             try:
                 batch = next(self._parent)
             except StopIteration:
-                if self.samples == 0 and not self.skipped.any():
-                    raise DataConfigError(
-                        "the training data yielded no samples at all; check config.data.train_shards"
-                    ) from None
+                if self.samples == 0 and not self.skipped.any() and self._spec.empty_error is not None:
+                    raise DataConfigError(self._spec.empty_error) from None
                 raise
             self.skipped += batch["skipped"]
             rows = batch_rows(batch)

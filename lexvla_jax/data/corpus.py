@@ -4,8 +4,10 @@ Images: the training data path without its randomness. Process `p` of `P` reads 
 in sorted order, one at a time per worker) or records `p::P` (ArrayRecord, in file order); each sample is
 decoded in `num_workers` grain worker processes to `{"key", "image" uint8 [S,S,3] (centre crop, as evaluation),
 "content" (its caption, or "")}`; bad samples are skipped and counted by reason (`records.SKIP_REASONS`), never
-fatal. `image_batches` is checkpointable like the training iterator (`get_state`/`set_state`), which is what
-makes `lexvla encode` resumable.
+fatal (`config.max_consecutive_skips`, a training guard, does not apply). A process whose share is empty (fewer
+shards or records than processes, or shards without samples) gets no batch, and no error. `image_batches` is
+checkpointable like the training iterator (`get_state`/`set_state`), which is what makes `lexvla encode`
+resumable.
 
 Texts: `id<TAB>text` lines, or JSONL `{"id", "text"}` (by the suffix `.jsonl`/`.json`); process `p` takes
 lines `p::P`. Malformed lines, empty texts and non-UTF-8 lines are skipped and counted (`TEXT_SKIP_REASONS`).
@@ -15,6 +17,7 @@ Both sources yield batches `{"key": [str], "content": [str], ...inputs, "skipped
 from __future__ import annotations
 
 import json
+import sys
 
 import grain
 import numpy as np
@@ -25,7 +28,7 @@ from lexvla_jax.data.batching import SkipTotalsDataset
 from lexvla_jax.data.config import DataConfigError, check_data_config, resolve_shards
 from lexvla_jax.data.eval_set import eval_image
 from lexvla_jax.data.pipeline import decoded_batches
-from lexvla_jax.data.records import CAPTION_EXTENSION, REASON_INDEX, BadSample, skip_counts_dict
+from lexvla_jax.data.records import CAPTION_EXTENSION, REASON_INDEX, SKIP_REASONS, BadSample, skip_counts_dict
 from lexvla_jax.data.transforms import decode_caption, image_member
 from lexvla_jax.data.webdataset import WebDatasetSource
 
@@ -57,14 +60,19 @@ def image_shards(spec, data_format: str) -> list[str]:
     return resolve_shards(spec, "--images", SUFFIX if data_format == "array_record" else ".tar")
 
 
+def share_is_empty(paths: list[str], data_format: str, process_index: int, process_count: int) -> bool:
+    """Whether process `process_index` of `process_count` gets no shard (webdataset) or no record (ArrayRecord)."""
+    if data_format == "array_record":
+        return len(grain.sources.ArrayRecordDataSource(paths)) <= process_index
+    return len(paths) <= process_index
+
+
 def _raw_images(paths: list[str], data_format: str, process_index: int, process_count: int):
     if data_format == "array_record":
         source = grain.sources.ArrayRecordDataSource(paths)
         return grain.MapDataset.source(source).map_with_index(DecodeRecord(0))[process_index::process_count]
-    return WebDatasetSource(
-        paths, process_index=process_index, process_count=process_count, num_epochs=1, cycle_length=1,
-        shuffle_shards=False,
-    )  # fmt: skip
+    # Shards p::P in order, as WebDatasetSource would pick them, which also takes fewer shards than processes.
+    return WebDatasetSource(paths[process_index::process_count], num_epochs=1, cycle_length=1, shuffle_shards=False)
 
 
 def expected_images(paths: list[str], data_format: str, process_count: int) -> int | None:
@@ -85,9 +93,37 @@ def image_batches(config, paths: list[str], batch_size: int, process_index: int,
     """This process's images in batches of `batch_size` (the last one shorter); see the module docstring.
     `config` is `config.data` (format, decoding limits, `num_workers`, `prefetch_buffer`)."""
     check_data_config(config)
+    if share_is_empty(paths, config.format, process_index, process_count):
+        return EmptyShare()
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.max_consecutive_skips = sys.maxsize  # a run of bad samples is counted, never fatal
     ds = _raw_images(paths, config.format, process_index, process_count).map(ImageDecoder(config))
     ds = decoded_batches(ds, config, batch_size, keep_keys=True)
-    return _WithContents(SkipTotalsDataset(ds, batch_size=batch_size, drop_remainder=False))
+    return _WithContents(SkipTotalsDataset(ds, batch_size=batch_size, drop_remainder=False, empty_error=None))
+
+
+class EmptyShare:
+    """The batches of a process that has no shard or record to read: none (and no data workers started)."""
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        return skip_counts_dict(np.zeros(len(SKIP_REASONS), np.int64))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        raise StopIteration
+
+    def get_state(self) -> dict:
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _WithContents:

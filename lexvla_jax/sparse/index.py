@@ -8,7 +8,8 @@ the query, strongest contribution first.
 - `ExactIndex`: the collection as a `scipy.sparse` CSC matrix, one column per word = that word's posting list;
   a query sums the posting lists of its words (term-at-a-time, exact).
 - `SeismicIndex`: pyseismic-lsr (Bruch et al., SIGIR 2024): posting lists pruned to the strongest postings
-  and clustered into blocks with summary vectors, so a query skips most blocks; it reads `collection.jsonl` too.
+  and clustered into blocks with summary vectors, so a query skips most blocks. `build_from_parts` feeds it the
+  part files of `lexvla encode` (`sparse/parts.py`) one part at a time; the index is saved as local files.
   Seismic is made for learned sparse vectors of ~100–200 words; its build time grows with postings × words
   per document (each block summary merges its documents' full vectors), which for LexVLA's ~1,000-word vectors
   is prohibitive at scale. So each document enters Seismic with only its `doc_words` strongest words, and

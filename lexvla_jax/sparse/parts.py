@@ -86,12 +86,16 @@ class PartWriter:
         self.next_part, self.rows = self.next_part + 1, 0
         return path.name
 
-    def remove_unrecorded(self) -> None:
-        """Deletes this process's temporary files and parts numbered from `next_part` on (not in its ledger)."""
-        for path in self.directory.glob(f"part-{self.process:05d}-*"):
+    def remove_unrecorded(self) -> list[str]:
+        """Deletes this process's temporary files and parts numbered from `next_part` on (not in its ledger: a
+        kill came between a part's rename and the ledger's); returns their names."""
+        removed = []
+        for path in sorted(self.directory.glob(f"part-{self.process:05d}-*")):
             number = int(path.name.split("-")[2].split(".")[0])
             if path.name.endswith(".tmp") or number >= self.next_part:
                 path.unlink()
+                removed.append(path.name)
+        return removed
 
 
 def read_meta(directory) -> tuple[dict, str]:
