@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
-from support import local_cluster
+from support import local_cluster, xla_env
 from support.corrupt_data import write_corrupt_shards
 from support.fake_encoder import FakeEncoder, colour_of
 
@@ -66,8 +66,7 @@ def start_encode(trained, out, processes: int, devices: int, *args) -> list[tupl
     command = [sys.executable, "-m", "lexvla_jax.cli", "encode", *config_args(data_dir), "--workdir", workdir]
     command += ["--images", os.path.join(data_dir, "train"), "--texts", texts, "--out", str(out)]
     command += ["--part-size", str(PART_SIZE), *args]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = xla_env.cpu_env(devices)
     if processes > 1:
         command.append("--config.dist.mode=explicit")
         env.update(LEXVLA_COORDINATOR=f"127.0.0.1:{local_cluster.free_port()}", LEXVLA_NUM_PROCESSES=str(processes))
