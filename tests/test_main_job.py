@@ -1,4 +1,5 @@
-"""The embedded main job, shortened: stage 1 then stage 2 make an image's strongest dimensions words of its captions.
+"""The embedded main job, shortened: stages 0 and 1 then stage 2 make an image's strongest dimensions words of its
+captions, around a stage-0 vision tower that stage 2 leaves bit for bit as stage 0 saved it.
 
 `configs/tiny.py` as the README runs it, on a small synthetic set with few steps of each stage.
 """
@@ -7,9 +8,10 @@ import os
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
-from lexvla_jax import configlib, train
+from lexvla_jax import configlib, hf_loader, inference, train
 from lexvla_jax.miniature import lm_pretrain, prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,17 +78,33 @@ def test_short_main_job_names_the_words_of_its_images(tmp_path, capfd):
     width, height = Image.open(workdir / "word_maps" / maps[0]).size
     assert width > 400 and height > 200
 
-    # A second invocation finds stage 1's directory complete and leaves it as it was.
-    weights = os.path.join(config.miniature.lm.dir, "model.safetensors")
+    # Stage 2 trained around the frozen tower without touching it: the restored run's tower is stage 0's, bit for bit.
+    assert "vision" not in config.train.trainable
+    encoder, _ = inference.restore(config, str(workdir))
+    assert not _vision_params(encoder.params)  # no vision weight among the trained ones
+    restored = _vision_params(encoder.frozen)
+    tower = hf_loader.load_hf_dinov2(config.miniature.vision.dir)
+    saved = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(tower, nnx.Param))}
+    assert restored.keys() == saved.keys()
+    for path, value in saved.items():
+        np.testing.assert_array_equal(restored[path], value, err_msg=str(path))
+
+    # A second invocation finds stages 0 and 1 complete and leaves them as they were.
+    weights = [os.path.join(d, "model.safetensors") for d in (config.miniature.vision.dir, config.miniature.lm.dir)]
     assert lm_pretrain.is_complete(config.miniature.lm.dir)
-    before = os.stat(weights).st_mtime_ns
+    before = [os.stat(w).st_mtime_ns for w in weights]
     logged = []
     prepare.prepare(config, logged.append)
     assert logged == [
         f"stage 0 (vision tower): using {config.miniature.vision.dir}",
         f"stage 1 (language model): using {config.miniature.lm.dir}",
     ]
-    assert os.stat(weights).st_mtime_ns == before
+    assert [os.stat(w).st_mtime_ns for w in weights] == before
+
+
+def _vision_params(state) -> dict:
+    flat = nnx.to_flat_state(state)
+    return {p[1:]: np.asarray(v.get_value()) for p, v in flat if p[0] == "vision"}
 
 
 def test_scratch_config_has_no_stage_1():
