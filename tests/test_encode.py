@@ -301,6 +301,26 @@ def test_text_batches_split_lines_over_processes_and_resume(tmp_path):
     assert [k for batch in again for k in batch["key"]] == [k for batch in first for k in batch["key"]]
 
 
+def test_collection_lines_are_what_json_dumps_writes_for_each_row():
+    """The part writer's formatting shortcut writes exactly `json.dumps({"id", "content", "vector"})`, escapes and
+    all: quotes, backslashes and non-ASCII in ids, contents and terms, empty rows, repeated words (`word@j`)."""
+    import scipy.sparse
+
+    words = ["cat", 'say "hi"', "back\\slash", "caf\u00e9", "cat", "\u2603"]
+    dense = np.array([[3, 0, 7, 1, 0, 250], [0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]], dtype=np.int32)
+    ids, contents = ["a/1", 'q"2', "\u00fcber"], ["", "two\nlines", "caf\u00e9 au lait"]
+    impacts = scipy.sparse.csr_array(dense)
+    terms = export.terms_of(words)
+    lines = list(parts.collection_lines(ids, contents, impacts, parts.quoted_terms(terms)))
+    expected = [
+        json.dumps({"id": i, "content": c, "vector": {terms[j]: int(w) for j, w in enumerate(row) if w}}) + "\n"
+        for i, c, row in zip(ids, contents, dense, strict=True)
+    ]
+    assert lines == expected
+    assert json.loads(lines[0])["vector"] == {"cat": 3, "back\\slash": 7, "caf\u00e9": 1, "\u2603": 250}
+    assert json.loads(lines[2])["vector"]["cat@4"] == 5
+
+
 def test_parts_are_whole_or_absent_and_unfinished_collections_are_refused(tmp_path):
     words = ["red", "circle", "red"]
     impacts = export.quantise(np.array([[0.5, 0.25, 0.0], [0.0, 0.0, 0.75]], np.float32))

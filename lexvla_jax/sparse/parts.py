@@ -44,12 +44,20 @@ def part_name(process: int, number: int, compress: bool) -> str:
     return f"part-{process:05d}-{number:05d}.jsonl" + (".gz" if compress else "")
 
 
-def collection_lines(ids, contents, impacts: scipy.sparse.csr_array, terms: Sequence[str]) -> Iterator[str]:
-    """One JSON line per row of the integer impacts (zeros are not stored, so not written)."""
+def quoted_terms(terms: Sequence[str]) -> np.ndarray:
+    """Each term as the JSON of its key in a vector, `"term": `, ready to be followed by its impact."""
+    return np.asarray([json.dumps(term) + ": " for term in terms], dtype=object)
+
+
+def collection_lines(ids, contents, impacts: scipy.sparse.csr_array, keys: np.ndarray) -> Iterator[str]:
+    """One JSON line per row of the integer impacts (zeros are not stored, so not written), as `json.dumps` of
+    `{"id", "content", "vector": {term: impact}}` writes it; `keys` from `quoted_terms`. Each entry is formatted
+    once as `"term": impact` and each row joined from them (twice as fast as a dict per row through `json.dumps`)."""
+    entries = [key + str(w) for key, w in zip(keys[impacts.indices].tolist(), impacts.data.tolist(), strict=True)]
+    bounds = impacts.indptr.tolist()
     for i, (item_id, content) in enumerate(zip(ids, contents, strict=True)):
-        row = slice(impacts.indptr[i], impacts.indptr[i + 1])
-        vector = {terms[j]: int(w) for j, w in zip(impacts.indices[row], impacts.data[row], strict=True)}
-        yield json.dumps({"id": item_id, "content": content, "vector": vector}) + "\n"
+        head = json.dumps({"id": item_id, "content": content})[:-1]  # without its closing brace
+        yield head + ', "vector": {' + ", ".join(entries[bounds[i] : bounds[i + 1]]) + "}}\n"
 
 
 class PartWriter:
@@ -57,7 +65,7 @@ class PartWriter:
 
     def __init__(self, directory, process: int, words: Sequence[str], *, compress: bool = False, next_part: int = 0):
         self.directory, self.process, self.compress = epath.Path(directory), process, compress
-        self.terms = terms_of(words)
+        self.keys = quoted_terms(terms_of(words))
         self.next_part, self.rows = next_part, 0
         self._file = self._raw = None
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -70,7 +78,7 @@ class PartWriter:
             self._raw = (self.directory / (self._path().name + ".tmp")).open("wb")
             binary = gzip.GzipFile(fileobj=self._raw, mode="wb") if self.compress else self._raw
             self._file = io.TextIOWrapper(binary, encoding="utf-8")
-        self._file.writelines(collection_lines(ids, contents, impacts, self.terms))
+        self._file.writelines(collection_lines(ids, contents, impacts, self.keys))
         self.rows += len(ids)
 
     def finish_part(self) -> str | None:
