@@ -55,6 +55,9 @@ class NumberedWords:
     def id_to_piece(self, i: int) -> str:
         return f"w{i}"
 
+    def word(self, i: int) -> str:
+        return self.id_to_piece(i)
+
 
 class ImagesOnly:
     """Stands in for the caption encoder: this benchmark encodes images only."""
@@ -90,7 +93,8 @@ class FixedImpacts:
         rng = np.random.default_rng(seed)
         table = np.zeros((batch, num_words), np.int32)
         for row in table:
-            row[rng.choice(num_words, words, replace=False)] = rng.integers(5, 61, words)
+            active = min(words, num_words)
+            row[rng.choice(num_words, active, replace=False)] = rng.integers(5, 61, active)
         self.table, self.local_batch = table, batch
         self.encoder = types.SimpleNamespace(words=[f"w{j}" for j in range(num_words)])
 
@@ -192,11 +196,9 @@ def print_table(rows: dict[str, list[float]], unit: str, reference: str | None) 
         print(f"| {name} | {median:,.1f} | {min(values):,.0f}–{max(values):,.0f} | {last} |")
 
 
-def host_main(args) -> None:
-    """`--host`: images/s one host process sustains around a model that costs nothing (module docstring)."""
+def _config(args):
+    """(config, V') of the tiny model (`--tiny`) or of the reference shapes at `--batch`."""
     import train_step
-
-    from lexvla_jax.data import corpus
 
     if args.tiny:
         config, num_words, _ = train_step.tiny_config(args)
@@ -204,6 +206,15 @@ def host_main(args) -> None:
         shapes = argparse.ArgumentParser()
         train_step.add_shape_args(shapes)
         config, num_words, _ = train_step.reference_config(shapes.parse_args(["--batch", str(args.batch)]))
+    return config, num_words
+
+
+def host_main(args) -> None:
+    """`--host`: images/s one host process sustains around a model that costs nothing (module docstring)."""
+
+    from lexvla_jax.data import corpus
+
+    config, num_words = _config(args)
     device = FixedImpacts(num_words, args.words, args.batch)
     size = config.data.image_size
     pixels = args.pixels or size * 5 // 4
@@ -250,12 +261,7 @@ def main() -> None:
     from lexvla_jax.data import corpus
     from lexvla_jax.encode import DeviceEncoder
 
-    if args.tiny:
-        config, num_words, _ = train_step.tiny_config(args)
-    else:
-        shapes = argparse.ArgumentParser()
-        train_step.add_shape_args(shapes)
-        config, num_words, _ = train_step.reference_config(shapes.parse_args(["--batch", str(args.batch)]))
+    config, num_words = _config(args)
     config.mesh.shape = (-1, 1, 1)
     with tempfile.TemporaryDirectory() as tmp:
         if not args.tiny:

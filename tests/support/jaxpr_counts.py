@@ -7,6 +7,7 @@ the forward matmuls of each scanned layer, inside a `jax.checkpoint` block.
 import collections
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
@@ -37,3 +38,19 @@ def layer_forward_dots(model: nnx.Module, loss) -> int:
     """Matmuls in the forward pass of the scanned layers of `loss(model)`."""
     graphdef, state = nnx.split(model)
     return primitive_counts(lambda s: loss(nnx.merge(graphdef, s)), state, scan_only=True)["dot_general"]
+
+
+def remat_gradients_agree(models: dict, loss) -> list:
+    """Asserts that `models["none"]` and `models["full"]` (the same tower without and with `remat="full"`) give
+    the same loss and gradients; returns the flat gradients `[(path, value)]` (more than 10) of the plain one."""
+    results = {}
+    for remat, model in models.items():
+        assert model.config.remat == remat
+        results[remat] = nnx.jit(nnx.value_and_grad(loss))(model)
+    (loss_none, grads_none), (loss_full, grads_full) = results["none"], results["full"]
+    np.testing.assert_allclose(loss_full, loss_none, rtol=1e-6)
+    flat_none, flat_full = nnx.to_flat_state(grads_none), nnx.to_flat_state(grads_full)
+    assert len(flat_none) == len(flat_full) > 10
+    for (path, a), (_, b) in zip(flat_none, flat_full, strict=True):
+        np.testing.assert_allclose(b[...], a[...], rtol=1e-5, atol=1e-7, err_msg=str(path))
+    return list(flat_none)
