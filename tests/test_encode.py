@@ -66,7 +66,7 @@ def start_encode(trained, out, processes: int, devices: int, *args) -> list[tupl
     command = [sys.executable, "-m", "lexvla_jax.cli", "encode", *config_args(data_dir), "--workdir", workdir]
     command += ["--images", os.path.join(data_dir, "train"), "--texts", texts, "--out", str(out)]
     command += ["--part-size", str(PART_SIZE), *args]
-    env = xla_env.cpu_env(devices)
+    env = xla_env.cpu_env(devices, cache=processes == 1)
     if processes > 1:
         command.append("--config.dist.mode=explicit")
         env.update(LEXVLA_COORDINATOR=f"127.0.0.1:{local_cluster.free_port()}", LEXVLA_NUM_PROCESSES=str(processes))

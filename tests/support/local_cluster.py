@@ -121,7 +121,7 @@ class Cluster:
 
     def __init__(self, workdir, data_dir, num_processes: int, devices: int, *, command_name: str = "train", **extra):
         self.workdir = str(workdir)
-        env = xla_env.cpu_env(devices)
+        env = xla_env.cpu_env(devices, cache=num_processes == 1)
         if num_processes > 1:
             extra = {"dist.mode": "explicit", **extra}
             env.update(LEXVLA_COORDINATOR=f"127.0.0.1:{free_port()}", LEXVLA_NUM_PROCESSES=str(num_processes))

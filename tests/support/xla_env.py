@@ -3,7 +3,8 @@
 A whole `lexvla train` or `lexvla encode` of the tests' cut-down config is mostly XLA compilation on a CPU (about
 20 of its 30 s), and the suite starts dozens of them with the same few programs. They share JAX's persistent
 compilation cache: one directory per test session (`$LEXVLA_TEST_XLA_CACHE`, made by conftest.py unless set; `off`
-turns it off), used by the pytest processes and by the subprocesses started with `cpu_env`.
+turns it off), used by the pytest processes and by the single-process subprocesses started with `cpu_env`
+(multi-process jobs compile for themselves: see `cpu_env`).
 
 With 2+ CPU devices in a process, an executable read back from the cache deadlocks in its first collective under
 XLA:CPU's default, concurrency-optimised scheduler (jaxlib 0.10.2: the two devices wait in different all-gathers,
@@ -32,14 +33,19 @@ def xla_flags(devices: int) -> str:
     return f"--xla_force_host_platform_device_count={devices} {SCHEDULER_FLAG}"
 
 
-def cpu_env(devices: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def cpu_env(devices: int, base: Mapping[str, str] | None = None, *, cache: bool = True) -> dict[str, str]:
     """The environment of a JAX subprocess on `devices` CPU devices: `base` (default: this process's) with the
-    suite's XLA flags and, when this session has one, its compilation cache."""
+    suite's XLA flags and, when this session has one and `cache`, its compilation cache.
+
+    Pass `cache=False` for the processes of a multi-process job: when one process compiles a program while another
+    reads it back from the cache (the first writes it mid-run), their gloo collectives disagree and the job times
+    out in its first cross-process step (seen in CI: `Gloo context initialization failed ... GetKeyValue() timed
+    out`)."""
     env = dict(os.environ if base is None else base)
     env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
     for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
         env.pop(key, None)
-    if cache_dir():
+    if cache and cache_dir():
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return env
 
