@@ -20,6 +20,9 @@ from collections.abc import Mapping
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 CACHE_VAR = "LEXVLA_TEST_XLA_CACHE"
+# A size limit makes JAX guard every read and write of the cache with a file lock; without one, a process could read
+# an entry another is still writing.
+CACHE_MAX_BYTES = 8 << 30
 
 
 def cache_dir() -> str | None:
@@ -43,10 +46,15 @@ def cpu_env(devices: int, base: Mapping[str, str] | None = None, *, cache: bool 
     out`)."""
     env = dict(os.environ if base is None else base)
     env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
-    for key in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    settings = {
+        "JAX_COMPILATION_CACHE_DIR": cache_dir(),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES),
+    }
+    for key in settings:
         env.pop(key, None)
     if cache and cache_dir():
-        env.update(JAX_COMPILATION_CACHE_DIR=cache_dir(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        env.update(settings)
     return env
 
 
@@ -57,3 +65,4 @@ def use_cache_in_this_process() -> None:
     if cache_dir():
         jax.config.update("jax_compilation_cache_dir", cache_dir())
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
