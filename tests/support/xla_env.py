@@ -16,7 +16,6 @@ process runs with `SCHEDULER_FLAG`, and the cache is only ever handed over toget
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 CACHE_VAR = "LEXVLA_TEST_XLA_CACHE"
@@ -36,25 +35,29 @@ def xla_flags(devices: int) -> str:
     return f"--xla_force_host_platform_device_count={devices} {SCHEDULER_FLAG}"
 
 
-def cpu_env(devices: int, base: Mapping[str, str] | None = None, *, cache: bool = True) -> dict[str, str]:
-    """The environment of a JAX subprocess on `devices` CPU devices: `base` (default: this process's) with the
-    suite's XLA flags and, when this session has one and `cache`, its compilation cache.
+def _cache_settings() -> dict:
+    """JAX's config values that point a process at the session's cache (their environment variables are the same
+    names in capitals)."""
+    return {
+        "jax_compilation_cache_dir": cache_dir(),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_compilation_cache_max_size": CACHE_MAX_BYTES,
+    }
+
+
+def cpu_env(devices: int, *, cache: bool = True) -> dict[str, str]:
+    """The environment of a JAX subprocess on `devices` CPU devices: this process's with the suite's XLA flags and,
+    when this session has one and `cache`, its compilation cache.
 
     Pass `cache=False` for the processes of a multi-process job: when one process compiles a program while another
     reads it back from the cache (the first writes it mid-run), their gloo collectives disagree and the job times
     out in its first cross-process step (seen in CI: `Gloo context initialization failed ... GetKeyValue() timed
     out`)."""
-    env = dict(os.environ if base is None else base)
-    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
-    settings = {
-        "JAX_COMPILATION_CACHE_DIR": cache_dir(),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_COMPILATION_CACHE_MAX_SIZE": str(CACHE_MAX_BYTES),
-    }
-    for key in settings:
-        env.pop(key, None)
-    if cache and cache_dir():
-        env.update(settings)
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+    for name, value in _cache_settings().items():
+        env.pop(name.upper(), None)
+        if cache and cache_dir():
+            env[name.upper()] = str(value)
     return env
 
 
@@ -63,6 +66,5 @@ def use_cache_in_this_process() -> None:
     import jax
 
     if cache_dir():
-        jax.config.update("jax_compilation_cache_dir", cache_dir())
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+        for name, value in _cache_settings().items():
+            jax.config.update(name, value)
