@@ -98,7 +98,7 @@ from support.gcs_emulator import gcs_emulator  # noqa: E402, F401 (a session fix
 
 # Under pytest-xdist (`-n 2 --dist loadgroup`, .ci/run), each module runs on one worker, so its module and session
 # fixtures are made once; modules that share an expensive session fixture share a worker.
-SHARED_WORKER = {"test_long_run": "test_train_loop", "test_multiprocess_long_run": "test_multiprocess_train"}
+SHARED_WORKER = {"test_long_run": "test_train_loop"}
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -2,9 +2,11 @@
 
 Two uninterrupted runs (shared by every test here) train the same 12 steps with data workers on, evaluation
 every 6 steps and checkpoints every 4; the data are 2 streams, so both process counts read the same global
-batches. The other tests stop, resume, re-evaluate or kill copies of these runs.
+batches. The other tests stop (SIGTERM, a hang, Ctrl-C), resume across process counts, re-evaluate or kill
+copies of these runs, and compare with them.
 """
 
+import glob
 import json
 import multiprocessing
 import os
@@ -20,7 +22,7 @@ import pytest
 from support import local_cluster
 from support.local_cluster import Cluster
 
-from lexvla_jax import build, cli, configlib, inference, sharding
+from lexvla_jax import build, cli, configlib, inference, sharding, watchdog
 from lexvla_jax.checkpoints import Checkpointer, VocabularyMismatch
 from lexvla_jax.data import pipeline
 from lexvla_jax.miniature import synthetic
@@ -115,68 +117,97 @@ def test_lexvla_eval_on_two_processes_writes_the_runs_final_evaluation(runs, dat
         assert table in cluster.output(0) and table not in cluster.output(1)
 
 
-def test_sigterm_to_one_process_stops_all_at_one_step_and_resumes_exactly(runs, data_dir, tmp_path):
-    workdir = str(tmp_path / "work")
+def test_sigterm_to_one_process_stops_all_at_one_step_then_resume_across_process_counts(runs, data_dir, tmp_path):
+    """Elastic resume both ways around a stop. The 1-process run's step-4 checkpoint continues on 2 processes; one
+    of them gets SIGTERM, then SIGTERM again while stopping: both stop at one step with a checkpoint and exit 0.
+    That checkpoint restores exactly onto 1 process × 8 devices and finishes there like the uninterrupted run: no
+    sample repeated or skipped, parameters within the cross-process summation tolerance."""
+    workdir = _copy(runs["one"], tmp_path)
+    _truncate(workdir, step=4)
     cluster = Cluster(workdir, data_dir, 2, 4, **EXTRA)
-    first = cluster.wait_for_checkpoint()
-    seconds = local_cluster.sigterm_then_wait(cluster, [1], timeout=STOP_SECONDS)
-    stops = [_stopped_at(cluster.output(i)) for i in range(2)]
-    assert stops[0] == stops[1] and first < stops[0] < STEPS, stops
-    assert cluster.wait() == [0, 0] and seconds < STOP_SECONDS
-    on_cadence = [s for s in range(4, stops[0], 4)]
-    assert local_cluster.saved_steps(workdir) == sorted({*on_cadence, stops[0]})  # one checkpoint for the stop
-
-    resumed = Cluster(workdir, data_dir, 2, 4, **EXTRA)
-    resumed.check()
-    assert f"resumed from step {stops[0]}" in resumed.output(0)
-    local_cluster.assert_bitwise_equal(
-        local_cluster.final_state(workdir, STEPS), local_cluster.final_state(runs["two"], STEPS)
-    )
-    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["two"])
-
-
-def test_sigterm_twice_to_all_processes_then_resume_on_one_process(runs, data_dir, tmp_path):
-    """Every process gets SIGTERM, then SIGTERM again while stopping; the 2-process checkpoint then resumes on
-    1 process × 8 devices: parameters restored exactly, no sample repeated or skipped."""
-    workdir = str(tmp_path / "work")
-    cluster = Cluster(workdir, data_dir, 2, 4, **EXTRA)
-    cluster.wait_for_checkpoint()
+    _wait_for(cluster, 0, r"resumed from step 4\b")
+    _wait_for(cluster, 0, r" 6/12 ")  # the first logged step after the resume
     start = time.time()
-    cluster.signal(signal.SIGTERM)
+    cluster.signal(signal.SIGTERM, [1])
     time.sleep(1.0)
-    cluster.signal(signal.SIGTERM)
-    assert cluster.wait(timeout=STOP_SECONDS) == [0, 0]
-    assert time.time() - start < STOP_SECONDS
+    cluster.signal(signal.SIGTERM, [1])
+    assert cluster.wait(timeout=STOP_SECONDS) == [0, 0] and time.time() - start < STOP_SECONDS
     stops = [_stopped_at(cluster.output(i)) for i in range(2)]
-    assert stops[0] == stops[1] < STEPS, stops
-    assert max(local_cluster.saved_steps(workdir)) == stops[0]
+    assert stops[0] == stops[1] and 6 <= stops[0] < STEPS, stops
+    stop = stops[0]
+    assert local_cluster.saved_steps(workdir) == sorted({*range(4, stop, 4), stop})  # one checkpoint for the stop
+    keys_one = local_cluster.sample_keys(runs["one"])
+    assert local_cluster.sample_keys(workdir) == {s: keys_one[s] for s in range(1, stop + 1)}
+    assert local_cluster.losses(workdir)[6] == pytest.approx(local_cluster.losses(runs["one"])[6], rel=1e-5)
 
-    _assert_restores_exactly_on_one_process(workdir, stops[0], data_dir)
+    _assert_restores_exactly_on_one_process(workdir, stop, data_dir)
     resumed = Cluster(workdir, data_dir, 1, 8, **EXTRA)
     resumed.check()
-    assert f"resumed from step {stops[0]}" in resumed.output(0)
+    assert f"resumed from step {stop}" in resumed.output(0)
     local_cluster.assert_close(_params(workdir), _params(runs["one"]), **PARAMS_TOL)
-    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["one"])
+    assert local_cluster.sample_keys(workdir) == keys_one
     losses = local_cluster.losses(workdir)
     np.testing.assert_allclose(
         [losses[s] for s in range(2, STEPS + 1, 2)], list(local_cluster.losses(runs["one"]).values()), rtol=1e-5
     )
 
 
-def test_one_process_checkpoint_resumes_on_two_processes(runs, data_dir, tmp_path):
-    """The 1-process run as it was at its step-4 checkpoint, continued by 2 processes."""
-    workdir = _copy(runs["one"], tmp_path)
-    _truncate(workdir, step=4)
+HANG_TIMEOUT = 5
+# After process 1 stops fetching: its watchdog's timeout, process 0's (it completes at most one more step), the
+# grace before exiting, and start-up slack on a loaded machine.
+HANG_EXIT_BOUND = HANG_TIMEOUT + watchdog.GRACE_SECONDS + 60
+
+
+def _wait_for(cluster: Cluster, process: int, pattern: str, timeout: float = 900) -> None:
+    """Until `pattern` is in the output of `process`; fails if any process of the cluster ended before."""
+    deadline = time.time() + timeout
+    while not re.search(pattern, cluster.output(process)):
+        assert time.time() < deadline, cluster.output(process)[-3000:]
+        assert all(p.poll() is None for p in cluster.procs), cluster.output(process)[-3000:]
+        time.sleep(0.05)
+
+
+def test_a_hang_stops_both_then_ctrl_c_stops_both_at_one_step_and_the_run_resumes_exactly(runs, data_dir, tmp_path):
+    """Process 1 stops fetching batches at step 5: both watchdogs dump their stacks and exit. Resumed, a terminal's
+    Ctrl-C stops both at one step with a checkpoint; resumed again, the run ends bit for bit as the uninterrupted
+    2-process run, with the same batches."""
+    workdir = str(tmp_path / "work")
+    hang = {"train.hang_timeout": HANG_TIMEOUT, "train.debug_hang": "(1,5)"}
+    hung = Cluster(workdir, data_dir, 2, 4, **EXTRA, **hang)
+    _wait_for(hung, 1, r"debug_hang: no batch for step 5")
+    hung_at = time.time()
+    assert hung.wait(timeout=HANG_EXIT_BOUND + 60) == [watchdog.EXIT_CODE, watchdog.EXIT_CODE]
+    assert time.time() - hung_at < HANG_EXIT_BOUND
+    for i in range(2):
+        out = hung.output(i)
+        assert f"process {i}: no training step completed for " in out and "Current thread" in out, out[-3000:]
+    assert "_debug_hang" in hung.output(1)  # the stuck frame is in process 1's dump
+    dumps = glob.glob(os.path.join(workdir, "hangs", "process-*.txt"))
+    assert sorted(os.path.basename(d).split("-")[1] for d in dumps) == ["0", "1"]
+
+    # Resumed, then Ctrl-C in the terminal before its first step (while compiling): SIGINT to every process of the
+    # job (trainers and data workers). Both stop after the first step, with a checkpoint.
+    interrupted = Cluster(workdir, data_dir, 2, 4, **EXTRA)
+    _wait_for(interrupted, 0, r"resumed from step 4\b")
+    for proc in interrupted.procs:  # started data workers (see test_long_run's Ctrl-C test)
+        local_cluster.wait_for_data_workers(proc.pid)
+    for proc in interrupted.procs:
+        for pid in [proc.pid, *local_cluster.children(proc.pid)]:
+            os.kill(pid, signal.SIGINT)
+    assert interrupted.wait(timeout=300) == [0, 0]
+    stops = [_stopped_at(interrupted.output(i)) for i in range(2)]
+    assert stops == [5, 5] and max(local_cluster.saved_steps(workdir)) == 5
+    for i in range(2):
+        assert f"process {i}: interrupted: stopping" in interrupted.output(i)
+        assert "Traceback" not in interrupted.output(i), interrupted.output(i)[-3000:]
+
     resumed = Cluster(workdir, data_dir, 2, 4, **EXTRA)
     resumed.check()
-    assert "resumed from step 4" in resumed.output(0)
-    local_cluster.assert_close(_params(workdir), _params(runs["one"]), **PARAMS_TOL)
-    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["one"])
-    np.testing.assert_allclose(
-        [local_cluster.losses(workdir)[s] for s in range(6, STEPS + 1, 2)],
-        [local_cluster.losses(runs["one"])[s] for s in range(6, STEPS + 1, 2)],
-        rtol=1e-5,
+    assert "resumed from step 5" in resumed.output(0)
+    local_cluster.assert_bitwise_equal(
+        local_cluster.final_state(workdir, STEPS), local_cluster.final_state(runs["two"], STEPS)
     )
+    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["two"])
 
 
 def _truncate(workdir: str, step: int) -> None:
