@@ -11,7 +11,7 @@ from flax import nnx
 from support import tiny_lexvla as tiny
 
 from lexvla_jax import optim
-from lexvla_jax.models import dinov2, layers
+from lexvla_jax.models import dinov2, layers, lexvla
 from lexvla_jax.models.split import SplitModel
 
 
@@ -36,7 +36,7 @@ def test_frozen_vision_tower_ignores_its_drop_path_rate():
 def test_weight_decay_mask_uses_each_layers_own_shape():
     """Stacked norms and biases (`[L, D]`) are vectors of L layers: no decay; stacked kernels (`[L, in, out]`),
     codebook rows and the adapter's matrices decay; the logit scale does not."""
-    params = nnx.state(nnx.eval_shape(tiny.tiny_model), nnx.Param)  # shapes decide
+    params = nnx.state(nnx.eval_shape(lambda: lexvla.LexVLA(tiny.tiny_config(), rngs=nnx.Rngs(0))), nnx.Param)  # shapes
     mask = optim.decay_mask()(params)
     flat = {"/".join(map(str, path)): (v, m) for (path, v), (_, m) in zip(
         nnx.to_flat_state(params), nnx.to_flat_state(mask), strict=True)}  # fmt: skip

@@ -168,13 +168,13 @@ def _wait_for(cluster: Cluster, process: int, pattern: str, timeout: float = 900
 
 
 def test_a_hang_stops_both_then_ctrl_c_stops_both_at_one_step_and_the_run_resumes_exactly(runs, data_dir, tmp_path):
-    """Process 1 stops fetching batches at step 5: both watchdogs dump their stacks and exit. Resumed, a terminal's
+    """Process 1 stops fetching batches at step 6: both watchdogs dump their stacks and exit. Resumed, a terminal's
     Ctrl-C stops both at one step with a checkpoint; resumed again, the run ends bit for bit as the uninterrupted
     2-process run, with the same batches."""
     workdir = str(tmp_path / "work")
-    hang = {"train.hang_timeout": HANG_TIMEOUT, "train.debug_hang": "(1,5)"}
+    hang = {"train.hang_timeout": HANG_TIMEOUT, "train.debug_hang": "(1,6)"}
     hung = Cluster(workdir, data_dir, 2, 4, **EXTRA, **hang)
-    _wait_for(hung, 1, r"debug_hang: no batch for step 5")
+    _wait_for(hung, 1, r"debug_hang: no batch for step 6")
     hung_at = time.time()
     assert hung.wait(timeout=HANG_EXIT_BOUND + 60) == [watchdog.EXIT_CODE, watchdog.EXIT_CODE]
     assert time.time() - hung_at < HANG_EXIT_BOUND
@@ -184,6 +184,7 @@ def test_a_hang_stops_both_then_ctrl_c_stops_both_at_one_step_and_the_run_resume
     assert "_debug_hang" in hung.output(1)  # the stuck frame is in process 1's dump
     dumps = glob.glob(os.path.join(workdir, "hangs", "process-*.txt"))
     assert sorted(os.path.basename(d).split("-")[1] for d in dumps) == ["0", "1"]
+    assert local_cluster.saved_steps(workdir) == [4]
 
     # Resumed, then Ctrl-C in the terminal before its first step (while compiling): SIGINT to every process of the
     # job (trainers and data workers). Both stop after the first step, with a checkpoint.

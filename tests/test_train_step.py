@@ -152,7 +152,7 @@ def test_gradient_accumulation_replays_dropout_keys():
     """
     graphdef, params, frozen, rest = tiny.split(tiny.tiny_model(drop_path_rate=0.3, lora_dropout=0.3))
     batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(8))
-    rng, num_micro = jax.random.key(0), 4
+    rng, num_micro = jax.random.key(0), 2
     model = tiny.split_model(graphdef)
 
     def direct_loss(p):
@@ -220,15 +220,27 @@ def _per_device_loss(mesh, s_img, s_txt, scale):
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=P()))(s_img, s_txt)
 
 
+SHARDED_BATCH_SEED = 3
+
+
+@pytest.fixture(scope="module")
+def single_device_step(setup):
+    """`(state, metrics)` of one train step of `setup` on one device."""
+    graphdef, params, frozen, rest, tx, schedule = setup
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    return _run_step_on(
+        mesh, params, frozen, rest, graphdef, tx, schedule, tiny.tiny_batch(16, seed=SHARDED_BATCH_SEED)
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 4, 2)], ids=["data8", "fsdp4xtensor2"])
-def test_sharded_step_equals_single_device(setup, mesh_shape):
+def test_sharded_step_equals_single_device(setup, single_device_step, mesh_shape):
     graphdef, params, frozen, rest, tx, schedule = setup
-    batch = tiny.tiny_batch(16, seed=3)
-    args = (params, frozen, rest, graphdef, tx, schedule, batch)
-    ref_state, ref_metrics = _run_step_on(sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), *args)
+    batch = tiny.tiny_batch(16, seed=SHARDED_BATCH_SEED)
+    ref_state, ref_metrics = single_device_step
     mesh = sharding.make_mesh(mesh_shape)
-    state, metrics = _run_step_on(mesh, *args)
+    state, metrics = _run_step_on(mesh, params, frozen, rest, graphdef, tx, schedule, batch)
     # The parameters really are split on the mesh.
     kernel = state.params["adapter"]["fc1"]["kernel"][...]
     assert len(kernel.sharding.device_set) > 1

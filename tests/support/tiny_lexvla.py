@@ -1,5 +1,7 @@
 """A tiny LexVLA, its optimiser and deterministic batches, shared by the step and sharding tests."""
 
+import functools
+
 import jax
 import ml_collections
 import numpy as np
@@ -44,13 +46,19 @@ def tiny_config(remat: str = "none", drop_path_rate: float = 0.0, lora_dropout: 
 
 
 def tiny_model(seed: int = 0, **config) -> lexvla.LexVLA:
-    """A tiny LexVLA; `config` goes to `tiny_config` (remat, drop_path_rate, lora_dropout)."""
-    model = lexvla.LexVLA(tiny_config(**config), rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    """A tiny LexVLA, a new one each call; `config` goes to `tiny_config` (remat, drop_path_rate, lora_dropout)."""
+    return nnx.merge(*_initial(seed, tiny_config(**config)), copy=True)
+
+
+@functools.cache
+def _initial(seed: int, config: lexvla.LexVLAConfig):
+    """The split of a freshly initialised model (made once per session and config: an eager init takes ~10 s)."""
+    model = lexvla.LexVLA(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     # LoRA B starts at zero; give it values so LoRA gradients are not trivially tied to A's.
     for _, node in nnx.iter_graph(model):
         if hasattr(node, "lora_b"):
             node.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(7), node.lora_b[...].shape)
-    return model
+    return nnx.split(model)
 
 
 def tiny_batch(batch_size: int = 16, seed: int = 0, length: int = 12) -> dict[str, np.ndarray]:
