@@ -132,37 +132,37 @@ def recorded_parts(out, ledgers: dict, compress: bool) -> dict[str, tuple[int, i
 
 @pytest.fixture(scope="session")
 def encoded(trained, tmp_path_factory):
-    """The collection encoded by 1 process × 8 devices and by 2 × 4 (gzip parts), each SIGKILLed once every
+    """The collection encoded by 1 process × 8 devices in one go, and by 2 × 4 (gzip parts) SIGKILLed once every
     process had recorded a part, then run again to the end; the recorded parts' inodes and mtimes at the kill and
     after the rerun."""
     root = tmp_path_factory.mktemp("encoded")
-    result = {}
-    for name, processes, devices, args in (("one", 1, 8, ()), ("two", 2, 4, ("--gzip",))):
-        out = root / name
-        ledgers = kill_after_first_parts(start_encode(trained, out, processes, devices, *args), out, processes)
-        kept = recorded_parts(out, ledgers, bool(args))
-        outputs = finish(start_encode(trained, out, processes, devices, *args))
-        result[name] = {"out": str(out), "killed_ledgers": ledgers, "outputs": outputs, "recorded_at_kill": kept,
-                        "recorded_after_rerun": recorded_parts(out, ledgers, bool(args))}  # fmt: skip
+    one, two = root / "one", root / "two"
+    result = {"one": {"out": str(one), "outputs": finish(start_encode(trained, one, 1, 8))}}
+    ledgers = kill_after_first_parts(start_encode(trained, two, 2, 4, "--gzip"), two, 2)
+    kept = recorded_parts(two, ledgers, True)
+    outputs = finish(start_encode(trained, two, 2, 4, "--gzip"))
+    result["two"] = {"out": str(two), "killed_ledgers": ledgers, "outputs": outputs, "recorded_at_kill": kept,
+                     "recorded_after_rerun": recorded_parts(two, ledgers, True)}  # fmt: skip
     return result
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_encode_what_one_does_after_kill_and_resume(encoded):
+    ledgers, outputs = encoded["two"]["killed_ledgers"], encoded["two"]["outputs"]
+    assert all(not ledger["finished"] and 1 <= ledger["parts"] for ledger in ledgers.values()), ledgers
+    # A resume, not a restart: the parts the ledgers recorded are the same files, untouched, and each process read
+    # on from its ledger's data position (the rerun encoded only what the ledgers did not hold).
+    kept = encoded["two"]["recorded_at_kill"]
+    assert len(kept) == sum(ledger["parts"] for ledger in ledgers.values())
+    assert encoded["two"]["recorded_after_rerun"] == kept
+    for p, ledger in ledgers.items():
+        resumed = f"images: process {p} resumes after its {ledger['parts']} recorded parts ({ledger['vectors']} "
+        assert resumed in outputs[p], outputs[p][-3000:]
+    rest = 600 - sum(ledger["vectors"] for ledger in ledgers.values())
+    assert f"images: 600 vectors ({rest} this run), " in outputs[0], outputs[0][-3000:]
+    assert "images: 600 vectors (600 this run), " in encoded["one"]["outputs"][0]
     for name in ("one", "two"):
-        ledgers, outputs = encoded[name]["killed_ledgers"], encoded[name]["outputs"]
-        assert all(not ledger["finished"] and 1 <= ledger["parts"] for ledger in ledgers.values()), ledgers
-        # A resume, not a restart: the parts the ledgers recorded are the same files, untouched, and each process
-        # read on from its ledger's data position (the rerun encoded only what the ledgers did not hold).
-        kept = encoded[name]["recorded_at_kill"]
-        assert len(kept) == sum(ledger["parts"] for ledger in ledgers.values())
-        assert encoded[name]["recorded_after_rerun"] == kept
-        for p, ledger in ledgers.items():
-            resumed = f"images: process {p} resumes after its {ledger['parts']} recorded parts ({ledger['vectors']} "
-            assert resumed in outputs[p], outputs[p][-3000:]
-        rest = 600 - sum(ledger["vectors"] for ledger in ledgers.values())
-        assert f"images: 600 vectors ({rest} this run), " in outputs[0], outputs[0][-3000:]
         meta = json.loads((epath.Path(encoded[name]["out"]) / "meta.json").read_text())
         assert meta["kinds"]["images"]["vectors"] == 600 and meta["kinds"]["texts"]["vectors"] == 3
         assert meta["kinds"]["texts"]["skipped"] == {"malformed_line": 1, "empty_text": 1, "non_utf8_text": 0}
