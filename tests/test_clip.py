@@ -175,10 +175,11 @@ def test_sharded_load_matches_and_is_sharded(variant, size, checkpoint):
         assert name == name_ref and len(a[...].sharding.device_set) == 8
         np.testing.assert_array_equal(a[...], b[...], err_msg=str(name))
     pixels = jnp.asarray(_pixels(4, size))
+    forward = nnx.jit(lambda m, x: m(x))
     with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
-        out = nnx.jit(lambda m, x: m(x))(model, pixels)
+        out = forward(model, pixels)
     assert out.last_hidden_state.sharding.spec[0] == ("data", "fsdp")
-    expected = reference(pixels)
+    expected = forward(reference, pixels)
     np.testing.assert_allclose(out.last_hidden_state, expected.last_hidden_state, atol=1e-5)
     np.testing.assert_allclose(out.pooler_output, expected.pooler_output, atol=1e-5)
 

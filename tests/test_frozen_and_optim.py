@@ -15,10 +15,11 @@ from lexvla_jax.models import dinov2, layers, lexvla
 from lexvla_jax.models.split import SplitModel
 
 
-def _images(model, params, frozen, rest, seed):
+def _images(graphdef, params, frozen, rest, seed):
+    """The image vectors of a training-mode (`deterministic=False`) pass with key `seed`, compiled as one program."""
     batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(4))
-    s_img, _ = SplitModel(model).encode(params, frozen, rest, batch, jax.random.key(seed), deterministic=False)
-    return np.asarray(s_img)
+    encode = jax.jit(lambda *args: SplitModel(graphdef).encode(*args, deterministic=False)[0])
+    return np.asarray(encode(params, frozen, rest, batch, jax.random.key(seed)))
 
 
 @pytest.mark.slow

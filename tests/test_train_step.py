@@ -249,9 +249,10 @@ def test_sharded_step_equals_single_device(setup, single_device_step, mesh_shape
     # The check can fail: a loss computed per device over its own rows (InfoNCE with only local negatives,
     # penalties of local statistics) is far from the global loss the step reports.
     model = tiny.split_model(graphdef)
-    s_img, s_txt = model.encode(params, frozen, rest, jax.tree.map(jnp.asarray, batch), None, deterministic=True)
+    encode = jax.jit(lambda *args: model.encode(*args, None, deterministic=True))  # one program, not op by op
+    s_img, s_txt = encode(params, frozen, rest, jax.tree.map(jnp.asarray, batch))
     scale = model.logit_scale(params, frozen, rest)
-    np.testing.assert_allclose(_loss(s_img, s_txt, scale), ref_metrics["loss"], rtol=2e-5)
+    np.testing.assert_allclose(jax.jit(_loss)(s_img, s_txt, scale), ref_metrics["loss"], rtol=2e-5)
     per_device = float(_per_device_loss(mesh, s_img, s_txt, scale))
     print(f"\n{mesh_shape}: global loss {float(metrics['loss']):.4f}, per-device loss {per_device:.4f}")
     assert abs(per_device - float(metrics["loss"])) > 0.2 * float(metrics["loss"])
