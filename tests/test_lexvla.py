@@ -27,11 +27,6 @@ def model(hf_dirs):
     return build.build_model(tiny_hf.lexvla_config(vision_dir, text_dir), sharding.make_mesh((2, 2, 2)), KEPT)
 
 
-def _jit(fn):
-    """`fn(model, *arrays)` compiled as one program (op by op, the sharded tiny model takes ~5 s a call)."""
-    return nnx.jit(fn)
-
-
 def test_codebooks_are_the_kept_lm_head_rows(hf_dirs, model):
     lm_head = hf_dirs[3].lm_head.weight.detach().numpy()
     np.testing.assert_array_equal(np.asarray(model.text_codebook[...]), lm_head[KEPT])
@@ -43,11 +38,13 @@ def test_towers_are_the_checkpoints(hf_dirs, model):
     _, _, vision, text = hf_dirs
     pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     theirs = vision(torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state.detach().numpy()
-    ours = np.asarray(_jit(lambda m, x: m.vision(x).last_hidden_state)(model, jnp.asarray(pixels)))
+    ours = np.asarray(nnx.jit(lambda m, x: m.vision(x).last_hidden_state)(model, jnp.asarray(pixels)))
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     ids = np.array([[1, 7, 9, 11]])
     theirs = text(torch.from_numpy(ids), output_hidden_states=True).hidden_states[-1].detach().numpy()
-    ours = np.asarray(_jit(lambda m, x: m.text(x).last_hidden_state)(model, jnp.asarray(ids)))  # LoRA B = 0: the base
+    ours = np.asarray(
+        nnx.jit(lambda m, x: m.text(x).last_hidden_state)(model, jnp.asarray(ids))
+    )  # LoRA B = 0: the base
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
@@ -55,7 +52,7 @@ def test_text_vector_is_read_at_the_last_real_token(hf_dirs, model):
     _, _, _, text = hf_dirs
     ids = np.array([[1, 7, 9, 11, 0, 0], [1, 4, 4, 4, 4, 2]])
     mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    s = np.asarray(_jit(lambda m, i, a: m.encode_text(i, a))(model, jnp.asarray(ids), jnp.asarray(mask)))
+    s = np.asarray(nnx.jit(lambda m, i, a: m.encode_text(i, a))(model, jnp.asarray(ids), jnp.asarray(mask)))
     hidden = text(torch.from_numpy(ids[:1, :4]), output_hidden_states=True).hidden_states[-1][0, -1].detach().numpy()
     lm_head = text.lm_head.weight.detach().numpy()[KEPT]
     expected = np.asarray(lexical.l2_normalize(lexical.elu1p(jnp.asarray(lm_head @ hidden))))
@@ -66,10 +63,10 @@ def test_text_vector_is_read_at_the_last_real_token(hf_dirs, model):
 
 def test_image_vector_pools_patches_only(model):
     pixels = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
-    per_patch = _jit(lambda m, x: m.patch_lexical(x, normalize=False))(model, pixels)
+    per_patch = nnx.jit(lambda m, x: m.patch_lexical(x, normalize=False))(model, pixels)
     assert per_patch.shape == (2, 16, len(KEPT))  # a 4×4 grid: CLS excluded
     pooled = lexical.l2_normalize(per_patch.max(axis=1))
-    np.testing.assert_allclose(np.asarray(_jit(lambda m, x: m.encode_image(x))(model, pixels)), pooled, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m.encode_image(x))(model, pixels)), pooled, atol=1e-5)
 
 
 def test_logit_scale_is_clamped(model):

@@ -48,6 +48,10 @@ EXTRA = {
 # most 2.5e-6 after 12 steps); 1e-5 is 1/300 of one AdamW step at the peak learning rate 3e-3.
 PARAMS_TOL = dict(rtol=1e-4, atol=1e-5)
 STOP_SECONDS = 120  # a stopped run must have checkpointed and exited within this after the signal
+HANG_TIMEOUT = 5
+# After process 1 stops fetching: its watchdog's timeout, process 0's (it completes at most one more step), the
+# grace before exiting, and start-up slack on a loaded machine.
+HANG_EXIT_BOUND = HANG_TIMEOUT + watchdog.GRACE_SECONDS + 60
 
 
 @pytest.fixture(scope="session")
@@ -125,8 +129,8 @@ def test_sigterm_to_one_process_stops_all_at_one_step_then_resume_across_process
     workdir = _copy(runs["one"], tmp_path)
     _truncate(workdir, step=4)
     cluster = Cluster(workdir, data_dir, 2, 4, **EXTRA)
-    _wait_for(cluster, 0, r"resumed from step 4\b")
-    _wait_for(cluster, 0, r" 6/12 ")  # the first logged step after the resume
+    cluster.wait_for_output(0, r"resumed from step 4\b")
+    cluster.wait_for_output(0, r" 6/12 ")  # the first logged step after the resume
     start = time.time()
     cluster.signal(signal.SIGTERM, [1])
     time.sleep(1.0)
@@ -136,35 +140,17 @@ def test_sigterm_to_one_process_stops_all_at_one_step_then_resume_across_process
     assert stops[0] == stops[1] and 6 <= stops[0] < STEPS, stops
     stop = stops[0]
     assert local_cluster.saved_steps(workdir) == sorted({*range(4, stop, 4), stop})  # one checkpoint for the stop
-    keys_one = local_cluster.sample_keys(runs["one"])
-    assert local_cluster.sample_keys(workdir) == {s: keys_one[s] for s in range(1, stop + 1)}
-    assert local_cluster.losses(workdir)[6] == pytest.approx(local_cluster.losses(runs["one"])[6], rel=1e-5)
 
     _assert_restores_exactly_on_one_process(workdir, stop, data_dir)
     resumed = Cluster(workdir, data_dir, 1, 8, **EXTRA)
     resumed.check()
     assert f"resumed from step {stop}" in resumed.output(0)
     local_cluster.assert_close(_params(workdir), _params(runs["one"]), **PARAMS_TOL)
-    assert local_cluster.sample_keys(workdir) == keys_one
+    assert local_cluster.sample_keys(workdir) == local_cluster.sample_keys(runs["one"])  # steps 1-4, 5-stop, the rest
     losses = local_cluster.losses(workdir)
     np.testing.assert_allclose(
         [losses[s] for s in range(2, STEPS + 1, 2)], list(local_cluster.losses(runs["one"]).values()), rtol=1e-5
     )
-
-
-HANG_TIMEOUT = 5
-# After process 1 stops fetching: its watchdog's timeout, process 0's (it completes at most one more step), the
-# grace before exiting, and start-up slack on a loaded machine.
-HANG_EXIT_BOUND = HANG_TIMEOUT + watchdog.GRACE_SECONDS + 60
-
-
-def _wait_for(cluster: Cluster, process: int, pattern: str, timeout: float = 900) -> None:
-    """Until `pattern` is in the output of `process`; fails if any process of the cluster ended before."""
-    deadline = time.time() + timeout
-    while not re.search(pattern, cluster.output(process)):
-        assert time.time() < deadline, cluster.output(process)[-3000:]
-        assert all(p.poll() is None for p in cluster.procs), cluster.output(process)[-3000:]
-        time.sleep(0.05)
 
 
 def test_a_hang_stops_both_then_ctrl_c_stops_both_at_one_step_and_the_run_resumes_exactly(runs, data_dir, tmp_path):
@@ -174,7 +160,7 @@ def test_a_hang_stops_both_then_ctrl_c_stops_both_at_one_step_and_the_run_resume
     workdir = str(tmp_path / "work")
     hang = {"train.hang_timeout": HANG_TIMEOUT, "train.debug_hang": "(1,6)"}
     hung = Cluster(workdir, data_dir, 2, 4, **EXTRA, **hang)
-    _wait_for(hung, 1, r"debug_hang: no batch for step 6")
+    hung.wait_for_output(1, r"debug_hang: no batch for step 6")
     hung_at = time.time()
     assert hung.wait(timeout=HANG_EXIT_BOUND + 60) == [watchdog.EXIT_CODE, watchdog.EXIT_CODE]
     assert time.time() - hung_at < HANG_EXIT_BOUND
@@ -189,7 +175,7 @@ def test_a_hang_stops_both_then_ctrl_c_stops_both_at_one_step_and_the_run_resume
     # Resumed, then Ctrl-C in the terminal before its first step (while compiling): SIGINT to every process of the
     # job (trainers and data workers). Both stop after the first step, with a checkpoint.
     interrupted = Cluster(workdir, data_dir, 2, 4, **EXTRA)
-    _wait_for(interrupted, 0, r"resumed from step 4\b")
+    interrupted.wait_for_output(0, r"resumed from step 4\b")
     for proc in interrupted.procs:  # started data workers (see test_long_run's Ctrl-C test)
         local_cluster.wait_for_data_workers(proc.pid)
     for proc in interrupted.procs:

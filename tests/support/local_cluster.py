@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -168,14 +169,13 @@ class Cluster:
         with open(self.log_paths[process]) as f:
             return f.read()
 
-    def wait_for_checkpoint(self, timeout: float = 900) -> int:
-        """Blocks until the first checkpoint exists; returns its step."""
+    def wait_for_output(self, process: int, pattern: str, timeout: float = 900) -> None:
+        """Blocks until `pattern` is in the output of `process`; fails if any process ended before."""
         deadline = time.time() + timeout
-        while not saved_steps(self.workdir):
-            assert time.time() < deadline, f"no checkpoint after {timeout} s:\n{self.output(0)[-3000:]}"
-            assert all(p.poll() is None for p in self.procs), f"a process ended early:\n{self.output(0)[-3000:]}"
+        while not re.search(pattern, self.output(process)):
+            assert time.time() < deadline, f"no {pattern!r} after {timeout} s:\n{self.output(process)[-3000:]}"
+            assert all(p.poll() is None for p in self.procs), f"a process ended early:\n{self.output(process)[-3000:]}"
             time.sleep(0.05)
-        return min(saved_steps(self.workdir))
 
 
 def saved_steps(workdir) -> list[int]:
@@ -258,14 +258,6 @@ def truncate_sample_keys(workdir, step: int) -> None:
             kept = [line for line in f if json.loads(line)["step"] <= step]
         with open(path, "w") as f:
             f.writelines(kept)
-
-
-def sigterm_then_wait(cluster: Cluster, processes, timeout: float) -> float:
-    """Sends SIGTERM to `processes` of `cluster` and returns the seconds until all processes exited."""
-    start = time.time()
-    cluster.signal(signal.SIGTERM, processes)
-    cluster.wait(timeout)
-    return time.time() - start
 
 
 def children(pid: int) -> list[int]:
