@@ -66,15 +66,16 @@ def start_encode(trained, out, processes: int, devices: int, *args) -> list[tupl
     command = [sys.executable, "-m", "lexvla_jax.cli", "encode", *config_args(data_dir), "--workdir", workdir]
     command += ["--images", os.path.join(data_dir, "train"), "--texts", texts, "--out", str(out)]
     command += ["--part-size", str(PART_SIZE), *args]
-    env = xla_env.cpu_env(devices, cache=processes == 1)
+    shared = {}
     if processes > 1:
         command.append("--config.dist.mode=explicit")
-        env.update(LEXVLA_COORDINATOR=f"127.0.0.1:{local_cluster.free_port()}", LEXVLA_NUM_PROCESSES=str(processes))
+        shared = dict(LEXVLA_COORDINATOR=f"127.0.0.1:{local_cluster.free_port()}", LEXVLA_NUM_PROCESSES=str(processes))
     runs = []
     for i in range(processes):
         log = f"{out}.log{i}"
+        env = xla_env.cpu_env(devices, job_process=("encode", i) if processes > 1 else None)
         with open(log, "w") as f:
-            proc = subprocess.Popen(command, env={**env, "LEXVLA_PROCESS_ID": str(i)}, stdout=f,
+            proc = subprocess.Popen(command, env={**env, **shared, "LEXVLA_PROCESS_ID": str(i)}, stdout=f,
                                     stderr=subprocess.STDOUT, cwd=local_cluster.REPO)  # fmt: skip
         runs.append((proc, log))
     return runs

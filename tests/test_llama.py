@@ -311,11 +311,11 @@ def test_training_split_freezes_all_but_lora(lora_loaded):
     assert np.abs(all_grads[("embed_tokens",)]).max() > 0
 
     # The optimiser holds moments for the LoRA weights only, and its step moves every one of them.
-    state = program.init_state(params)
+    state = jax.jit(program.init_state)(params)  # one program each, not op by op
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]  # the rest are step counts
     assert len(moments) == 2 * len(trained)  # AdamW's mu and nu
-    updates, _ = program.tx.update(grads, state.opt_state, params)
-    after = _flat_numpy(optax.apply_updates(params, updates))
+    update = jax.jit(lambda g, opt_state, p: optax.apply_updates(p, program.tx.update(g, opt_state, p)[0]))
+    after = _flat_numpy(update(grads, state.opt_state, params))
     assert not any(np.array_equal(trained[p], after[p]) for p in trained)
 
 

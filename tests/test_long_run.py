@@ -27,6 +27,7 @@ from lexvla_jax.configlib import ConfigError
 
 STEPS = local_cluster.STEPS
 HANG = {"train.hang_timeout": 5}  # seconds without a step; start-up and checkpoints get hang_timeout_slow
+WORKER = {"data.num_workers": 1}  # a data worker process, which Ctrl-C reaches too
 
 
 def _start(workdir, data_dir, env, **extra) -> tuple[int, str]:
@@ -117,7 +118,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_second_exits_at_once(data_dir, env
     """Ctrl-C (SIGINT to the process group, data worker included) stops after the step with a checkpoint, no
     traceback and no leaked shared memory; resumed, two Ctrl-Cs exit at once and the checkpoints still read."""
     workdir = str(tmp_path / "work")
-    proc, log = _popen(workdir, data_dir, env)
+    proc, log = _popen(workdir, data_dir, env, **WORKER)
     _wait_for(proc, log, r"\] 8/24 ")
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=300) == 0
@@ -128,7 +129,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_second_exits_at_once(data_dir, env
         assert bad not in out, out[-3000:]
     assert max(local_cluster.saved_steps(workdir)) == stopped < STEPS
 
-    proc, log = _popen(workdir, data_dir, env)
+    proc, log = _popen(workdir, data_dir, env, **WORKER)
     _wait_for(proc, log, rf"resumed from step {stopped}")
     # A Ctrl-C while a data worker is still importing shows that worker's KeyboardInterrupt traceback (a known
     # start-up window of a second or two): the Ctrl-Cs come once it has started.

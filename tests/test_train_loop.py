@@ -68,7 +68,6 @@ def test_the_model_learns(data_dir, tmp_path):
         "optim.learning_rate": 3e-3,
         "optim.warmup_steps": 20,
         "checkpoint.every_steps": 200,
-        "data.num_workers": 0,
         "train.final_eval": True,
     }
     config = configlib.load_config(local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **extra))
@@ -87,7 +86,7 @@ def test_the_model_learns(data_dir, tmp_path):
 
 def _terminate(workdir, data_dir, env):
     """Starts a run and sends SIGTERM to the trainer once its first checkpoint exists → (steps saved, output, exit
-    code); the trainer must checkpoint, stop its data worker and exit cleanly."""
+    code); the trainer must checkpoint and exit cleanly (with a data worker: tests/test_multiprocess_train.py)."""
     log = open(os.path.join(os.path.dirname(workdir), "terminated.log"), "w+")
     proc = subprocess.Popen(
         local_cluster.command(workdir, data_dir), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -192,7 +191,6 @@ def test_throughput_leaves_out_evaluation_and_checkpoint_time(data_dir, tmp_path
         "checkpoint.every_steps": 2,
         "evals.retrieval.every_steps": 2,
         "train.show_top_words": 0,
-        "data.num_workers": 0,
     }
     config = configlib.load_config(local_cluster.TINY_CONFIG, local_cluster.overrides(data_dir, **extra))
     del config.evals["patchdis"]

@@ -232,7 +232,6 @@ def test_variant_trains_a_few_steps(name, data_dir, tmp_path, monkeypatch):
         "train.log_every": 1,
         "train.show_top_words": 0,
         "checkpoint.every_steps": STEPS,
-        "data.num_workers": 0,
         "train.final_eval": True,
         "model.text_checkpoint": "",  # from scratch, whatever the tiny base loads
         "model.vision_checkpoint": "",

@@ -42,8 +42,8 @@ def make_data(root: str, seed: int = 1) -> str:
 
 
 def overrides(data_dir: str, **extra) -> list[str]:
-    """The tiny config cut down to seconds per step (1 layer per tower, 32 px, batch 16, no final evaluation), then
-    `extra`."""
+    """The tiny config cut down to seconds per step (1 layer per tower, 32 px, batch 16, no final evaluation, data
+    read in the trainer's process), then `extra`."""
     values = {
         "miniature.synthetic.dir": data_dir,
         "data.train_shards": os.path.join(data_dir, "train"),
@@ -51,6 +51,8 @@ def overrides(data_dir: str, **extra) -> list[str]:
         "data.tokenizer": os.path.join(data_dir, "tokenizer.model"),
         "data.image_size": 32,
         "data.shuffle_buffer": 50,
+        # A data worker process costs ~4 s of CPU a start; the tests of workers (signals, exact resume) turn it on.
+        "data.num_workers": 0,
         "model.vision.image_size": 32,
         "model.vision.num_hidden_layers": 1,
         "model.text.num_hidden_layers": 1,
@@ -122,18 +124,20 @@ class Cluster:
 
     def __init__(self, workdir, data_dir, num_processes: int, devices: int, *, command_name: str = "train", **extra):
         self.workdir = str(workdir)
-        env = xla_env.cpu_env(devices, cache=num_processes == 1)
+        shared = {}
         if num_processes > 1:
             extra = {"dist.mode": "explicit", **extra}
-            env.update(LEXVLA_COORDINATOR=f"127.0.0.1:{free_port()}", LEXVLA_NUM_PROCESSES=str(num_processes))
+            shared = dict(LEXVLA_COORDINATOR=f"127.0.0.1:{free_port()}", LEXVLA_NUM_PROCESSES=str(num_processes))
         self.log_paths = [f"{self.workdir}.log{i}" for i in range(num_processes)]
         self.procs = []
         for i, log_path in enumerate(self.log_paths):
+            own_cache = (command_name, i) if num_processes > 1 else None
+            env = {**xla_env.cpu_env(devices, job_process=own_cache), **shared, "LEXVLA_PROCESS_ID": str(i)}
             with open(log_path, "w") as log:
                 self.procs.append(
                     subprocess.Popen(
                         command(workdir, data_dir, command_name=command_name, **extra),
-                        env={**env, "LEXVLA_PROCESS_ID": str(i)},
+                        env=env,
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         cwd=REPO,

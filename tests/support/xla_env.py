@@ -3,8 +3,8 @@
 A whole `lexvla train` or `lexvla encode` of the tests' cut-down config is mostly XLA compilation on a CPU (about
 20 of its 30 s), and the suite starts dozens of them with the same few programs. They share JAX's persistent
 compilation cache: one directory per test session (`$LEXVLA_TEST_XLA_CACHE`, made by conftest.py unless set; `off`
-turns it off), used by the pytest processes and by the single-process subprocesses started with `cpu_env`
-(multi-process jobs compile for themselves: see `cpu_env`).
+turns it off), used by the pytest processes and by the subprocesses started with `cpu_env`; each process of a
+multi-process job reads and writes a cache of its own (see `cpu_env`).
 
 With 2+ CPU devices in a process, an executable read back from the cache deadlocks in its first collective under
 XLA:CPU's default, concurrency-optimised scheduler (jaxlib 0.10.2: the two devices wait in different all-gathers,
@@ -35,28 +35,34 @@ def xla_flags(devices: int) -> str:
     return f"--xla_force_host_platform_device_count={devices} {SCHEDULER_FLAG}"
 
 
-def _cache_settings() -> dict:
-    """JAX's config values that point a process at the session's cache (their environment variables are the same
-    names in capitals)."""
+def _cache_settings(directory: str | None) -> dict:
+    """JAX's config values that point a process at the cache in `directory` (their environment variables are the
+    same names in capitals)."""
     return {
-        "jax_compilation_cache_dir": cache_dir(),
+        "jax_compilation_cache_dir": directory,
         "jax_persistent_cache_min_compile_time_secs": 0.0,
         "jax_compilation_cache_max_size": CACHE_MAX_BYTES,
     }
 
 
-def cpu_env(devices: int, *, cache: bool = True) -> dict[str, str]:
+def cpu_env(devices: int, *, job_process: tuple[str, int] | None = None) -> dict[str, str]:
     """The environment of a JAX subprocess on `devices` CPU devices: this process's with the suite's XLA flags and,
-    when this session has one and `cache`, its compilation cache.
+    when this session has one, its compilation cache.
 
-    Pass `cache=False` for the processes of a multi-process job: when one process compiles a program while another
-    reads it back from the cache (the first writes it mid-run), their gloo collectives disagree and the job times
-    out in its first cross-process step (seen in CI: `Gloo context initialization failed ... GetKeyValue() timed
-    out`)."""
+    A process of a multi-process job passes `job_process=(job, index)` and gets a cache of its own,
+    `<cache>/<job>/process<index>`. Its processes must all find a program in their caches or all compile it: when
+    one reads a program back while another compiles it, the first waits in the job's first collective for longer
+    than gloo's key-value timeout (seen in CI with one shared cache: `Gloo context initialization failed ...
+    GetKeyValue() timed out`). With a cache per process, the processes of a job see the same hits, because every
+    launch of `job` compiles the same programs in every process. Launches of one `job` must not overlap in time."""
     env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
-    for name, value in _cache_settings().items():
+    directory = cache_dir()
+    if directory and job_process is not None:
+        job, index = job_process
+        directory = os.path.join(directory, job, f"process{index}")
+    for name, value in _cache_settings(directory).items():
         env.pop(name.upper(), None)
-        if cache and cache_dir():
+        if directory:
             env[name.upper()] = str(value)
     return env
 
@@ -66,5 +72,5 @@ def use_cache_in_this_process() -> None:
     import jax
 
     if cache_dir():
-        for name, value in _cache_settings().items():
+        for name, value in _cache_settings(cache_dir()).items():
             jax.config.update(name, value)
