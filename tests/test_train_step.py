@@ -1,6 +1,5 @@
 """The train step: what trains, gradient accumulation, non-finite skipping, and sharded == single device."""
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -58,22 +57,20 @@ def test_only_trainable_parameters_get_gradients(setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh_shape", [None, (8, 1, 1), (2, 4, 1)], ids=["one_device", "data8", "data2xfsdp4"])
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)], ids=["data8", "data2xfsdp4"])
 def test_gradient_accumulation_matches_one_batch(setup, mesh_shape):
-    """GradCache with 4 strided micro-batches equals one pass, also with the batch split over a mesh."""
+    """GradCache with 4 strided micro-batches equals one pass, with the batch split over a mesh (data-parallel, and
+    data × FSDP)."""
     graphdef, params, frozen, rest, *_ = setup
     model = tiny.split_model(graphdef)
     batch = jax.tree.map(jnp.asarray, tiny.tiny_batch(16))
     rng = jax.random.key(0)
-    context = contextlib.nullcontext
-    if mesh_shape is not None:
-        mesh = sharding.make_mesh(mesh_shape)
-        batch = jax.device_put(batch, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
-        context = functools.partial(sharding.use_mesh_rules, mesh, sharding.DEFAULT_RULES)
+    mesh = sharding.make_mesh(mesh_shape)
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
 
     def run(num_micro):
         fn = functools.partial(step_lib.loss_and_grads, model, tiny.loss_config(), num_micro)
-        with context():
+        with sharding.use_mesh_rules(mesh, sharding.DEFAULT_RULES):
             return jax.jit(fn)(params, frozen, rest, batch, rng, jnp.int32(0))
 
     (loss1, metrics1), grads1 = run(1)
