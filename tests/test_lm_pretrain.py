@@ -180,7 +180,8 @@ def test_short_pretraining_names_the_captions_content_words(synthetic_text, prom
     # after 150 steps, against 6.26 trained without it (it starts at log 512 ≈ 6.2).
     assert config.miniature.lm.z_loss > 0
     batch = prompt.batch(held_out)
-    logits = model(batch["input_ids"], batch["attention_mask"]).logits[np.arange(len(held_out)), batch["last_index"]]
+    forward = nnx.jit(lambda m, ids, mask: m(ids, mask).logits)  # one program, not op by op
+    logits = forward(model, batch["input_ids"], batch["attention_mask"])[np.arange(len(held_out)), batch["last_index"]]
     assert float(jax.nn.logsumexp(logits, axis=-1).mean()) < 5.2
 
     # What stage 2 loads: the saved directory, in transformers and in our loader, predicts the same.
