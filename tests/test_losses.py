@@ -249,9 +249,9 @@ def np_lexvla(s_img, s_txt, scale, lam_img, lam_txt, penalty, ramp=1.0):
 def test_lexvla_loss_sums_terms_and_reports_metrics(penalty):
     rng = np.random.default_rng(6)
     s_img, s_txt = lexical(rng, 8, 25), lexical(rng, 8, 25)
-    loss, metrics = losses.lexvla_loss(
-        jnp.asarray(s_img), jnp.asarray(s_txt), 5.0, lambda_img=0.3, lambda_txt=0.1, penalty=penalty
-    )
+    loss, metrics = jax.jit(  # one program, not op by op
+        lambda a, b: losses.lexvla_loss(a, b, 5.0, lambda_img=0.3, lambda_txt=0.1, penalty=penalty)
+    )(jnp.asarray(s_img), jnp.asarray(s_txt))
     pen = np_overuse if penalty == "overuse" else np_flops
     np.testing.assert_allclose(float(loss), np_lexvla(s_img, s_txt, 5.0, 0.3, 0.1, penalty), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss))

@@ -88,8 +88,9 @@ def test_unknown_variant_base_is_one_line():
 def test_qflops_loss_is_the_flops_penalty():
     config = configlib.load_config(os.path.join(VARIANTS, "qflops.py") + ":tiny")
     s_img, s_txt = (jax.nn.relu(jax.random.normal(jax.random.key(i), (6, 20))) for i in range(2))
-    loss, metrics = losses.lexvla_loss(s_img, s_txt, 10.0, lambda_img=0.5, lambda_txt=0.25, penalty=config.loss.penalty)
-    expected = losses.info_nce(s_img, s_txt, 10.0) + 0.5 * jnp.sum(jnp.mean(s_img, 0) ** 2)
+    kwargs = dict(lambda_img=0.5, lambda_txt=0.25, penalty=config.loss.penalty)
+    loss, metrics = jax.jit(lambda a, b: losses.lexvla_loss(a, b, 10.0, **kwargs))(s_img, s_txt)  # not op by op
+    expected = jax.jit(losses.info_nce)(s_img, s_txt, 10.0) + 0.5 * jnp.sum(jnp.mean(s_img, 0) ** 2)
     expected += 0.25 * jnp.sum(jnp.mean(s_txt, 0) ** 2)
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
     assert float(metrics["penalty_img"]) != pytest.approx(float(losses.overuse_penalty(s_img)))
