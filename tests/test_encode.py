@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
-from support import local_cluster, xla_env
+from support import local_cluster
 from support.corrupt_data import write_corrupt_shards
 from support.fake_encoder import FakeEncoder, colour_of
 
@@ -66,17 +66,13 @@ def start_encode(trained, out, processes: int, devices: int, *args) -> list[tupl
     command = [sys.executable, "-m", "lexvla_jax.cli", "encode", *config_args(data_dir), "--workdir", workdir]
     command += ["--images", os.path.join(data_dir, "train"), "--texts", texts, "--out", str(out)]
     command += ["--part-size", str(PART_SIZE), *args]
-    shared = {}
     if processes > 1:
         command.append("--config.dist.mode=explicit")
-        shared = dict(LEXVLA_COORDINATOR=f"127.0.0.1:{local_cluster.free_port()}", LEXVLA_NUM_PROCESSES=str(processes))
     runs = []
-    for i in range(processes):
+    for i, env in enumerate(local_cluster.process_envs(processes, devices, "encode")):
         log = f"{out}.log{i}"
-        env = xla_env.cpu_env(devices, job_process=("encode", i) if processes > 1 else None)
         with open(log, "w") as f:
-            proc = subprocess.Popen(command, env={**env, **shared, "LEXVLA_PROCESS_ID": str(i)}, stdout=f,
-                                    stderr=subprocess.STDOUT, cwd=local_cluster.REPO)  # fmt: skip
+            proc = subprocess.Popen(command, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=local_cluster.REPO)
         runs.append((proc, log))
     return runs
 

@@ -86,6 +86,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_envs(num_processes: int, devices: int, job: str) -> list[dict[str, str]]:
+    """The environment of each process of a `lexvla` command on 127.0.0.1: its id, and for several processes the
+    coordinator and a compilation cache of its own (`xla_env.cpu_env`; `job` names it)."""
+    if num_processes == 1:
+        return [{**xla_env.cpu_env(devices), "LEXVLA_PROCESS_ID": "0"}]
+    shared = dict(LEXVLA_COORDINATOR=f"127.0.0.1:{free_port()}", LEXVLA_NUM_PROCESSES=str(num_processes))
+    return [
+        {**xla_env.cpu_env(devices, job_process=(job, i)), **shared, "LEXVLA_PROCESS_ID": str(i)}
+        for i in range(num_processes)
+    ]
+
+
 def start_workers(script, num_processes: int, devices: int, *args) -> list[subprocess.Popen]:
     """`python script PROCESS_ID NUM_PROCESSES PORT DEVICES *args` for each process (the script sets up JAX)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -124,15 +136,11 @@ class Cluster:
 
     def __init__(self, workdir, data_dir, num_processes: int, devices: int, *, command_name: str = "train", **extra):
         self.workdir = str(workdir)
-        shared = {}
         if num_processes > 1:
             extra = {"dist.mode": "explicit", **extra}
-            shared = dict(LEXVLA_COORDINATOR=f"127.0.0.1:{free_port()}", LEXVLA_NUM_PROCESSES=str(num_processes))
         self.log_paths = [f"{self.workdir}.log{i}" for i in range(num_processes)]
         self.procs = []
-        for i, log_path in enumerate(self.log_paths):
-            own_cache = (command_name, i) if num_processes > 1 else None
-            env = {**xla_env.cpu_env(devices, job_process=own_cache), **shared, "LEXVLA_PROCESS_ID": str(i)}
+        for log_path, env in zip(self.log_paths, process_envs(num_processes, devices, command_name), strict=True):
             with open(log_path, "w") as log:
                 self.procs.append(
                     subprocess.Popen(
