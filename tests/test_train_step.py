@@ -255,10 +255,10 @@ def test_sharded_step_equals_single_device(setup, single_device_step, mesh_shape
     assert abs(per_device - float(metrics["loss"])) > 0.2 * float(metrics["loss"])
     # One AdamW step (lr 1e-2) normalises each gradient entry, so float32 summation-order noise in tiny
     # entries shows up at ~1e-6 absolute, and in an entry whose gradient is near Adam's ε (1e-8; one LoRA A entry
-    # here is 8e-9) at up to ~1% of a step: allow that (a wrong sharding is off by whole steps).
+    # here is 8e-9) at a few % of a step (1.4% seen): allow 5% of a step (a wrong sharding is off by whole steps).
     new, ref = tiny.as_numpy(state.params), tiny.as_numpy(ref_state.params)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.05 * tiny.OPTIM.learning_rate)
 
 
 def _updates(params, grads, configs: dict) -> dict:

@@ -1,4 +1,5 @@
-"""The XLA settings of every JAX process of the test suite: fake CPU devices and one shared compilation cache.
+"""The XLA settings of every JAX process of the test suite: fake CPU devices, unoptimised code generation and one
+shared compilation cache.
 
 A whole `lexvla train` or `lexvla encode` of the tests' cut-down config is mostly XLA compilation on a CPU (about
 20 of its 30 s), and the suite starts dozens of them with the same few programs. They share JAX's persistent
