@@ -5,16 +5,20 @@ captions, around a stage-0 vision tower that stage 2 leaves bit for bit as stage
 """
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+from support import local_cluster, xla_env
 
 from lexvla_jax import configlib, hf_loader, inference, train
 from lexvla_jax.miniature import lm_pretrain, prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
 
 
 def short_job(root: str) -> list[str]:
@@ -44,14 +48,25 @@ def short_job(root: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_short_main_job_names_the_words_of_its_images(tmp_path, capfd):
-    config = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), short_job(str(tmp_path)))
+def test_short_main_job_names_the_words_of_its_images(tmp_path):
+    """`lexvla train --config configs/tiny.py` itself, shortened, on 8 CPU devices. It runs for longer than it
+    compiles, so its process keeps LLVM's optimisation (`xla_env.cpu_env`)."""
+    overrides = short_job(str(tmp_path))
+    config = configlib.load_config(TINY, overrides)
     assert config.model.text_checkpoint == config.miniature.lm.dir  # stage 2 reads what stage 1 writes
     assert config.model.vision_checkpoint == config.miniature.vision.dir  # and what stage 0 writes
     workdir = tmp_path / "work"
-    prepare.prepare(config)  # what `lexvla train` makes before the loop
-    metrics = train.run(config, str(workdir))
-    out = capfd.readouterr().out
+    command = ["train", "--config", TINY, "--workdir", str(workdir), *(f"--config.{o}" for o in overrides)]
+    run = subprocess.run(
+        [sys.executable, "-m", "lexvla_jax.cli", *command],
+        env=xla_env.cpu_env(8, optimised_code=True),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    out = run.stdout
+    assert run.returncode == 0, (out + run.stderr)[-3000:]
+    (metrics,) = [row for row in local_cluster.metric_rows(workdir) if "retrieval/word_precision/image" in row]
     assert "stage 1 (language model): step 150/150" in out and "saved to" in out
     assert "stage 0 (vision tower): step 40/40" in out
     assert "one-class images the image's own class ranks first" in out
@@ -109,16 +124,16 @@ def _vision_params(state) -> dict:
 
 def test_scratch_config_has_no_stage_1():
     """`configs/tiny.py:scratch`: a random text tower that trains, and `prepare` pretrains nothing."""
-    tiny = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"))
-    scratch = configlib.load_config(os.path.join(REPO, "configs", "tiny.py") + ":scratch")
+    tiny = configlib.load_config(TINY)
+    scratch = configlib.load_config(TINY + ":scratch")
     assert prepare.uses_pretrained_lm(tiny) and not prepare.uses_pretrained_lm(scratch)
     assert "text" not in tiny.train.trainable and "text" in scratch.train.trainable
-    moved = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), ["miniature.lm.dir=/elsewhere/lm"])
+    moved = configlib.load_config(TINY, ["miniature.lm.dir=/elsewhere/lm"])
     assert moved.model.text_checkpoint == "/elsewhere/lm"
-    off = configlib.load_config(os.path.join(REPO, "configs", "tiny.py"), ["model.text_checkpoint="])
+    off = configlib.load_config(TINY, ["model.text_checkpoint="])
     assert off.miniature.lm.dir == tiny.miniature.lm.dir and not prepare.uses_pretrained_lm(off)
     with pytest.raises(configlib.ConfigError, match="only argument is :scratch"):
-        configlib.load_config(os.path.join(REPO, "configs", "tiny.py") + ":huge")
+        configlib.load_config(TINY + ":huge")
 
 
 def test_word_maps_are_written_for_the_first_eval_images(tmp_path):

@@ -35,9 +35,10 @@ def cache_dir() -> str | None:
     return None if value in ("", "off") else value
 
 
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a test process with `devices` fake CPU devices."""
-    return f"--xla_force_host_platform_device_count={devices} {SCHEDULER_FLAG} {CODEGEN_FLAG}"
+def xla_flags(devices: int, *, optimised_code: bool = False) -> str:
+    """XLA_FLAGS for a test process with `devices` fake CPU devices; `optimised_code` keeps LLVM's optimisation, for
+    a process that runs long more than it compiles."""
+    return f"--xla_force_host_platform_device_count={devices} {SCHEDULER_FLAG} {'' if optimised_code else CODEGEN_FLAG}"
 
 
 def _cache_settings(directory: str | None) -> dict:
@@ -50,9 +51,11 @@ def _cache_settings(directory: str | None) -> dict:
     }
 
 
-def cpu_env(devices: int, *, job_process: tuple[str, int] | None = None) -> dict[str, str]:
-    """The environment of a JAX subprocess on `devices` CPU devices: this process's with the suite's XLA flags and,
-    when this session has one, its compilation cache.
+def cpu_env(
+    devices: int, *, job_process: tuple[str, int] | None = None, optimised_code: bool = False
+) -> dict[str, str]:
+    """The environment of a JAX subprocess on `devices` CPU devices: this process's with the suite's XLA flags
+    (`optimised_code`: see `xla_flags`) and, when this session has one, its compilation cache.
 
     A process of a multi-process job passes `job_process=(job, index)` and gets a cache of its own,
     `<cache>/<job>/process<index>`. Its processes must all find a program in their caches or all compile it: when
@@ -60,7 +63,7 @@ def cpu_env(devices: int, *, job_process: tuple[str, int] | None = None) -> dict
     than gloo's key-value timeout (seen in CI with one shared cache: `Gloo context initialization failed ...
     GetKeyValue() timed out`). With a cache per process, the processes of a job see the same hits, because every
     launch of `job` compiles the same programs in every process. Launches of one `job` must not overlap in time."""
-    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices, optimised_code=optimised_code), JAX_PLATFORMS="cpu")
     directory = cache_dir()
     if directory and job_process is not None:
         job, index = job_process
