@@ -99,10 +99,30 @@ from support.gcs_emulator import gcs_emulator  # noqa: E402, F401 (a session fix
 # Under pytest-xdist (`-n 2 --dist loadgroup`, .ci/run), each module runs on one worker, so its module and session
 # fixtures are made once; modules that share an expensive session fixture share a worker.
 SHARED_WORKER = {"test_long_run": "test_train_loop"}
+# The groups with the most worker-seconds (BENCHMARKS.md, "Test suite and CI"), handed out first so that no worker is
+# left alone with a long one at the end; the rest follow in file order.
+LONGEST_FIRST = (
+    "test_train_loop",
+    "test_multiprocess_train",
+    "test_main_job",
+    "test_train_step",
+    "test_encode",
+    "test_variant_training",
+    "test_lm_pretrain",
+    "test_vision_pretrain",
+)
+
+
+def pytest_configure(config):
+    # xdist would otherwise order the groups by their number of tests, which puts these long, few-test ones last.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    group = lambda item: SHARED_WORKER.get(item.path.stem, item.path.stem)
     for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order within each rank
