@@ -6,7 +6,6 @@ captions, around a stage-0 vision tower that stage 2 leaves bit for bit as stage
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -56,9 +55,8 @@ def test_short_main_job_names_the_words_of_its_images(tmp_path):
     assert config.model.text_checkpoint == config.miniature.lm.dir  # stage 2 reads what stage 1 writes
     assert config.model.vision_checkpoint == config.miniature.vision.dir  # and what stage 0 writes
     workdir = tmp_path / "work"
-    command = ["train", "--config", TINY, "--workdir", str(workdir), *(f"--config.{o}" for o in overrides)]
     run = subprocess.run(
-        [sys.executable, "-m", "lexvla_jax.cli", *command],
+        local_cluster.cli("train", TINY, workdir, overrides),
         env=xla_env.cpu_env(8, optimised_code=True),
         capture_output=True,
         text=True,

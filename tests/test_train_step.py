@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import inspect
 import os
 import re
 
@@ -219,7 +220,7 @@ def _per_device_loss(mesh, s_img, s_txt, scale):
 
 
 SHARDED_BATCH_SEED = 3
-ADAM_EPS = 1e-8  # optax.adamw's default, which optim.make_optimizer keeps
+ADAM_EPS = inspect.signature(optax.adamw).parameters["eps"].default  # optim.make_optimizer keeps optax's ε
 
 
 @pytest.fixture(scope="module")

@@ -73,11 +73,16 @@ def overrides(data_dir: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def cli(command_name: str, config: str, workdir, config_overrides: list[str]) -> list[str]:
+    """`lexvla <command_name> --config <config> --workdir <workdir>` with `key=value` overrides, as a subprocess
+    argument list."""
+    args = ["--config", config, "--workdir", str(workdir), *(f"--config.{o}" for o in config_overrides)]
+    return [sys.executable, "-m", "lexvla_jax.cli", command_name, *args]
+
+
 def command(workdir, data_dir, *, command_name: str = "train", **extra) -> list[str]:
     """`lexvla <command_name>` (train, eval) on the cut-down tiny config."""
-    args = ["--config", TINY_CONFIG, "--workdir", str(workdir)]
-    args += [f"--config.{o}" for o in overrides(data_dir, **extra)]
-    return [sys.executable, "-m", "lexvla_jax.cli", command_name, *args]
+    return cli(command_name, TINY_CONFIG, workdir, overrides(data_dir, **extra))
 
 
 def free_port() -> int:
